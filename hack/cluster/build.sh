@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Build (or reuse) the control-plane binaries and link them into
+# target/cluster/bin/.
+#
+#   etcd                     go.etcd.io/etcd/server/v3 (etcdmain.Main)
+#   kube-apiserver           k8s.io/kubernetes/cmd/kube-apiserver
+#   kube-controller-manager  k8s.io/kubernetes/cmd/kube-controller-manager
+#   kube-scheduler           k8s.io/kubernetes/cmd/kube-scheduler
+#   kubectl                  k8s.io/kubernetes/cmd/kubectl
+#   kwok                     sigs.k8s.io/kwok/cmd/kwok
+#
+# Versions come from versions.env. Binaries are cached per user in
+# ${XDG_CACHE_HOME:-~/.cache}/keelson/k8s-<v>-etcd-<v>-kwok-<v>/bin and only
+# what is missing is built. If KUBEBUILDER_ASSETS points at a directory of
+# binaries, those are used as they are and only the missing ones are built.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+command -v go >/dev/null 2>&1 || die "go is not on PATH; the control plane is built from Go modules (need go >= 1.26.0)"
+
+export GOTOOLCHAIN=local
+export CGO_ENABLED=0
+export GOFLAGS="-mod=mod -buildvcs=false"
+LDFLAGS_BASE="-s -w"
+
+mkdir -p "$CACHE_BIN" "$BIN_DIR"
+# One build at a time per cache directory (two checkouts may race).
+exec 9>"$CACHE_DIR/.lock"
+if ! flock -n 9; then
+  log "another build holds $CACHE_DIR/.lock; waiting for it..."
+  flock 9
+fi
+
+# Which binaries come from KUBEBUILDER_ASSETS.
+from_assets() {
+  [[ -n ${KUBEBUILDER_ASSETS:-} && -x ${KUBEBUILDER_ASSETS}/$1 ]]
+}
+if [[ -n ${KUBEBUILDER_ASSETS:-} ]]; then
+  [[ -d $KUBEBUILDER_ASSETS ]] || die "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS is not a directory"
+  for b in etcd kube-apiserver kubectl; do
+    from_assets "$b" || log "KUBEBUILDER_ASSETS has no executable $b; building it"
+  done
+fi
+
+need_build() {
+  local b=$1
+  ! from_assets "$b" && [[ ! -x $CACHE_BIN/$b ]]
+}
+
+# Run a go build, logging to the cache dir; on failure show the tail.
+gobuild() {
+  local name=$1 dir=$2 ldflags=$3 pkg=$4 logf="$CACHE_DIR/build-$1.log" t0=$SECONDS
+  if ! (cd "$dir" && go build -trimpath -ldflags="$ldflags" -o "$CACHE_BIN/.$name.tmp" "$pkg") >"$logf" 2>&1; then
+    rm -f "$CACHE_BIN/.$name.tmp"
+    tail -n 30 "$logf" >&2
+    die "building $name failed; full log: $logf"
+  fi
+  mv -f "$CACHE_BIN/.$name.tmp" "$CACHE_BIN/$name"
+  log "built $name in $((SECONDS - t0))s"
+}
+
+# go.mod of a module version from the module proxy/cache.
+modfile() {
+  local mod=$1 ver=$2 out
+  out=$(cd "$CACHE_DIR" && go mod download -json "$mod@$ver" 2>&1) ||
+    die "cannot download $mod@$ver: $out"
+  sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$out"
+}
+
+build_kube() {
+  local bins=() b
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    need_build "$b" && bins+=("$b")
+  done
+  ((${#bins[@]})) || return 0
+  local dir="$CACHE_DIR/src/kubernetes" kmod
+  mkdir -p "$dir"
+  log "resolving k8s.io/kubernetes $KUBE_VERSION..."
+  kmod=$(modfile k8s.io/kubernetes "$KUBE_VERSION")
+  [[ -f $kmod ]] || die "no go.mod for k8s.io/kubernetes@$KUBE_VERSION"
+  # k8s.io/kubernetes replaces its k8s.io/* staging modules with local
+  # directories; outside that tree they are the published v0.<minor>.<patch> tags.
+  local staging_ver="v0.${KUBE_VERSION#v1.}"
+  {
+    echo "module keelson.local/kube-build"
+    echo
+    grep -E '^(go|godebug) ' "$kmod"
+    echo
+    echo "require k8s.io/kubernetes $KUBE_VERSION"
+    echo
+    echo "replace ("
+    sed -nE 's#^[[:space:]]*(k8s\.io/[A-Za-z0-9._-]+) => \./staging/src/.*#\t\1 => \1 '"$staging_ver"'#p' "$kmod"
+    echo ")"
+  } >"$dir/go.mod.new"
+  grep -q 'k8s.io/apimachinery =>' "$dir/go.mod.new" || die "found no staging replace lines in $kmod"
+  # Keep go.sum from a previous attempt when the module file is unchanged.
+  if ! cmp -s "$dir/go.mod.new" "$dir/go.mod.in" 2>/dev/null; then
+    cp "$dir/go.mod.new" "$dir/go.mod.in"
+    cp "$dir/go.mod.new" "$dir/go.mod"
+    rm -f "$dir/go.sum"
+  fi
+  rm -f "$dir/go.mod.new"
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  local ld="$LDFLAGS_BASE" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+  for b in "${bins[@]}"; do
+    log "building $b $KUBE_VERSION (first run takes several minutes)..."
+    gobuild "$b" "$dir" "$ld" "k8s.io/kubernetes/cmd/$b"
+  done
+}
+
+build_etcd() {
+  need_build etcd || return 0
+  local dir="$CACHE_DIR/src/etcd" emod
+  mkdir -p "$dir"
+  emod=$(modfile go.etcd.io/etcd/server/v3 "$ETCD_VERSION")
+  if [[ ! -f $dir/main.go ]] || ! grep -q "server/v3 $ETCD_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+    {
+      echo "module keelson.local/etcd-build"
+      echo
+      grep -E '^go ' "$emod"
+      echo
+      echo "require go.etcd.io/etcd/server/v3 $ETCD_VERSION"
+    } >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+    cat >"$dir/main.go" <<'GO'
+// Command etcd is the etcd server, built from go.etcd.io/etcd/server/v3.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  fi
+  log "building etcd $ETCD_VERSION (first run takes a few minutes)..."
+  gobuild etcd "$dir" "$LDFLAGS_BASE" .
+}
+
+build_kwok() {
+  need_build kwok || return 0
+  local dir="$CACHE_DIR/src/kwok" wmod
+  mkdir -p "$dir"
+  wmod=$(modfile sigs.k8s.io/kwok "$KWOK_VERSION")
+  if ! grep -q "sigs.k8s.io/kwok $KWOK_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+    {
+      echo "module keelson.local/kwok-build"
+      echo
+      grep -E '^go ' "$wmod"
+      echo
+      echo "require sigs.k8s.io/kwok $KWOK_VERSION"
+    } >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+  fi
+  log "building kwok $KWOK_VERSION (first run takes a few minutes)..."
+  gobuild kwok "$dir" "$LDFLAGS_BASE -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+}
+
+T0=$SECONDS
+if [[ -f $CACHE_DIR/.complete && -z ${KUBEBUILDER_ASSETS:-} ]]; then
+  : # everything cached
+else
+  build_etcd
+  build_kube
+  build_kwok
+  all=1
+  for b in "${ALL_BINARIES[@]}"; do [[ -x $CACHE_BIN/$b ]] || all=0; done
+  ((all)) && date -u +%FT%TZ >"$CACHE_DIR/.complete"
+  log "build step took $((SECONDS - T0))s"
+fi
+
+for b in "${ALL_BINARIES[@]}"; do
+  if from_assets "$b"; then
+    src="$KUBEBUILDER_ASSETS/$b"
+  else
+    src="$CACHE_BIN/$b"
+  fi
+  [[ -x $src ]] || die "missing $b (expected $src)"
+  ln -sfn "$src" "$BIN_DIR/$b"
+done
+log "binaries ready in $BIN_DIR (cache: $CACHE_DIR)"
