@@ -31,3 +31,35 @@ ALL_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
+
+CERTS_DIR="$CLUSTER_STATE/certs"
+PIDS_DIR="$CLUSTER_STATE/pids"
+LOGS_DIR="$CLUSTER_STATE/logs"
+ETCD_DATA_DIR="$CLUSTER_STATE/etcd"
+KUBECONFIG_FILE="$CLUSTER_STATE/kubeconfig"
+APISERVER_URL="https://${CLUSTER_HOST}:${APISERVER_PORT}"
+# Start order; down.sh stops them in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+
+# Serialise up.sh/down.sh on one checkout.
+lock_state() {
+  mkdir -p "$CLUSTER_STATE"
+  exec 8>"$CLUSTER_STATE/.lock"
+  if ! flock -n 8; then
+    log "waiting for another up.sh/down.sh on $CLUSTER_STATE..."
+    flock 8
+  fi
+}
+
+# PID of a component from its pid file, if that process is still that
+# component (a recycled PID of some other program does not count).
+component_pid() {
+  local name=$1 pidf="$PIDS_DIR/$1.pid" pid exe
+  [[ -s $pidf ]] || return 1
+  pid=$(<"$pidf")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  exe=${exe% (deleted)}
+  [[ ${exe##*/} == "$name" ]] || return 1
+  echo "$pid"
+}
