@@ -1,1 +1,16 @@
+//! Keelson: a Kubernetes operator for the machine-learning life cycle.
+//!
+//! Three kinds, each with a pure builder (spec -> children), a pure status function
+//! (observed children -> status) and a reconciler that applies the difference:
+//! [`notebook`], [`trainingjob`] and [`modeldeployment`].
 
+pub mod api;
+pub mod apply;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod modeldeployment;
+pub mod notebook;
+pub mod operator;
+pub mod telemetry;
+pub mod trainingjob;

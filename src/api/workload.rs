@@ -1,0 +1,167 @@
+//! The spec pieces shared by all three kinds: image, command, env, resources, GPUs, volumes mounted in
+//! place, scheduling hints and the pod template escape hatch.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    CSIVolumeSource, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar, HostPathVolumeSource,
+    NFSVolumeSource, PersistentVolumeClaimVolumeSource, PodTemplateSpec, ResourceRequirements,
+    SecretVolumeSource, Toleration,
+};
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default extended resource name for GPUs.
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Node label that carries the GPU product name (NVIDIA GPU feature discovery).
+pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+
+/// The container, its data and its placement: the same YAML shape in every Keelson kind.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// Container image to run, e.g. `ghcr.io/acme/trainer:1.4`. Required.
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Entrypoint override (the image's ENTRYPOINT when absent), e.g. `["python"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+
+    /// Arguments to the entrypoint (the image's CMD when absent), e.g. `["train.py", "--epochs=10"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+
+    /// Environment variables of the main container (core/v1 EnvVar; `valueFrom` is allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+
+    /// CPU and memory requests and limits of the main container (core/v1 ResourceRequirements).
+    /// GPUs go in `gpus`, not here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// GPUs for the main container. Absent (or `count: 0`) means a CPU-only workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<GpuSpec>,
+
+    /// Data mounted in place (PVC, NFS, hostPath for a node-level FUSE mount, CSI, ...), never copied.
+    /// Names and mount paths are unique in the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(
+        validation = Rule::new("self.all(v, self.exists_one(w, w.name == v.name))").message("volumes[].name must be unique"),
+        validation = Rule::new("self.all(v, self.exists_one(w, w.mountPath == v.mountPath))").message("volumes[].mountPath must be unique")
+    )]
+    pub volumes: Option<Vec<VolumeSpec>>,
+
+    /// Node labels the pods must match, e.g. `{topology.kubernetes.io/zone: eu-west-1a}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations added to the pods (the GPU taint toleration is added for you).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// ServiceAccount the pods run as (the namespace's `default` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+
+    /// A core/v1 PodTemplateSpec merged under the fields above: the escape hatch for anything not
+    /// modelled (sidecars, securityContext, affinity, ...). Fields set above win over the template.
+    /// The main container is the one named as the kind's main container (`notebook`, `worker` or
+    /// `model`); other containers are kept as sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodTemplateSpec>,
+}
+
+impl WorkloadSpec {
+    /// GPUs per pod (0 when absent).
+    pub fn gpu_count(&self) -> i32 {
+        self.gpus.as_ref().map(|g| g.count).unwrap_or(0)
+    }
+}
+
+/// GPUs asked for declaratively.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    /// Number of GPUs per pod, an integer >= 0 (0 = none). Set on both limits and requests.
+    #[schemars(range(min = 0))]
+    pub count: i32,
+
+    /// Extended resource name of the GPU. Default `nvidia.com/gpu`; e.g. `amd.com/gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub resource: Option<String>,
+
+    /// GPU product the pods must land on, e.g. `NVIDIA-A100-SXM4-80GB`; becomes a node selector on
+    /// `nvidia.com/gpu.product`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+}
+
+impl GpuSpec {
+    /// The extended resource name, with its default.
+    pub fn resource_name(&self) -> &str {
+        self.resource.as_deref().unwrap_or(DEFAULT_GPU_RESOURCE)
+    }
+}
+
+/// One volume mounted in place into the main container. Exactly one source is set, with the same
+/// field names as a core/v1 Volume.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "[has(self.persistentVolumeClaim), has(self.nfs), has(self.hostPath), has(self.csi), has(self.emptyDir), has(self.configMap), has(self.secret)].filter(x, x).size() == 1"
+).message("volumes[] must set exactly one source: persistentVolumeClaim, nfs, hostPath, csi, emptyDir, configMap or secret"))]
+pub struct VolumeSpec {
+    /// Volume name, a DNS-1123 label (lower-case letters, digits and '-'), unique in the list.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Absolute path where the volume appears in the container, e.g. `/data`; unique in the list.
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("volumes[].mountPath must be an absolute path"))]
+    pub mount_path: String,
+
+    /// Mount read-only. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+
+    /// Sub-path inside the volume to mount instead of its root, e.g. `imagenet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+
+    /// An existing PersistentVolumeClaim in the same namespace, e.g. `{claimName: shared-datasets}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+
+    /// An NFS export, e.g. `{server: nfs.example.internal, path: /exports/data}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NFSVolumeSource>,
+
+    /// A directory on the node, e.g. the node-level FUSE mount of a data fabric
+    /// (`{path: /mapr/cluster1/projects, type: Directory}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
+
+    /// A CSI volume (ephemeral inline), e.g. a data-fabric or object-store CSI driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi: Option<CSIVolumeSource>,
+
+    /// Scratch space that lives as long as the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+
+    /// A ConfigMap's keys as files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+
+    /// A Secret's keys as files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+}

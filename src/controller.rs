@@ -1,0 +1,172 @@
+//! Wiring shared by the three controllers: the context, the child caches, events and the error policy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::api::meta::{kind_selector, LABEL_OWNER_NAME};
+use crate::apply::{Object, WriteCounter};
+use crate::error::Error;
+
+/// Longest wait between retries of a failing reconcile.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Periodic resync of a settled object (a fallback: watches normally carry every change).
+pub const RESYNC: Duration = Duration::from_secs(3600);
+
+/// State shared by every reconcile of every kind.
+pub struct Shared {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub writes: WriteCounter,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Shared {
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: "keelson".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Shared {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            writes: WriteCounter::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a Kubernetes Event on `obj`. A failure to record is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let reference: ObjectReference = obj.object_ref(&());
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: reason.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, reason, "could not record event");
+        }
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// The next retry delay of `key`: 1 s doubling up to 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        backoff_delay(n)
+    }
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s, ... capped at [`MAX_BACKOFF`].
+pub fn backoff_delay(failures: u32) -> Duration {
+    let secs = 1u64
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// The key used for per-object backoff.
+pub fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Error policy of every controller: spec errors never reach here (they become conditions); API
+/// errors retry with exponential backoff per object.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: &K,
+    err: &Error,
+    shared: &Shared,
+) -> Action {
+    let delay = shared.backoff(&key(obj));
+    tracing::warn!(error = %err, kind = %K::kind(&()), namespace = obj.namespace().unwrap_or_default(), name = %obj.name_any(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A cache of one child kind, limited to the children of one parent kind (by label), and the stream
+/// that keeps it fresh and wakes the parent's controller.
+pub fn child_cache<C: Object>(
+    client: &Client,
+    parent_kind: &str,
+) -> (
+    Store<C>,
+    impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
+) {
+    let api: Api<C> = Api::all(client.clone());
+    let cfg = watcher::Config::default().labels(&kind_selector(parent_kind));
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, cfg))
+        .default_backoff()
+        .touched_objects();
+    (reader, stream)
+}
+
+/// Maps a child to its parent by the owner labels (which, unlike owner references, a retained
+/// workspace also carries).
+pub fn owner_of<P: Resource<DynamicType = ()>, C: Resource>(child: &C) -> Option<ObjectRef<P>> {
+    let name = child.labels().get(LABEL_OWNER_NAME)?;
+    Some(ObjectRef::new(name).within(&child.namespace()?))
+}
+
+/// Looks up a child by name in a cache.
+pub fn cached<C: Object>(store: &Store<C>, ns: &str, name: &str) -> Option<Arc<C>> {
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// Every cached child of one parent (for the orphan sweep).
+pub fn children_of<C: Object>(store: &Store<C>, ns: &str, owner: &str) -> Vec<Arc<C>> {
+    store.state_filter(|c| {
+        c.namespace().as_deref() == Some(ns)
+            && c.labels().get(LABEL_OWNER_NAME).map(String::as_str) == Some(owner)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_delay(1), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5), Duration::from_secs(16));
+        assert_eq!(backoff_delay(20), MAX_BACKOFF);
+        assert_eq!(backoff_delay(200), MAX_BACKOFF);
+    }
+}

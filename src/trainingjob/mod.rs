@@ -1,0 +1,6 @@
+//! TrainingJob: types, pure builder, pure status and reconciler.
+
+pub mod reconcile;
+pub mod types;
+
+pub use types::*;
