@@ -29,6 +29,10 @@ CACHE_BIN="$CACHE_DIR/bin"
 
 ALL_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
 
+# An unexpected failure names the script line instead of exiting silently.
+set -o errtrace
+trap 'rc=$?; printf "[cluster] ERROR: %s:%s: \"%s\" failed (exit %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 

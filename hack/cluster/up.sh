@@ -145,7 +145,7 @@ nodes_not_ready() {
 # Simulated nodes beyond the wanted counts (left from a run with more nodes).
 surplus_nodes() {
   "${KUBECTL[@]}" get nodes -l type=kwok -o name 2>/dev/null | sed 's#^node/##' |
-    grep -E '^kwok-(cpu|gpu)-[0-9]+$' | sort | comm -23 - <(node_names | sort)
+    { grep -E '^kwok-(cpu|gpu)-[0-9]+$' || true; } | sort | comm -23 - <(node_names | sort)
 }
 
 cluster_ready() {
@@ -164,8 +164,16 @@ if cluster_ready; then
 fi
 
 # --- certificates and kubeconfig --------------------------------------------
+CERT_FILES=(ca.crt ca.key apiserver.crt apiserver.key admin.crt admin.key sa.key sa.pub
+  front-proxy-ca.crt front-proxy-client.crt front-proxy-client.key)
 gen_certs() {
-  [[ -f $CERTS_DIR/.complete ]] && return 0
+  local f complete=1 c
+  for f in "${CERT_FILES[@]}"; do [[ -s $CERTS_DIR/$f ]] || complete=0; done
+  ((complete)) && return 0
+  for c in "${COMPONENTS[@]}"; do
+    component_pid "$c" >/dev/null &&
+      die "$c is running but the certificates in $CERTS_DIR are incomplete; run hack/cluster/down.sh, then up.sh"
+  done
   log "generating CA, serving and client certificates in $CERTS_DIR"
   rm -rf "$CERTS_DIR"
   mkdir -p "$CERTS_DIR"
@@ -195,11 +203,19 @@ EXT
     ossl req -new -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=keelson-admin"
     ossl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -CAserial ca.srl \
       -days 3650 -extfile client.ext -out admin.crt
+    # Front proxy (aggregation layer): its own CA, so that no ordinary client
+    # certificate can pass as the proxy.
+    ossl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
+      -subj "/CN=keelson-local-front-proxy-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+    ossl req -new -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr -subj "/CN=front-proxy-client"
+    ossl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key -CAcreateserial \
+      -CAserial front-proxy-ca.srl -days 3650 -extfile client.ext -out front-proxy-client.crt
     # Service-account token signing key pair.
     ossl genrsa -out sa.key 2048
     ossl rsa -in sa.key -pubout -out sa.pub
     rm -f ./*.csr ./*.ext
-    touch .complete
   )
 }
 
@@ -278,6 +294,13 @@ start kube-apiserver \
   --tls-cert-file="$CERTS_DIR/apiserver.crt" \
   --tls-private-key-file="$CERTS_DIR/apiserver.key" \
   --client-ca-file="$CERTS_DIR/ca.crt" \
+  --requestheader-client-ca-file="$CERTS_DIR/front-proxy-ca.crt" \
+  --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User \
+  --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$CERTS_DIR/front-proxy-client.crt" \
+  --proxy-client-key-file="$CERTS_DIR/front-proxy-client.key" \
   --authorization-mode=Node,RBAC \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$CERTS_DIR/sa.pub" \
@@ -308,6 +331,7 @@ start kube-controller-manager "${COMMON_KUBE_FLAGS[@]}" \
   --cluster-signing-key-file="$CERTS_DIR/ca.key" \
   --service-cluster-ip-range="$SERVICE_CIDR" \
   --allocate-node-cidrs=false \
+  --pvclaimbinder-sync-period=2s \
   --cluster-name=keelson-local
 start kube-scheduler "${COMMON_KUBE_FLAGS[@]}" \
   --secure-port="$SCHEDULER_PORT" \
