@@ -8,25 +8,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-STOP_TIMEOUT=${CLUSTER_STOP_TIMEOUT:-20}
 lock_state
 
 stopped=()
 for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-  name=${COMPONENTS[i]}
-  if pid=$(component_pid "$name"); then
-    log "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "$name (pid $pid) still running after ${STOP_TIMEOUT}s; sending KILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    fi
-    stopped+=("$name")
+  if stop_component "${COMPONENTS[i]}"; then
+    stopped+=("${COMPONENTS[i]}")
   fi
-  rm -f "$PIDS_DIR/$name.pid"
 done
 
 rm -rf "$ETCD_DATA_DIR" "$CERTS_DIR" "$PIDS_DIR" "$KUBECONFIG_FILE" "$KUBECONFIG_FILE.tmp"

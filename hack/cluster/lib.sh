@@ -67,3 +67,24 @@ component_pid() {
   [[ ${exe##*/} == "$name" ]] || return 1
   echo "$pid"
 }
+
+# Stop one component by its pid file: TERM, then KILL after a bounded wait.
+# Returns 1 when the component was not running.
+stop_component() {
+  local name=$1 timeout=${CLUSTER_STOP_TIMEOUT:-20} pid deadline
+  pid=$(component_pid "$name") || { rm -f "$PIDS_DIR/$name.pid"; return 1; }
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + timeout))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name (pid $pid) still running after ${timeout}s; sending KILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$PIDS_DIR/$name.pid"
+}
+
+# Fingerprint of the kwok stage set a running kwok was started with.
+KWOK_STAGES="$CLUSTER_DIR/kwok/stages.yaml"
+stages_sum() { sha256sum "$KWOK_STAGES" | cut -d' ' -f1; }

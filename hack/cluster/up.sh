@@ -154,6 +154,7 @@ cluster_ready() {
   for c in "${COMPONENTS[@]}"; do
     component_pid "$c" >/dev/null && healthy "$c" || return 1
   done
+  [[ $(cat "$PIDS_DIR/kwok.stages" 2>/dev/null) == "$(stages_sum)" ]] || return 1
   [[ -z $(nodes_not_ready) && -z $(surplus_nodes) ]]
 }
 
@@ -339,9 +340,24 @@ start kube-scheduler "${COMMON_KUBE_FLAGS[@]}" \
 wait_healthy kube-controller-manager 60
 wait_healthy kube-scheduler 60
 
+# A kwok started with an older stages.yaml is restarted to load the new one.
+if component_pid kwok >/dev/null && [[ $(cat "$PIDS_DIR/kwok.stages" 2>/dev/null) != "$(stages_sum)" ]]; then
+  log "$KWOK_STAGES changed since kwok started; restarting kwok"
+  stop_component kwok
+fi
+# kwok manages a node only while it holds the node's Lease; leases left by a
+# kwok that is gone would keep a new one waiting up to their 40s duration.
+if ! component_pid kwok >/dev/null; then
+  old_leases=$("${KUBECTL[@]}" get nodes -l type=kwok -o name 2>/dev/null | sed 's#^node/##') || true
+  if [[ -n $old_leases ]]; then
+    # shellcheck disable=SC2086
+    "${KUBECTL[@]}" -n kube-node-lease delete lease $old_leases --ignore-not-found >/dev/null ||
+      log "warning: could not delete the node leases of a previous kwok; nodes may take up to 40s to be managed again"
+  fi
+fi
 start kwok \
   --kubeconfig="$KUBECONFIG_FILE" \
-  --config="$CLUSTER_DIR/kwok/stages.yaml" \
+  --config="$KWOK_STAGES" \
   --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
   --server-address="$CLUSTER_HOST:$KWOK_PORT" \
@@ -349,6 +365,7 @@ start kwok \
   --node-port="$KWOK_PORT" \
   --cidr="$KWOK_POD_CIDR" \
   --node-lease-duration-seconds=40
+stages_sum >"$PIDS_DIR/kwok.stages"
 wait_healthy kwok 60
 
 # --- simulated nodes ---------------------------------------------------------
