@@ -12,5 +12,7 @@ pub mod error;
 pub mod modeldeployment;
 pub mod notebook;
 pub mod operator;
+#[cfg(test)]
+pub mod schema_check;
 pub mod telemetry;
 pub mod trainingjob;
