@@ -56,6 +56,7 @@ gobuild() {
     die "building $name failed; full log: $logf"
   fi
   mv -f "$CACHE_BIN/.$name.tmp" "$CACHE_BIN/$name"
+  BUILT+=("$name")
   log "built $name in $((SECONDS - t0))s"
 }
 
@@ -162,6 +163,7 @@ build_kwok() {
 }
 
 T0=$SECONDS
+BUILT=()
 if [[ -f $CACHE_DIR/.complete && -z ${KUBEBUILDER_ASSETS:-} ]]; then
   : # everything cached
 else
@@ -171,9 +173,14 @@ else
   all=1
   for b in "${ALL_BINARIES[@]}"; do [[ -x $CACHE_BIN/$b ]] || all=0; done
   ((all)) && date -u +%FT%TZ >"$CACHE_DIR/.complete"
-  log "build step took $((SECONDS - T0))s"
+  ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T0))s"
 fi
 
+if [[ -n ${KUBEBUILDER_ASSETS:-} ]]; then
+  used=()
+  for b in "${ALL_BINARIES[@]}"; do from_assets "$b" && used+=("$b"); done
+  log "from KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS: ${used[*]:-nothing}"
+fi
 for b in "${ALL_BINARIES[@]}"; do
   if from_assets "$b"; then
     src="$KUBEBUILDER_ASSETS/$b"

@@ -3,10 +3,11 @@
 #   make cluster        start the cluster (idempotent) -> target/cluster/kubeconfig
 #   make cluster-down   stop it and remove its data (logs are kept)
 #   make cluster-pv NAME=data SIZE=10Gi   create a hostPath PersistentVolume
+#   make cluster-smoke  check the running cluster (nodes, pods, GPUs, exits, GC, PVCs)
 
 CLUSTER_HACK := $(CURDIR)/hack/cluster
 
-.PHONY: cluster-bins cluster cluster-down cluster-pv
+.PHONY: cluster-bins cluster cluster-down cluster-pv cluster-smoke
 
 cluster-bins:
 	$(CLUSTER_HACK)/build.sh
@@ -19,3 +20,6 @@ cluster-down:
 
 cluster-pv:
 	$(CLUSTER_HACK)/pv.sh $(NAME) $(SIZE)
+
+cluster-smoke:
+	$(CLUSTER_HACK)/smoke.sh

@@ -371,7 +371,7 @@ wait_healthy kwok 60
 # --- simulated nodes ---------------------------------------------------------
 surplus=$(surplus_nodes)
 if [[ -n $surplus ]]; then
-  log "deleting simulated nodes beyond KWOK_CPU_NODES=$KWOK_CPU_NODES KWOK_GPU_NODES=$KWOK_GPU_NODES: $(echo $surplus)"
+  log "deleting simulated nodes beyond KWOK_CPU_NODES=$KWOK_CPU_NODES KWOK_GPU_NODES=$KWOK_GPU_NODES: $(sort -V <<<"$surplus" | xargs)"
   # shellcheck disable=SC2086
   "${KUBECTL[@]}" delete node $surplus --wait=false >/dev/null
 fi
@@ -379,7 +379,7 @@ existing=$("${KUBECTL[@]}" get nodes -o name | sed 's#^node/##' | sort) ||
   fail_component kube-apiserver "does not answer 'kubectl get nodes'"
 missing=$(comm -23 <(node_names | sort) <(echo "$existing"))
 if [[ -n $missing ]]; then
-  log "creating simulated nodes: $(echo $missing)"
+  log "creating simulated nodes: $(sort -V <<<"$missing" | xargs)"
   {
     echo "apiVersion: v1"
     echo "kind: List"
