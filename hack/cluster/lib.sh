@@ -68,6 +68,13 @@ component_pid() {
   echo "$pid"
 }
 
+# True while PID runs (a zombie waiting to be reaped by its parent has exited).
+alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z && $state != X ]]
+}
+
 # Stop one component by its pid file: TERM, then KILL after a bounded wait.
 # Returns 1 when the component was not running.
 stop_component() {
@@ -76,11 +83,11 @@ stop_component() {
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
   deadline=$((SECONDS + timeout))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  if alive "$pid"; then
     log "$name (pid $pid) still running after ${timeout}s; sending KILL"
     kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
   fi
   rm -f "$PIDS_DIR/$name.pid"
 }
