@@ -58,6 +58,12 @@ pub async fn termination() {
 /// Runs every controller against `client` until `shutdown` fires; in-flight reconciles finish first.
 pub async fn run_controllers(client: Client, opts: &RunOptions, shutdown: Shutdown) -> Arc<Shared> {
     let shared = Arc::new(Shared::new(client));
+    run_with(shared.clone(), opts, shutdown).await;
+    shared
+}
+
+/// Runs every controller with the given shared state until `shutdown` fires.
+pub async fn run_with(shared: Arc<Shared>, opts: &RunOptions, shutdown: Shutdown) {
     tokio::join!(
         crate::notebook::reconcile::run(shared.clone(), opts.concurrency, shutdown.clone().wait()),
         crate::trainingjob::reconcile::run(
@@ -71,5 +77,4 @@ pub async fn run_controllers(client: Client, opts: &RunOptions, shutdown: Shutdo
             shutdown.clone().wait()
         ),
     );
-    shared
 }

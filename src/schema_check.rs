@@ -177,6 +177,19 @@ fn openapi(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
                 schema["maxItems"]
             ));
         }
+        if let Some(keys) = schema
+            .get("x-kubernetes-list-map-keys")
+            .and_then(Value::as_array)
+        {
+            let mut seen = Vec::new();
+            for (i, it) in items.iter().enumerate() {
+                let key: Vec<&Value> = keys.iter().map(|k| &it[k.as_str().unwrap()]).collect();
+                if seen.contains(&key) {
+                    out.push(format!("{path}[{i}]: Duplicate value"));
+                }
+                seen.push(key);
+            }
+        }
         if let Some(is) = schema.get("items") {
             for (i, it) in items.iter().enumerate() {
                 openapi(is, it, &format!("{path}[{i}]"), out);

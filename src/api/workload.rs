@@ -47,11 +47,12 @@ pub struct WorkloadSpec {
     pub gpus: Option<GpuSpec>,
 
     /// Data mounted in place (PVC, NFS, hostPath for a node-level FUSE mount, CSI, ...), never copied.
-    /// Names and mount paths are unique in the list.
+    /// Names and mount paths are unique in the list (at most 32 volumes); server-side apply merges the
+    /// list by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 32))]
     #[x_kube(
-        validation = Rule::new("self.all(v, self.exists_one(w, w.name == v.name))").message("volumes[].name must be unique"),
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(v, self.exists_one(w, w.mountPath == v.mountPath))").message("volumes[].mountPath must be unique")
     )]
     pub volumes: Option<Vec<VolumeSpec>>,
@@ -125,6 +126,7 @@ pub struct VolumeSpec {
     pub name: String,
 
     /// Absolute path where the volume appears in the container, e.g. `/data`; unique in the list.
+    #[schemars(length(min = 1, max = 256))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("volumes[].mountPath must be an absolute path"))]
     pub mount_path: String,
 

@@ -39,10 +39,11 @@ pub struct ModelDeploymentSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
 
-    /// 1 to 10 variants with unique names; their weights sum to 100.
+    /// 1 to 10 variants with unique names (server-side apply merges the list by name); their weights
+    /// sum to 100.
     #[schemars(length(min = 1, max = 10))]
     #[x_kube(
-        validation = Rule::new("self.all(v, self.exists_one(w, w.name == v.name))").message("variants[].name must be unique"),
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.map(v, v.weight).sum() == 100").message("variants[].weight must sum to 100")
     )]
     pub variants: Vec<Variant>,
@@ -86,6 +87,7 @@ pub struct Variant {
 pub struct ModelSource {
     /// `pvc://<claim>/<path>`: the claim is mounted read-only at /mnt/models and `MODEL_PATH` points at
     /// the path inside it, e.g. `pvc://models/fraud/v7`.
+    #[schemars(length(min = 1, max = 512))]
     #[x_kube(validation = Rule::new("self.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$')").message("model.uri must start with pvc://<claim>"))]
     pub uri: String,
 }

@@ -55,6 +55,7 @@ pub struct NotebookSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WorkspaceSpec {
     /// Size of the workspace PVC, e.g. `10Gi`.
+    #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')").message("workspace.size must be a quantity such as 10Gi"))]
     pub size: String,
 
@@ -64,6 +65,7 @@ pub struct WorkspaceSpec {
 
     /// Where the workspace is mounted. Default `/home/jovyan`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("workspace.mountPath must be an absolute path"))]
     pub mount_path: Option<String>,
 

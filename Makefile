@@ -1,0 +1,44 @@
+# Keelson: `make demo` runs the operator on the embedded local cluster; `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
+
+.PHONY: all build test unit integration crds lint fmt demo demo-down bench image clean-demo
+
+all: build
+
+build:
+	$(CARGO) build --bins
+
+## crds: regenerate crds/ from the Rust types (a unit test fails when they differ)
+crds:
+	$(CARGO) run -q -- crds --out crds
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+## test: lint, unit tests, then the integration tests against the local cluster (started if needed)
+test: lint cluster
+	$(CARGO) test --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
+
+unit:
+	$(CARGO) test --lib
+
+integration: cluster
+	$(CARGO) test --test '*'
+
+## demo: the cluster, the CRDs, the operator as a local process, and every example applied
+demo:
+	hack/demo.sh up
+
+demo-down:
+	hack/demo.sh down
+
+image:
+	docker build -t keelson:dev .
+
+include hack/cluster/cluster.mk

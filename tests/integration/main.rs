@@ -1,0 +1,7 @@
+//! Integration tests: the real operator against the real local API server (see tests/support).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod crds;
+mod notebook;

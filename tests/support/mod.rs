@@ -1,0 +1,347 @@
+//! The integration-test harness: the local cluster (started when it is not up), the CRDs, the real
+//! operator running its controllers in-process against the real API server, one namespace per test,
+//! and bounded polling helpers.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub const POLL: Duration = Duration::from_millis(250);
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn kubeconfig() -> PathBuf {
+    root().join("target/cluster/kubeconfig")
+}
+
+pub fn kubectl_bin() -> PathBuf {
+    root().join("target/cluster/bin/kubectl")
+}
+
+static CLUSTER: OnceLock<()> = OnceLock::new();
+
+/// Starts the local cluster when it is not up (idempotent), and installs the CRDs. Once per test binary.
+pub fn cluster() {
+    CLUSTER.get_or_init(|| {
+        let out = Command::new(root().join("hack/cluster/up.sh"))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("run hack/cluster/up.sh");
+        assert!(
+            out.success(),
+            "the local cluster did not start: see target/cluster/logs/"
+        );
+        let o = kubectl(
+            &["apply", "--server-side", "--force-conflicts", "-f", "crds/"],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "installing CRDs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let o = kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/notebooks.keelson.dev",
+                "crd/trainingjobs.keelson.dev",
+                "crd/modeldeployments.keelson.dev",
+            ],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "CRDs not established: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    });
+}
+
+/// Runs the real kubectl against the local cluster.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .current_dir(root());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn kubectl");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().expect("kubectl output")
+}
+
+/// kubectl that must succeed; returns stdout.
+pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let o = kubectl(args, stdin);
+    assert!(
+        o.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A client of the local cluster, on the current runtime.
+pub async fn client() -> Client {
+    cluster();
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("read kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(cfg).expect("client")
+}
+
+/// The operator, running in-process on its own runtime for the whole test binary.
+pub struct Operator {
+    pub shared: Arc<Mutex<Option<Arc<keelson::controller::Shared>>>>,
+}
+
+static OPERATOR: OnceLock<Operator> = OnceLock::new();
+
+/// Starts the operator once per test binary (all three controllers against the local API server).
+pub fn operator() -> &'static Operator {
+    OPERATOR.get_or_init(|| {
+        cluster();
+        let slot: Arc<Mutex<Option<Arc<keelson::controller::Shared>>>> = Arc::default();
+        let s2 = slot.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+                    .with_test_writer()
+                    .try_init();
+                let client = client().await;
+                let opts = keelson::operator::RunOptions { concurrency: 8 };
+                let (_stop, shutdown) = keelson::operator::shutdown_channel();
+                let shared = Arc::new(keelson::controller::Shared::new(client));
+                *s2.lock().unwrap() = Some(shared.clone());
+                tx.send(()).unwrap();
+                keelson::operator::run_with(shared, &opts, shutdown).await;
+            });
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("operator started");
+        Operator { shared: slot }
+    })
+}
+
+/// A namespace of one test, deleted when dropped.
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new(prefix: &str) -> Ns {
+        cluster();
+        let name = format!("{prefix}-{}", rand_suffix());
+        kubectl_ok(&["create", "namespace", &name], None);
+        // Pods need the namespace's default ServiceAccount, made by kube-controller-manager.
+        wait_sync(Duration::from_secs(30), || {
+            kubectl(&["-n", &name, "get", "serviceaccount", "default"], None)
+                .status
+                .success()
+        });
+        Ns { name }
+    }
+
+    /// `kubectl apply --server-side` of a YAML document in this namespace; Err(stderr) when refused.
+    pub fn apply(&self, yaml: &str) -> Result<String, String> {
+        let o = kubectl(
+            &[
+                "-n",
+                &self.name,
+                "apply",
+                "--server-side",
+                "--field-manager=test-user",
+                "-f",
+                "-",
+            ],
+            Some(yaml),
+        );
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        kubectl_ok(&a, None)
+    }
+
+    /// A hostPath PersistentVolume pre-bound to claim `pvc` of this namespace.
+    pub fn pv_for(&self, pvc: &str, size: &str) {
+        let pv = format!("{}-{pvc}", self.name);
+        let o = Command::new(root().join("hack/cluster/pv.sh"))
+            .args([
+                pv.as_str(),
+                size,
+                "--claim",
+                &format!("{}/{pvc}", self.name),
+            ])
+            .output()
+            .expect("pv.sh");
+        assert!(
+            o.status.success(),
+            "pv.sh: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        if std::env::var("KEEP_NAMESPACES").is_err() {
+            let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use rand::Rng;
+    let mut r = rand::rng();
+    (0..5)
+        .map(|_| (b'a' + r.random_range(0..26)) as char)
+        .collect()
+}
+
+/// Polls `f` every [`POLL`] until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Blocking poll for setup code.
+pub fn wait_sync(timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Makes a pod exit with `code` the way a kubelet reports it (kwok stage driven by an annotation,
+/// see docs/cluster.md).
+pub fn exit_pod(ns: &str, pod: &str, code: i32) {
+    kubectl_ok(
+        &[
+            "-n",
+            ns,
+            "annotate",
+            "--overwrite",
+            "pod",
+            pod,
+            &format!("keelson.dev/sim-exit-code={code}"),
+        ],
+        None,
+    );
+}
+
+/// Reads a manifest from examples/.
+pub fn example(file: &str) -> String {
+    std::fs::read_to_string(root().join("examples").join(file)).unwrap()
+}
+
+/// Every example file name.
+pub fn examples() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The API server's write requests (POST, PUT, PATCH, DELETE) per resource, from its own /metrics.
+pub fn apiserver_writes() -> std::collections::BTreeMap<String, f64> {
+    let text = kubectl_ok(&["get", "--raw", "/metrics"], None);
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |k: &str| -> String {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let verb = label("verb");
+        if !matches!(
+            verb.as_str(),
+            "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY" | "CREATE" | "UPDATE"
+        ) {
+            continue;
+        }
+        let sub = label("subresource");
+        let key = format!(
+            "{verb} {}{}",
+            label("resource"),
+            if sub.is_empty() {
+                String::new()
+            } else {
+                format!("/{sub}")
+            }
+        );
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    out
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
