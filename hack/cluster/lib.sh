@@ -1,5 +1,5 @@
 # Shared helpers for hack/cluster scripts. Source it; do not execute it.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # variables are used by the scripts that source this file
 
 CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$CLUSTER_DIR/../.." && pwd)"
@@ -31,7 +31,7 @@ ALL_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 
 # An unexpected failure names the script line instead of exiting silently.
 set -o errtrace
-trap 'rc=$?; printf "[cluster] ERROR: %s:%s: \"%s\" failed (exit %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "[cluster] ERROR: %s:%s: \"%s\" failed (exit %s)\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -392,7 +392,7 @@ while :; do
   pending=$(nodes_not_ready)
   [[ -z $pending ]] && break
   component_pid kwok >/dev/null || fail_component kwok "exited while nodes were being initialised"
-  ((SECONDS < deadline)) || fail_component kwok "did not make these nodes Ready within 120s: $(echo $pending)"
+  ((SECONDS < deadline)) || fail_component kwok "did not make these nodes Ready within 120s: $(xargs <<<"$pending")"
   sleep 0.5
 done
 
