@@ -1,6 +1,9 @@
-//! ModelDeployment: types, pure builder, pure status and reconciler.
+//! ModelDeployment: types, pure builder, traffic (router config, HTTPRoute), pure status and reconciler.
 
+pub mod build;
 pub mod reconcile;
+pub mod status;
+pub mod traffic;
 pub mod types;
 
 pub use types::*;

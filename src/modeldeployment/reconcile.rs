@@ -1,12 +1,491 @@
-//! Placeholder until the reconciler lands.
+//! The ModelDeployment reconciler: fetch -> build -> apply -> sweep orphans -> observe -> status.
+//!
+//! Deployments, Services and ConfigMaps are watched and cached. The HTTPRoute is not: its CRD may be
+//! absent, and a watch on a missing resource type would fail forever. In `GatewayAPI` mode it is read
+//! with a GET, applied, and read back; the ModelDeployment is then requeued every few minutes so that a
+//! hand edit of the route or a Gateway's verdict on it is seen without a watch.
+
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::controller::Shared;
+use futures::StreamExt;
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::Status;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
 
+use super::build::{build, router_kind, router_kind_name, Children, ANNOTATION_ROUTER};
+use super::status::{invalid, status, Observed};
+use super::traffic::Traffic;
+use super::types::{ModelDeployment, RouterKind};
+use crate::api::conditions::{self, READY};
+use crate::api::meta::{is_controlled_by, Owner};
+use crate::apply::{self, Object, Outcome};
+use crate::controller::{
+    cached, child_cache, children_of, error_policy, key, owner_of, Shared, RESYNC,
+};
+use crate::error::{Error, Result};
+
+/// Environment variable naming the image of the built-in router.
+pub const ROUTER_IMAGE_ENV: &str = "KEELSON_ROUTER_IMAGE";
+/// Resync of a ModelDeployment whose HTTPRoute is not watched (`GatewayAPI` mode, including when the
+/// Gateway API CRDs are missing: slow, never hot).
+pub const ROUTE_RESYNC: Duration = Duration::from_secs(300);
+/// Ready reasons that need a person, recorded as Warning events when they appear.
+const FAILURE_REASONS: &[&str] = &[
+    "GatewayAPIMissing",
+    "ProgressDeadlineExceeded",
+    "ReplicaFailure",
+    "RouteNotAccepted",
+    "RouteRefsNotResolved",
+];
+
+/// The router image: `KEELSON_ROUTER_IMAGE` when set, else the operator's own image at this version.
+pub fn router_image(from_env: Option<String>) -> String {
+    from_env
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("ghcr.io/keelson/keelson:{}", env!("CARGO_PKG_VERSION")))
+}
+
+/// The ModelDeployment controller's context: shared state plus its child caches.
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub config_maps: Store<ConfigMap>,
+    pub router_image: String,
+}
+
+/// Runs the ModelDeployment controller until `shutdown` resolves.
 pub async fn run(
-    _shared: Arc<Shared>,
-    _concurrency: u16,
+    shared: Arc<Shared>,
+    concurrency: u16,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    shutdown.await;
+    let client = shared.client.clone();
+    let (deployments, deploy_events) = child_cache::<Deployment>(&client, "ModelDeployment");
+    let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
+    let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
+    let ctx = Arc::new(Ctx {
+        shared,
+        deployments,
+        services,
+        config_maps,
+        router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
+    });
+    Controller::new(
+        Api::<ModelDeployment>::all(client),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+    .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
+    .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
+    .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
+    .graceful_shutdown_on(shutdown)
+    .run(
+        reconcile,
+        |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
+        ctx,
+    )
+    .for_each(|_| futures::future::ready(()))
+    .await;
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Whether a 404 from a request for `name` means that the resource type is not served (its CRD is
+/// missing) rather than that the object does not exist. The API server names the object in the
+/// details of an object's NotFound; a missing type gets a bare 404.
+pub fn type_missing(s: &Status, name: &str) -> bool {
+    s.code == 404 && s.details.as_ref().is_none_or(|d| d.name != name)
+}
+
+/// What one reconcile wrote, for the log line.
+struct Changes(Vec<String>);
+
+/// One reconcile of one ModelDeployment.
+#[tracing::instrument(skip_all, fields(kind = "ModelDeployment", namespace = md.namespace().unwrap_or_default(), name = md.name_any()))]
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action> {
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let owner = Owner::of(md.as_ref()).ok_or_else(|| Error::MissingMeta(md.name_any()))?;
+    let shared = &ctx.shared;
+    let client = &shared.client;
+
+    let children = match build(&md, &owner, &ctx.router_image) {
+        Ok(c) => c,
+        Err(e) => {
+            let st = invalid(&md, &e, &now());
+            if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
+                .await?
+            {
+                shared
+                    .event(md.as_ref(), true, e.reason, e.to_string())
+                    .await;
+            }
+            shared.succeeded(&key(md.as_ref()));
+            return Ok(Action::await_change());
+        }
+    };
+
+    let mut changes = Changes(Vec::new());
+    let observed = match converge(&md, &owner, &ctx, children, &mut changes).await {
+        Ok(o) => o,
+        Err(e) => {
+            shared
+                .event(md.as_ref(), true, "ReconcileFailed", e.to_string())
+                .await;
+            return Err(e);
+        }
+    };
+
+    let st = status(&md, &observed, &now());
+    let prev_ready = md
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY).cloned());
+    if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st).await? {
+        if let Some(r) = conditions::find(&st.conditions, READY) {
+            let moved = prev_ready
+                .as_ref()
+                .is_none_or(|p| p.status != r.status || p.reason != r.reason);
+            if moved && r.status == "True" {
+                shared
+                    .event(md.as_ref(), false, &r.reason, r.message.clone())
+                    .await;
+            } else if moved && FAILURE_REASONS.contains(&r.reason.as_str()) {
+                shared
+                    .event(md.as_ref(), true, &r.reason, r.message.clone())
+                    .await;
+            }
+        }
+        changes.0.push("status".into());
+    }
+    if !changes.0.is_empty() {
+        tracing::info!(changes = ?changes.0, "reconciled");
+    }
+    shared.succeeded(&key(md.as_ref()));
+    Ok(Action::requeue(
+        if router_kind(&md) == RouterKind::GatewayApi {
+            ROUTE_RESYNC
+        } else {
+            RESYNC
+        },
+    ))
+}
+
+/// Brings the children to `children` and returns what the cluster holds afterwards.
+async fn converge(
+    md: &ModelDeployment,
+    owner: &Owner,
+    ctx: &Ctx,
+    children: Children,
+    changes: &mut Changes,
+) -> Result<Observed> {
+    let ns = owner.namespace.as_str();
+    let kind = router_kind(md);
+    let desired_deployments = children.deployment_names();
+    let desired_services = children.service_names();
+    let desired_config_maps = children.config_map_names();
+    let Children {
+        variants,
+        entry,
+        traffic,
+    } = children;
+
+    // Variants first, so that whatever routes to them finds their Services.
+    for v in variants {
+        apply_child(ctx, md, &ctx.deployments, v.deployment, changes).await?;
+        apply_child(ctx, md, &ctx.services, v.service, changes).await?;
+    }
+
+    let mut route_desired = None;
+    match traffic {
+        Traffic::Builtin { config, router } => {
+            // The config before the router: the router pod mounts it.
+            if apply_child(ctx, md, &ctx.config_maps, *config, changes).await? == Outcome::Updated {
+                traffic_event(ctx, md, "router config").await;
+            }
+            apply_child(ctx, md, &ctx.deployments, *router, changes).await?;
+        }
+        Traffic::GatewayApi { route } => route_desired = Some(route),
+        Traffic::None => {}
+    }
+
+    // An HTTPRoute left from GatewayAPI mode goes before the entry Service stops saying GatewayAPI,
+    // so that a crash in between leaves the marker that makes the next reconcile look again.
+    if kind != RouterKind::GatewayApi {
+        let entry_mode = cached(&ctx.services, ns, &owner.name).map(|s| {
+            s.annotations()
+                .get(ANNOTATION_ROUTER)
+                .cloned()
+                .unwrap_or_default()
+        });
+        if entry_mode
+            .as_deref()
+            .is_none_or(|m| m == router_kind_name(RouterKind::GatewayApi))
+        {
+            sweep_route(ctx, md, owner, changes).await?;
+        }
+    }
+    apply_child(ctx, md, &ctx.services, entry, changes).await?;
+
+    let mut observed = Observed::default();
+    if let Some(route) = route_desired {
+        match apply_route(ctx, md, *route, changes).await? {
+            RouteRead::Present(r) => observed.route = Some(*r),
+            RouteRead::Absent => {}
+            RouteRead::TypeMissing => observed.gateway_api_missing = true,
+        }
+    }
+
+    // Orphans: a removed variant, or the previous mode's router. Traffic has moved off them above.
+    sweep(
+        ctx,
+        md,
+        owner,
+        &ctx.deployments,
+        &desired_deployments,
+        changes,
+    )
+    .await?;
+    sweep(ctx, md, owner, &ctx.services, &desired_services, changes).await?;
+    sweep(
+        ctx,
+        md,
+        owner,
+        &ctx.config_maps,
+        &desired_config_maps,
+        changes,
+    )
+    .await?;
+
+    observed.deployments = children_of(&ctx.deployments, ns, &owner.name)
+        .into_iter()
+        .filter(|d| desired_deployments.contains(&d.name_any()))
+        .map(|d| (*d).clone())
+        .collect();
+    if kind == RouterKind::Builtin {
+        observed.config = desired_config_maps
+            .iter()
+            .next()
+            .and_then(|n| cached(&ctx.config_maps, ns, n))
+            .map(|c| (*c).clone());
+    }
+    Ok(observed)
+}
+
+/// Applies one cached child, recording an event when it is created.
+async fn apply_child<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    store: &Store<K>,
+    desired: K,
+    changes: &mut Changes,
+) -> Result<Outcome> {
+    let shared = &ctx.shared;
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    let existing = cached(store, &ns, &name);
+    let outcome =
+        apply::apply(&shared.client, &shared.writes, desired, existing.as_deref()).await?;
+    let kind = K::kind(&());
+    match outcome {
+        Outcome::Unchanged => {}
+        Outcome::Created => {
+            shared
+                .event(md, false, "Created", format!("created {kind} {name}"))
+                .await;
+            changes.0.push(format!("created {kind} {name}"));
+        }
+        Outcome::Updated => changes.0.push(format!("updated {kind} {name}")),
+    }
+    Ok(outcome)
+}
+
+async fn traffic_event(ctx: &Ctx, md: &ModelDeployment, what: &str) {
+    let split = md
+        .spec
+        .variants
+        .iter()
+        .map(|v| format!("{}={}", v.name, v.weight))
+        .collect::<Vec<_>>()
+        .join(",");
+    ctx.shared
+        .event(
+            md,
+            false,
+            "TrafficUpdated",
+            format!("{what} now splits traffic {split}"),
+        )
+        .await;
+}
+
+/// Deletes the cached children of `owner` that the build no longer produces.
+async fn sweep<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    owner: &Owner,
+    store: &Store<K>,
+    desired: &BTreeSet<String>,
+    changes: &mut Changes,
+) -> Result<()> {
+    let uid = owner.owner_ref.uid.as_str();
+    for child in children_of(store, &owner.namespace, &owner.name) {
+        let name = child.name_any();
+        if desired.contains(&name)
+            || !is_controlled_by(child.meta(), uid)
+            || child.meta().deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        delete_child(ctx, md, child.as_ref(), changes).await?;
+    }
+    Ok(())
+}
+
+async fn delete_child<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    child: &K,
+    changes: &mut Changes,
+) -> Result<()> {
+    let shared = &ctx.shared;
+    if apply::delete(&shared.client, &shared.writes, child).await? {
+        let what = format!("{} {}", K::kind(&()), child.name_any());
+        shared
+            .event(md, false, "Deleted", format!("deleted {what}"))
+            .await;
+        changes.0.push(format!("deleted {what}"));
+    }
+    Ok(())
+}
+
+/// An HTTPRoute as a GET finds it.
+enum RouteRead {
+    /// The API server does not serve HTTPRoutes (the Gateway API CRDs are not installed).
+    TypeMissing,
+    Absent,
+    Present(Box<HttpRoute>),
+}
+
+async fn get_route(api: &Api<HttpRoute>, name: &str) -> Result<RouteRead> {
+    match api.get(name).await {
+        Ok(r) => Ok(RouteRead::Present(Box::new(r))),
+        Err(kube::Error::Api(s)) if type_missing(&s, name) => Ok(RouteRead::TypeMissing),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(RouteRead::Absent),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the HTTPRoute `<name>` if it exists and is this ModelDeployment's (GET first: no watch).
+async fn sweep_route(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    owner: &Owner,
+    changes: &mut Changes,
+) -> Result<()> {
+    let api: Api<HttpRoute> = Api::namespaced(ctx.shared.client.clone(), &owner.namespace);
+    if let RouteRead::Present(route) = get_route(&api, &owner.name).await? {
+        if is_controlled_by(&route.metadata, &owner.owner_ref.uid)
+            && route.metadata.deletion_timestamp.is_none()
+        {
+            delete_child(ctx, md, route.as_ref(), changes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies the HTTPRoute and reads it back (`TypeMissing` when the Gateway API CRDs are absent).
+async fn apply_route(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    desired: HttpRoute,
+    changes: &mut Changes,
+) -> Result<RouteRead> {
+    let client: &Client = &ctx.shared.client;
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+    let existing = match get_route(&api, &name).await? {
+        RouteRead::TypeMissing => return Ok(RouteRead::TypeMissing),
+        RouteRead::Absent => None,
+        RouteRead::Present(r) => Some(r),
+    };
+    match apply::apply(client, &ctx.shared.writes, desired, existing.as_deref()).await {
+        Ok(Outcome::Unchanged) => Ok(existing.map_or(RouteRead::Absent, RouteRead::Present)),
+        Ok(outcome) => {
+            if outcome == Outcome::Created {
+                ctx.shared
+                    .event(md, false, "Created", format!("created HTTPRoute {name}"))
+                    .await;
+            } else {
+                traffic_event(ctx, md, &format!("HTTPRoute {name}")).await;
+            }
+            changes.0.push(format!("applied HTTPRoute {name}"));
+            get_route(&api, &name).await
+        }
+        // A server-side apply creates what is absent: a 404 means the type itself is not served.
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(RouteRead::TypeMissing),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use kube::core::response::StatusDetails;
+
+    #[test]
+    fn router_image_defaults_to_the_operator_image() {
+        assert_eq!(
+            router_image(None),
+            format!("ghcr.io/keelson/keelson:{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(router_image(Some("  ".into())), router_image(None));
+        assert_eq!(
+            router_image(Some("reg/keelson:dev".into())),
+            "reg/keelson:dev"
+        );
+    }
+
+    fn details(json: serde_json::Value) -> StatusDetails {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_missing_type_is_told_from_a_missing_object() {
+        let object_missing = Status::failure("httproutes \"fraud\" not found", "NotFound")
+            .with_code(404)
+            .with_details(details(serde_json::json!({
+                "name": "fraud", "group": "gateway.networking.k8s.io", "kind": "httproutes"
+            })));
+        assert!(!type_missing(&object_missing, "fraud"));
+        let group_missing =
+            Status::failure("404 page not found", "Failed to parse error data").with_code(404);
+        assert!(type_missing(&group_missing, "fraud"));
+        let resource_missing = Status::failure(
+            "the server could not find the requested resource",
+            "NotFound",
+        )
+        .with_code(404)
+        .with_details(details(serde_json::json!({})));
+        assert!(type_missing(&resource_missing, "fraud"));
+        assert!(!type_missing(
+            &Status::failure("forbidden", "Forbidden").with_code(403),
+            "fraud"
+        ));
+    }
 }
