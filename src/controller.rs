@@ -26,6 +26,8 @@ pub struct Shared {
     pub client: Client,
     pub recorder: Recorder,
     pub writes: WriteCounter,
+    /// Reconciles finished (successfully or not), all kinds together.
+    pub reconciled: std::sync::atomic::AtomicU64,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -39,6 +41,7 @@ impl Shared {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             writes: WriteCounter::default(),
+            reconciled: std::sync::atomic::AtomicU64::new(0),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -66,6 +69,13 @@ impl Shared {
         if let Err(e) = self.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, reason, "could not record event");
         }
+    }
+
+    /// Counts one finished reconcile; the controllers' result streams end in this.
+    pub fn finished<T, E>(&self, _result: Result<T, E>) -> std::future::Ready<()> {
+        self.reconciled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::future::ready(())
     }
 
     /// Forgets the failures of `key` after a successful reconcile.

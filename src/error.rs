@@ -34,6 +34,8 @@ pub enum Error {
     Build(#[from] BuildError),
     #[error("object {0} has no namespace or uid")]
     MissingMeta(String),
+    #[error("a child cache closed: {0}")]
+    CacheClosed(String),
 }
 
 impl Error {
@@ -44,6 +46,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Build(_) => "spec",
             Error::MissingMeta(_) => "meta",
+            Error::CacheClosed(_) => "cache",
         }
     }
 }

@@ -16,3 +16,5 @@ pub mod operator;
 pub mod schema_check;
 pub mod telemetry;
 pub mod trainingjob;
+#[cfg(test)]
+mod proptests;

@@ -54,7 +54,7 @@ pub async fn run(
     let (secrets, secret_events) = child_cache::<Secret>(&client, "Notebook");
     let (pvcs, pvc_events) = child_cache::<PersistentVolumeClaim>(&client, "Notebook");
     let ctx = Arc::new(Ctx {
-        shared,
+        shared: shared.clone(),
         pods,
         services,
         secrets,
@@ -72,7 +72,7 @@ pub async fn run(
             |nb, err, ctx| error_policy(nb.as_ref(), err, &ctx.shared),
             ctx,
         )
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|r| shared.finished(r))
         .await;
 }
 
@@ -87,6 +87,14 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let owner = Owner::of(nb.as_ref()).ok_or_else(|| Error::MissingMeta(nb.name_any()))?;
+    // Decisions are taken from the child caches: never from caches that have not listed yet.
+    tokio::try_join!(
+        ctx.pods.wait_until_ready(),
+        ctx.services.wait_until_ready(),
+        ctx.secrets.wait_until_ready(),
+        ctx.pvcs.wait_until_ready()
+    )
+    .map_err(|e| Error::CacheClosed(e.to_string()))?;
     let shared = &ctx.shared;
     let client = &shared.client;
     let ns = owner.namespace.as_str();
