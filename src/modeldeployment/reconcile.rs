@@ -12,14 +12,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::Status;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use super::build::{build, router_kind, router_kind_name, Children, ANNOTATION_ROUTER};
 use super::status::{invalid, status, Observed};
@@ -75,7 +77,7 @@ pub async fn run(
     let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
     let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
     let ctx = Arc::new(Ctx {
-        shared,
+        shared: shared.clone(),
         deployments,
         services,
         config_maps,
@@ -95,7 +97,7 @@ pub async fn run(
         |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
         ctx,
     )
-    .for_each(|_| futures::future::ready(()))
+    .for_each(|r| shared.finished(r))
     .await;
 }
 
@@ -120,6 +122,14 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action
         return Ok(Action::await_change());
     }
     let owner = Owner::of(md.as_ref()).ok_or_else(|| Error::MissingMeta(md.name_any()))?;
+    // Decisions are taken from the child caches: never from caches that have not listed yet
+    // (an empty cache would turn every child into a create and hide every orphan).
+    tokio::try_join!(
+        ctx.deployments.wait_until_ready(),
+        ctx.services.wait_until_ready(),
+        ctx.config_maps.wait_until_ready()
+    )
+    .map_err(|e| Error::CacheClosed(e.to_string()))?;
     let shared = &ctx.shared;
     let client = &shared.client;
 
@@ -214,8 +224,14 @@ async fn converge(
     match traffic {
         Traffic::Builtin { config, router } => {
             // The config before the router: the router pod mounts it.
+            let cm = config.object_ref(&());
             if apply_child(ctx, md, &ctx.config_maps, *config, changes).await? == Outcome::Updated {
-                traffic_event(ctx, md, "router config").await;
+                let note = format!(
+                    "router config {} now splits traffic {}",
+                    cm.name.clone().unwrap_or_default(),
+                    spec_split(md)
+                );
+                child_event(&ctx.shared, md, "TrafficUpdated", "UpdateTraffic", note, cm).await;
             }
             apply_child(ctx, md, &ctx.deployments, *router, changes).await?;
         }
@@ -226,16 +242,16 @@ async fn converge(
     // An HTTPRoute left from GatewayAPI mode goes before the entry Service stops saying GatewayAPI,
     // so that a crash in between leaves the marker that makes the next reconcile look again.
     if kind != RouterKind::GatewayApi {
-        let entry_mode = cached(&ctx.services, ns, &owner.name).map(|s| {
-            s.annotations()
-                .get(ANNOTATION_ROUTER)
-                .cloned()
-                .unwrap_or_default()
-        });
-        if entry_mode
-            .as_deref()
-            .is_none_or(|m| m == router_kind_name(RouterKind::GatewayApi))
-        {
+        // Without the entry Service, look only for a ModelDeployment reconciled before: a new one
+        // has no route, and the GET would cost every creation a request (a 404 without Gateway API).
+        let look = match cached(&ctx.services, ns, &owner.name) {
+            Some(s) => {
+                s.annotations().get(ANNOTATION_ROUTER).map(String::as_str)
+                    == Some(router_kind_name(RouterKind::GatewayApi))
+            }
+            None => md.status.is_some(),
+        };
+        if look {
             sweep_route(ctx, md, owner, changes).await?;
         }
     }
@@ -297,6 +313,7 @@ async fn apply_child<K: Object>(
     let shared = &ctx.shared;
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
+    let child = desired.object_ref(&());
     let existing = cached(store, &ns, &name);
     let outcome =
         apply::apply(&shared.client, &shared.writes, desired, existing.as_deref()).await?;
@@ -304,32 +321,46 @@ async fn apply_child<K: Object>(
     match outcome {
         Outcome::Unchanged => {}
         Outcome::Created => {
-            shared
-                .event(md, false, "Created", format!("created {kind} {name}"))
-                .await;
-            changes.0.push(format!("created {kind} {name}"));
+            let note = format!("created {kind} {name}");
+            child_event(shared, md, "Created", "Create", note.clone(), child).await;
+            changes.0.push(note);
         }
         Outcome::Updated => changes.0.push(format!("updated {kind} {name}")),
     }
     Ok(outcome)
 }
 
-async fn traffic_event(ctx: &Ctx, md: &ModelDeployment, what: &str) {
-    let split = md
-        .spec
+/// Records an Event on the ModelDeployment about one child. The child is the Event's `related`
+/// object: the recorder folds Events with the same reason, action and objects into one series, so
+/// without it the creation of a second Deployment would only bump the count of the first one's Event.
+async fn child_event(
+    shared: &Shared,
+    md: &ModelDeployment,
+    reason: &str,
+    action: &str,
+    note: String,
+    child: ObjectReference,
+) {
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: Some(child),
+    };
+    if let Err(e) = shared.recorder.publish(&ev, &md.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not record event");
+    }
+}
+
+/// The split the spec asks for, e.g. `champion=90,challenger=10`.
+fn spec_split(md: &ModelDeployment) -> String {
+    md.spec
         .variants
         .iter()
         .map(|v| format!("{}={}", v.name, v.weight))
         .collect::<Vec<_>>()
-        .join(",");
-    ctx.shared
-        .event(
-            md,
-            false,
-            "TrafficUpdated",
-            format!("{what} now splits traffic {split}"),
-        )
-        .await;
+        .join(",")
 }
 
 /// Deletes the cached children of `owner` that the build no longer produces.
@@ -363,11 +394,17 @@ async fn delete_child<K: Object>(
 ) -> Result<()> {
     let shared = &ctx.shared;
     if apply::delete(&shared.client, &shared.writes, child).await? {
-        let what = format!("{} {}", K::kind(&()), child.name_any());
-        shared
-            .event(md, false, "Deleted", format!("deleted {what}"))
-            .await;
-        changes.0.push(format!("deleted {what}"));
+        let note = format!("deleted {} {}", K::kind(&()), child.name_any());
+        child_event(
+            shared,
+            md,
+            "Deleted",
+            "Delete",
+            note.clone(),
+            child.object_ref(&()),
+        )
+        .await;
+        changes.0.push(note);
     }
     Ok(())
 }
@@ -417,6 +454,7 @@ async fn apply_route(
     let client: &Client = &ctx.shared.client;
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
+    let child = desired.object_ref(&());
     let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
     let existing = match get_route(&api, &name).await? {
         RouteRead::TypeMissing => return Ok(RouteRead::TypeMissing),
@@ -426,14 +464,17 @@ async fn apply_route(
     match apply::apply(client, &ctx.shared.writes, desired, existing.as_deref()).await {
         Ok(Outcome::Unchanged) => Ok(existing.map_or(RouteRead::Absent, RouteRead::Present)),
         Ok(outcome) => {
-            if outcome == Outcome::Created {
-                ctx.shared
-                    .event(md, false, "Created", format!("created HTTPRoute {name}"))
-                    .await;
+            let (reason, action, note) = if outcome == Outcome::Created {
+                ("Created", "Create", format!("created HTTPRoute {name}"))
             } else {
-                traffic_event(ctx, md, &format!("HTTPRoute {name}")).await;
-            }
-            changes.0.push(format!("applied HTTPRoute {name}"));
+                (
+                    "TrafficUpdated",
+                    "UpdateTraffic",
+                    format!("HTTPRoute {name} now splits traffic {}", spec_split(md)),
+                )
+            };
+            child_event(&ctx.shared, md, reason, action, note.clone(), child).await;
+            changes.0.push(note);
             get_route(&api, &name).await
         }
         // A server-side apply creates what is absent: a 404 means the type itself is not served.
