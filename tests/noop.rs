@@ -2,6 +2,8 @@
 //! fresh operator that lists and reconciles everything) makes zero writes. Its own binary, so that no
 //! other test writes to the cluster while the API server's counters are read.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/mod.rs"]
 mod support;
 

@@ -1,7 +1,11 @@
 //! Integration tests: the real operator against the real local API server (see tests/support).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod crds;
+mod examples;
+mod modeldeployment;
 mod notebook;
+mod trainingjob;

@@ -2,7 +2,7 @@
 //! operator running its controllers in-process against the real API server, one namespace per test,
 //! and bounded polling helpers.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,0 +1,63 @@
+//! Every manifest in examples/ is accepted by the API server and reaches Ready (a queued job:
+//! Suspended), checked with the real `kubectl wait`.
+
+use crate::support::*;
+
+#[test]
+fn every_example_is_accepted_and_becomes_ready() {
+    operator();
+    let ns = Ns::new("examples");
+    for (claim, size) in [
+        ("shared-datasets", "100Gi"),
+        ("models", "10Gi"),
+        ("alice-workspace", "10Gi"),
+        ("scratch-workspace", "5Gi"),
+    ] {
+        ns.pv_for(claim, size);
+    }
+    for f in examples() {
+        ns.apply(&example(&f))
+            .unwrap_or_else(|e| panic!("{f} refused: {e}"));
+    }
+    for kind in ["notebooks", "modeldeployments"] {
+        ns.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=90s",
+            kind,
+            "--all",
+        ]);
+    }
+    for tj in ["resnet50", "mnist-tf", "gemma-jax"] {
+        ns.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=90s",
+            &format!("trainingjob/{tj}"),
+        ]);
+        ns.kubectl(&[
+            "wait",
+            "--for=jsonpath={.status.phase}=Running",
+            "--timeout=30s",
+            &format!("trainingjob/{tj}"),
+        ]);
+    }
+    ns.kubectl(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Suspended",
+        "--timeout=60s",
+        "trainingjob/bert-queued",
+    ]);
+    let all = ns.kubectl(&["get", "keelson"]);
+    for name in [
+        "alice",
+        "scratch",
+        "resnet50",
+        "mnist-tf",
+        "gemma-jax",
+        "bert-queued",
+        "fraud",
+    ] {
+        assert!(all.contains(name), "{all}");
+    }
+}
