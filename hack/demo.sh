@@ -63,9 +63,13 @@ say "applying examples/ to namespace $NS"
 say "waiting for Ready"
 "${K[@]}" -n "$NS" wait --for=condition=Ready --timeout=120s notebooks --all
 "${K[@]}" -n "$NS" wait --for=condition=Ready --timeout=120s modeldeployments --all
-for tj in $("${K[@]}" -n "$NS" get trainingjobs -o jsonpath='{range .items[?(@.spec.suspend!=true)]}{.metadata.name}{" "}{end}'); do
-  "${K[@]}" -n "$NS" wait --for=condition=Ready --timeout=120s "trainingjob/$tj"
-done
+while read -r tj suspend; do
+  if [[ $suspend == true ]]; then
+    "${K[@]}" -n "$NS" wait --for=jsonpath='{.status.phase}'=Suspended --timeout=120s "trainingjob/$tj"
+  else
+    "${K[@]}" -n "$NS" wait --for=condition=Ready --timeout=120s "trainingjob/$tj"
+  fi
+done < <("${K[@]}" -n "$NS" get trainingjobs -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.suspend}{"\n"}{end}')
 
 echo
 "${K[@]}" get keelson -A

@@ -14,7 +14,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
-        LogFormat::Human => registry.with(fmt::layer().with_target(false)).try_init(),
+        LogFormat::Human => registry
+            .with(fmt::layer().with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())))
+            .try_init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()
