@@ -1,12 +1,612 @@
-//! Placeholder until the reconciler lands.
-use std::sync::Arc;
+//! The TrainingJob reconciler: fetch -> build -> apply the Service -> decide -> delete and create
+//! pods -> status.
+//!
+//! # Writes, in order, and what a crash between them does
+//!
+//! 1. The `kueue.x-k8s.io/queue-name` label on the TrainingJob itself (once, when `scheduling.queue`
+//!    is set and the label is missing), by server-side apply of metadata only.
+//! 2. The headless Service, by server-side apply when it differs from the cache.
+//! 3. Pod deletions (restarts, cleanup, suspend, orphans), each with a uid precondition.
+//! 4. Pod creations (`create_once`: a pod is never updated, so a spec edit never re-creates a
+//!    running worker).
+//! 5. The status, through `/status`, only when it differs.
+//!
+//! A retried failure is a deletion (3) followed by the restart count in the status (5). Deleting first
+//! means a crash (or a failed status write) between the two loses that one increment: the failed pod
+//! is gone, so nothing counts it again, and the job gets at most one more retry than
+//! `backoffLimit`. The other order would count the restart twice after the crash (the failed pod is
+//! still there) and could fail a job that had retries left. Everything else converges on the next
+//! reconcile: pods and the Service are recomputed from the spec, and the phase of a finished job is
+//! read back from its status.
+//!
+//! # Stale caches
+//!
+//! The pod cache may still show a pod this process deleted, and the job cache may still show the
+//! status from before this process's last write. [`Ctx`] keeps both in memory per job: the uids of
+//! deleted pods (treated as gone, so a failure is never counted twice), and the last status written
+//! (used as the previous status until the cache shows it, so a restart count never goes back and a
+//! finished job never looks unfinished). The memory is dropped when the cache catches up or the job
+//! is gone; after a restart of the operator the caches are freshly listed, so nothing is lost.
 
-use crate::controller::Shared;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde::{Serialize, Serializer};
+
+use super::build::{build, LABEL_QUEUE};
+use super::status::{decide, invalid, status, DeleteReason, Deletion, Observed};
+use super::types::{JobPhase, TrainingJob, TrainingJobStatus};
+use crate::api::meta::{Owner, FIELD_MANAGER};
+use crate::apply::{self, Outcome};
+use crate::controller::{
+    cached, child_cache, children_of, error_policy, key, owner_of, Shared, RESYNC,
+};
+use crate::error::{Error, Result};
+
+/// Most pod writes in flight at once for one job. Creations start with one and double up to this
+/// (slow start, as the Job controller does), so a quota or admission error costs one call, not
+/// one per rank.
+const MAX_BATCH: usize = 16;
+
+/// What the reconciler remembers about one job between reconciles (see the module docs).
+#[derive(Debug, Default)]
+struct Memory {
+    uid: String,
+    /// Pods deleted by this process that the cache may still list.
+    deleted: HashSet<String>,
+    /// The last status written, until the job cache shows it.
+    written: Option<TrainingJobStatus>,
+}
+
+/// The TrainingJob controller's context: shared state, the child caches and the memory of writes
+/// the caches may not show yet.
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    pub pods: Store<Pod>,
+    pub services: Store<Service>,
+    memory: Memories,
+}
+
+/// The per-job [`Memory`], pruned against the job cache.
+struct Memories {
+    jobs: Store<TrainingJob>,
+    map: Mutex<HashMap<ObjectRef<TrainingJob>, Memory>>,
+}
+
+impl Memories {
+    fn new(jobs: Store<TrainingJob>) -> Self {
+        Memories {
+            jobs,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<ObjectRef<TrainingJob>, Memory>) -> T) -> T {
+        // A poisoned lock only means another reconcile panicked; the map is still usable.
+        let mut guard = match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// The status to decide from and the pods already deleted. Also drops the memory of jobs that
+    /// are gone and of pods the cache no longer lists.
+    fn recall(&self, job: &TrainingJob, pods: &[Arc<Pod>]) -> (TrainingJobStatus, HashSet<String>) {
+        let uid = job.uid().unwrap_or_default();
+        let from_cache = job.status.clone().unwrap_or_default();
+        let jobs = &self.jobs;
+        self.with(|mem| {
+            mem.retain(|r, m| {
+                jobs.get(r)
+                    .is_some_and(|j| j.uid().as_deref() == Some(&m.uid))
+            });
+            let Some(m) = mem.get_mut(&ObjectRef::from_obj(job)) else {
+                return (from_cache, HashSet::new());
+            };
+            if m.uid != uid {
+                *m = Memory::default();
+            }
+            let listed: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
+            m.deleted.retain(|u| listed.contains(u));
+            if m.written.as_ref() == Some(&from_cache) {
+                m.written = None;
+            }
+            let prev = m.written.clone().unwrap_or(from_cache);
+            (prev, m.deleted.clone())
+        })
+    }
+
+    fn entry<T>(&self, job: &TrainingJob, f: impl FnOnce(&mut Memory) -> T) -> T {
+        let uid = job.uid().unwrap_or_default();
+        self.with(|mem| {
+            let m = mem.entry(ObjectRef::from_obj(job)).or_default();
+            if m.uid != uid {
+                *m = Memory {
+                    uid,
+                    ..Memory::default()
+                };
+            }
+            f(m)
+        })
+    }
+
+    fn remember_deleted(&self, job: &TrainingJob, pod_uid: String) {
+        self.entry(job, |m| m.deleted.insert(pod_uid));
+    }
+
+    fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus) {
+        self.entry(job, |m| m.written = Some(st));
+    }
+
+    fn forget(&self, job: &TrainingJob) {
+        self.with(|mem| mem.remove(&ObjectRef::from_obj(job)));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.with(|mem| mem.len())
+    }
+}
+
+/// The status as written: a JSON merge patch leaves out `None` fields, which would keep an old value
+/// on the server, so the fields that can be cleared (`startTime` on suspend) are sent as `null`.
+#[derive(Debug, PartialEq)]
+struct StatusPatch<'a>(&'a TrainingJobStatus);
+
+impl Serialize for StatusPatch<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut v = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
+        if let Some(m) = v.as_object_mut() {
+            for k in ["startTime", "completionTime"] {
+                m.entry(k).or_insert(serde_json::Value::Null);
+            }
+        }
+        v.serialize(s)
+    }
+}
+
+/// Runs the TrainingJob controller until `shutdown` resolves.
 pub async fn run(
-    _shared: Arc<Shared>,
-    _concurrency: u16,
+    shared: Arc<Shared>,
+    concurrency: u16,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    shutdown.await;
+    let jobs = Api::<TrainingJob>::all(shared.client.clone());
+    run_with_api(shared, jobs, concurrency, shutdown).await;
+}
+
+/// Runs the TrainingJob controller over the jobs of `jobs` (e.g. one namespace, for a test that
+/// shares a cluster) until `shutdown` resolves.
+pub async fn run_with_api(
+    shared: Arc<Shared>,
+    jobs: Api<TrainingJob>,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = shared.client.clone();
+    let (pods, pod_events) = child_cache::<Pod>(&client, "TrainingJob");
+    let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
+    let controller = Controller::new(jobs, watcher::Config::default());
+    let ctx = Arc::new(Ctx {
+        shared,
+        pods,
+        services,
+        memory: Memories::new(controller.store()),
+    });
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
+        .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |job, err, ctx| error_policy(job.as_ref(), err, &ctx.shared),
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Adds the queue label to the TrainingJob itself, so that Kueue finds the job. Server-side apply
+/// of that one label: the operator owns it and nothing else of the object's metadata.
+async fn label_queue(shared: &Shared, job: &TrainingJob, ns: &str, queue: &str) -> Result<()> {
+    let api: Api<TrainingJob> = Api::namespaced(shared.client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": TrainingJob::api_version(&()),
+        "kind": TrainingJob::kind(&()),
+        "metadata": {"name": job.name_any(), "labels": {LABEL_QUEUE: queue}},
+    });
+    shared.writes.apply.fetch_add(1, Ordering::Relaxed);
+    api.patch(
+        &job.name_any(),
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes the pods of `dels`, a few at a time, with an Event each. Returns the names of the pods
+/// deleted now, and the deletions that failed with their error. A pod found already gone (or
+/// replaced) counts as done: its uid is remembered either way.
+async fn delete_pods(
+    ctx: &Ctx,
+    job: &TrainingJob,
+    dels: Vec<Deletion>,
+) -> (Vec<String>, Vec<(Deletion, Error)>) {
+    let shared = &ctx.shared;
+    let results: Vec<(Deletion, Result<bool>)> = futures::stream::iter(dels)
+        .map(|d| async move {
+            let r = apply::delete(&shared.client, &shared.writes, d.pod.as_ref()).await;
+            if let Ok(true) = r {
+                let (warning, reason) = match d.reason {
+                    DeleteReason::Restart => (true, "WorkerFailed"),
+                    _ => (false, "PodDeleted"),
+                };
+                shared.event(job, warning, reason, d.message.clone()).await;
+            }
+            (d, r)
+        })
+        .buffer_unordered(MAX_BATCH)
+        .collect()
+        .await;
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (d, r) in results {
+        match r {
+            Ok(now_deleted) => {
+                if let Some(uid) = d.pod.uid() {
+                    ctx.memory.remember_deleted(job, uid);
+                }
+                if now_deleted {
+                    done.push(format!("deleted pod {} ({:?})", d.pod.name_any(), d.reason));
+                }
+            }
+            Err(e) => failed.push((d, e)),
+        }
+    }
+    (done, failed)
+}
+
+/// Creates `pods` (rank, pod) with slow start. Returns how many were created and the first error.
+async fn create_pods(
+    shared: &Shared,
+    job: &TrainingJob,
+    pods: Vec<(i32, Pod)>,
+) -> (usize, Option<Error>) {
+    let mut created = 0;
+    let mut batch = 1;
+    let mut rest = pods.into_iter();
+    loop {
+        let chunk: Vec<(i32, Pod)> = rest.by_ref().take(batch).collect();
+        if chunk.is_empty() {
+            return (created, None);
+        }
+        let results = futures::future::join_all(chunk.into_iter().map(|(rank, pod)| async move {
+            let name = pod.name_any();
+            let r = apply::create_once(&shared.client, &shared.writes, pod).await;
+            if let Ok(Outcome::Created) = r {
+                shared
+                    .event(
+                        job,
+                        false,
+                        "PodCreated",
+                        format!("created pod {name} (rank {rank})"),
+                    )
+                    .await;
+            }
+            r
+        }))
+        .await;
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(Outcome::Created) => created += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if first_err.is_some() {
+            return (created, first_err);
+        }
+        batch = (batch * 2).min(MAX_BATCH);
+    }
+}
+
+/// Records the Event of a phase change.
+async fn phase_event(
+    shared: &Shared,
+    job: &TrainingJob,
+    st: &TrainingJobStatus,
+    d_outcome: Option<&(String, String)>,
+) {
+    let Some(phase) = st.phase else { return };
+    match (phase, d_outcome) {
+        (JobPhase::Failed, Some((reason, message))) => {
+            shared.event(job, true, reason, message.clone()).await;
+        }
+        (JobPhase::Succeeded, Some((reason, message))) => {
+            shared.event(job, false, reason, message.clone()).await;
+        }
+        _ => {
+            shared
+                .event(
+                    job,
+                    false,
+                    "PhaseChanged",
+                    format!("phase is now {phase:?}"),
+                )
+                .await;
+        }
+    }
+}
+
+/// One reconcile of one TrainingJob.
+#[tracing::instrument(skip_all, fields(kind = "TrainingJob", namespace = job.namespace().unwrap_or_default(), name = job.name_any()))]
+pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
+    if job.metadata.deletion_timestamp.is_some() {
+        ctx.memory.forget(&job);
+        return Ok(Action::await_change());
+    }
+    let owner = Owner::of(job.as_ref()).ok_or_else(|| Error::MissingMeta(job.name_any()))?;
+    let shared = &ctx.shared;
+    let client = &shared.client;
+    let ns = owner.namespace.as_str();
+    let now = now();
+    let mut changed: Vec<String> = Vec::new();
+
+    if let Some(queue) = job
+        .spec
+        .scheduling
+        .as_ref()
+        .and_then(|s| s.queue.as_deref())
+    {
+        if !job.labels().contains_key(LABEL_QUEUE) {
+            label_queue(shared, &job, ns, queue).await?;
+            changed.push(format!("labelled with queue {queue}"));
+        }
+    }
+
+    let pods = children_of(&ctx.pods, ns, &owner.name);
+    let (prev, deleted) = ctx.memory.recall(&job, &pods);
+
+    let children = match build(&job, &owner) {
+        Ok(c) => c,
+        Err(e) => {
+            let st = invalid(&job, &prev, &e, &now);
+            if apply::patch_status(
+                client,
+                &shared.writes,
+                job.as_ref(),
+                Some(&StatusPatch(&prev)),
+                &StatusPatch(&st),
+            )
+            .await?
+            {
+                ctx.memory.remember_written(&job, st);
+                shared
+                    .event(job.as_ref(), true, e.reason, e.to_string())
+                    .await;
+                tracing::info!(reason = e.reason, error = %e, "spec cannot be reconciled");
+            }
+            shared.succeeded(&key(job.as_ref()));
+            return Ok(Action::await_change());
+        }
+    };
+
+    let existing_svc = cached(&ctx.services, ns, &owner.name);
+    if apply::apply(
+        client,
+        &shared.writes,
+        children.service,
+        existing_svc.as_deref(),
+    )
+    .await?
+        != Outcome::Unchanged
+    {
+        changed.push("applied Service".into());
+    }
+
+    let observed = Observed { pods, deleted };
+    let mut decision = decide(&job, &prev, &observed, &now);
+
+    // Deletions first, then the status that counts them (see the module docs).
+    let (done, failed) = delete_pods(&ctx, &job, decision.delete.clone()).await;
+    let mut first_err: Option<Error> = None;
+    for (d, e) in failed {
+        if let Some(uid) = d.pod.uid() {
+            decision.undo_restart(&uid);
+        }
+        first_err.get_or_insert(e);
+    }
+    changed.extend(done);
+
+    if first_err.is_none() && !decision.create.is_empty() {
+        let wanted: HashSet<i32> = decision.create.iter().copied().collect();
+        let to_create: Vec<(i32, Pod)> = children
+            .pods
+            .into_iter()
+            .zip(0..)
+            .filter(|(_, rank)| wanted.contains(rank))
+            .map(|(p, rank)| (rank, p))
+            .collect();
+        let (created, err) = create_pods(shared, &job, to_create).await;
+        if created > 0 {
+            changed.push(format!("created {created} pod(s)"));
+        }
+        if let Some(e) = err {
+            first_err.get_or_insert(e);
+        }
+    }
+
+    let st = status(&job, &prev, &observed, &decision, &now);
+    if apply::patch_status(
+        client,
+        &shared.writes,
+        job.as_ref(),
+        Some(&StatusPatch(&prev)),
+        &StatusPatch(&st),
+    )
+    .await?
+    {
+        if prev.phase != st.phase {
+            phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
+            changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
+        }
+        ctx.memory.remember_written(&job, st);
+        changed.push("status".into());
+    }
+    if let Some(e) = first_err {
+        if !changed.is_empty() {
+            tracing::info!(changes = ?changed, "reconciled in part");
+        }
+        return Err(e);
+    }
+
+    if decision.delete_job {
+        shared
+            .event(
+                job.as_ref(),
+                false,
+                "TTLExpired",
+                "runPolicy.ttlSecondsAfterFinished has passed since the job finished: deleting it"
+                    .into(),
+            )
+            .await;
+        if apply::delete(client, &shared.writes, job.as_ref()).await? {
+            changed.push("deleted the finished job (ttlSecondsAfterFinished)".into());
+        }
+        ctx.memory.forget(&job);
+        tracing::info!(changes = ?changed, "reconciled");
+        shared.succeeded(&key(job.as_ref()));
+        return Ok(Action::await_change());
+    }
+
+    if !changed.is_empty() {
+        tracing::info!(changes = ?changed, "reconciled");
+    }
+    shared.succeeded(&key(job.as_ref()));
+    Ok(Action::requeue(
+        decision.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::api::podstatus::fixtures;
+    use crate::trainingjob::types::TrainingJobSpec;
+    use kube::runtime::reflector;
+
+    fn job(uid: &str, st: Option<TrainingJobStatus>) -> TrainingJob {
+        let mut j = TrainingJob::new("resnet", TrainingJobSpec::default());
+        j.metadata.namespace = Some("team-a".into());
+        j.metadata.uid = Some(uid.into());
+        j.status = st;
+        j
+    }
+
+    fn restarts(n: i32) -> TrainingJobStatus {
+        TrainingJobStatus {
+            phase: Some(JobPhase::Restarting),
+            restarts: n,
+            ..TrainingJobStatus::default()
+        }
+    }
+
+    #[test]
+    fn memory_covers_a_stale_cache_until_it_catches_up() {
+        let (store, mut writer) = reflector::store::<TrainingJob>();
+        let mem = Memories::new(store);
+        let stale = job("u1", Some(restarts(1)));
+        writer.apply_watcher_event(&watcher::Event::Apply(stale.clone()));
+        let failed = Arc::new(fixtures::finished("resnet-worker-0", 1));
+        let pods = vec![failed.clone()];
+
+        // Nothing remembered: the cache is the truth.
+        assert_eq!(mem.recall(&stale, &pods), (restarts(1), HashSet::new()));
+
+        // This process deleted the failed pod and wrote restarts 2; the caches lag behind.
+        mem.remember_deleted(&stale, "uid-resnet-worker-0".into());
+        mem.remember_written(&stale, restarts(2));
+        let (prev, deleted) = mem.recall(&stale, &pods);
+        assert_eq!(prev, restarts(2));
+        assert!(deleted.contains("uid-resnet-worker-0"));
+
+        // The pod is gone from the cache and the job cache shows the write: nothing left to remember.
+        let fresh = job("u1", Some(restarts(2)));
+        writer.apply_watcher_event(&watcher::Event::Apply(fresh.clone()));
+        let (prev, deleted) = mem.recall(&fresh, &[]);
+        assert_eq!(prev, restarts(2));
+        assert!(deleted.is_empty());
+        assert!(mem.with(|m| m
+            .values()
+            .all(|x| x.written.is_none() && x.deleted.is_empty())));
+    }
+
+    #[test]
+    fn memory_of_a_deleted_or_replaced_job_is_dropped() {
+        let (store, mut writer) = reflector::store::<TrainingJob>();
+        let mem = Memories::new(store);
+        let old = job("u1", None);
+        writer.apply_watcher_event(&watcher::Event::Apply(old.clone()));
+        mem.remember_written(&old, restarts(3));
+        assert_eq!(mem.len(), 1);
+
+        // Re-created under the same name: the old job's status is not carried over.
+        let new = job("u2", None);
+        writer.apply_watcher_event(&watcher::Event::Apply(new.clone()));
+        assert_eq!(mem.recall(&new, &[]).0, TrainingJobStatus::default());
+        assert_eq!(mem.len(), 0);
+
+        mem.remember_written(&new, restarts(1));
+        writer.apply_watcher_event(&watcher::Event::Delete(new.clone()));
+        let other = job("u3", None);
+        let mut other = other;
+        other.metadata.name = Some("other".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
+        mem.recall(&other, &[]);
+        assert_eq!(mem.len(), 0);
+        mem.remember_written(&other, restarts(1));
+        mem.forget(&other);
+        assert_eq!(mem.len(), 0);
+    }
+
+    #[test]
+    fn status_patch_clears_start_time_explicitly() {
+        let st = TrainingJobStatus {
+            phase: Some(JobPhase::Suspended),
+            ..TrainingJobStatus::default()
+        };
+        let v = serde_json::to_value(StatusPatch(&st)).unwrap();
+        assert!(v["startTime"].is_null());
+        assert!(v.as_object().unwrap().contains_key("startTime"));
+        assert!(v.as_object().unwrap().contains_key("completionTime"));
+        assert_eq!(v["phase"], "Suspended");
+        let t = Time(Timestamp::from_second(1_700_000_000).unwrap());
+        let st = TrainingJobStatus {
+            start_time: Some(t),
+            ..st
+        };
+        let v = serde_json::to_value(StatusPatch(&st)).unwrap();
+        assert_eq!(v["startTime"], "2023-11-14T22:13:20Z");
+    }
 }

@@ -145,7 +145,8 @@ pub struct Scheduling {
     /// PriorityClass of the pods, e.g. `high`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
-    /// Queue name, copied to the `kueue.x-k8s.io/queue-name` label of the TrainingJob's pods.
+    /// Queue name, e.g. `team-a`: copied to the `kueue.x-k8s.io/queue-name` label of the TrainingJob
+    /// (added once, when the label is missing) and of its pods, so that a queue system finds them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
 }
@@ -199,10 +200,12 @@ pub struct TrainingJobStatus {
     /// GPUs of the whole job: workers x gpus.count (the GPUS column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<i32>,
-    /// Worker restarts so far (counted against backoffLimit).
+    /// Worker restarts so far: each failed worker pod that was re-created counts one (counted
+    /// against backoffLimit, kept across a suspension).
     #[serde(default)]
     pub restarts: i32,
-    /// When the job first started running.
+    /// When the job's pods were first created. Cleared while the job is suspended and set again when
+    /// it resumes, so that activeDeadlineSeconds counts from the resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When the job succeeded or failed.
