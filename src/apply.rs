@@ -247,12 +247,19 @@ where
         return Ok(false);
     }
     let api = api_for(client, obj)?;
-    let body = serde_json::json!({ "status": status });
+    // Server-side apply of the whole status: a field the operator set before and leaves out now
+    // (a cleared startTime, a condition that no longer applies) is removed, unlike with a merge patch.
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "name": obj.name_any() },
+        "status": status,
+    });
     counter.status.fetch_add(1, Ordering::Relaxed);
     api.patch_status(
         &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&body),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
     )
     .await?;
     Ok(true)

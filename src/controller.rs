@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -72,7 +72,11 @@ impl Shared {
     }
 
     /// Counts one finished reconcile; the controllers' result streams end in this.
-    pub fn finished<T, E>(&self, _result: Result<T, E>) -> std::future::Ready<()> {
+    pub fn finished<T: std::fmt::Debug, E: std::fmt::Debug>(
+        &self,
+        result: Result<T, E>,
+    ) -> std::future::Ready<()> {
+        tracing::trace!(?result, "reconcile finished");
         self.reconciled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         std::future::ready(())
@@ -130,7 +134,8 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
 }
 
 /// A cache of one child kind, limited to the children of one parent kind (by label), and the stream
-/// that keeps it fresh and wakes the parent's controller.
+/// that wakes the parent's controller. The cache is filled by its own task, not by the controller's
+/// polling, so a reconcile that waits for the cache to be listed can never hold up that listing.
 pub fn child_cache<C: Object>(
     client: &Client,
     parent_kind: &str,
@@ -141,9 +146,22 @@ pub fn child_cache<C: Object>(
     let api: Api<C> = Api::all(client.clone());
     let cfg = watcher::Config::default().labels(&kind_selector(parent_kind));
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg))
+    let events = reflector::reflector(writer, watcher(api, cfg))
         .default_backoff()
         .touched_objects();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        futures::pin_mut!(events);
+        while let Some(ev) = events.next().await {
+            if tx.send(ev).is_err() {
+                break; // the controller stopped
+            }
+        }
+    });
+    let stream = futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+    );
     (reader, stream)
 }
 

@@ -393,7 +393,7 @@ mod tests {
                 nb(
                     json!({"image": "i", "volumes": [{"name": "a", "mountPath": "/d", "emptyDir": {}}, {"name": "a", "mountPath": "/e", "emptyDir": {}}]}),
                 ),
-                "volumes[].name must be unique",
+                "volumes[1]: Duplicate value",
             ),
             (
                 "Notebook",
@@ -436,7 +436,7 @@ mod tests {
             (
                 "ModelDeployment",
                 md(json!({"variants": [v(50), v(50)]})),
-                "variants[].name must be unique",
+                "variants[1]: Duplicate value",
             ),
             (
                 "ModelDeployment",

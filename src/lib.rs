@@ -13,8 +13,8 @@ pub mod modeldeployment;
 pub mod notebook;
 pub mod operator;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 pub mod schema_check;
 pub mod telemetry;
 pub mod trainingjob;
-#[cfg(test)]
-mod proptests;

@@ -54,9 +54,20 @@ fn ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) ->
     keelson::api::conditions::is_true(conds, "Ready")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_resync_of_settled_resources_makes_no_write() {
     let op = operator();
+    // Namespaces of earlier runs that are still being deleted hold objects whose children the
+    // namespace controller is removing: that is not a settled world.
+    wait_for(
+        "no namespace terminating",
+        Duration::from_secs(180),
+        || async {
+            let out = kubectl_ok(&["get", "namespaces", "--no-headers"], None);
+            (!out.contains("Terminating")).then_some(())
+        },
+    )
+    .await;
     let ns = Ns::new("noop");
     let client = client().await;
     for (claim, size) in [

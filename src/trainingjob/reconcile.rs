@@ -41,7 +41,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
-use serde::{Serialize, Serializer};
 
 use super::build::{build, LABEL_QUEUE};
 use super::status::{decide, invalid, status, DeleteReason, Deletion, Observed};
@@ -159,23 +158,6 @@ impl Memories {
     }
 }
 
-/// The status as written: a JSON merge patch leaves out `None` fields, which would keep an old value
-/// on the server, so the fields that can be cleared (`startTime` on suspend) are sent as `null`.
-#[derive(Debug, PartialEq)]
-struct StatusPatch<'a>(&'a TrainingJobStatus);
-
-impl Serialize for StatusPatch<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut v = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
-        if let Some(m) = v.as_object_mut() {
-            for k in ["startTime", "completionTime"] {
-                m.entry(k).or_insert(serde_json::Value::Null);
-            }
-        }
-        v.serialize(s)
-    }
-}
-
 /// Runs the TrainingJob controller until `shutdown` resolves.
 pub async fn run(
     shared: Arc<Shared>,
@@ -199,7 +181,7 @@ pub async fn run_with_api(
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
     let controller = Controller::new(jobs, watcher::Config::default());
     let ctx = Arc::new(Ctx {
-        shared,
+        shared: shared.clone(),
         pods,
         services,
         memory: Memories::new(controller.store()),
@@ -214,7 +196,7 @@ pub async fn run_with_api(
             |job, err, ctx| error_policy(job.as_ref(), err, &ctx.shared),
             ctx,
         )
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|r| shared.finished(r))
         .await;
 }
 
@@ -366,6 +348,9 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let owner = Owner::of(job.as_ref()).ok_or_else(|| Error::MissingMeta(job.name_any()))?;
+    // Decisions are taken from the child caches: never from caches that have not listed yet.
+    tokio::try_join!(ctx.pods.wait_until_ready(), ctx.services.wait_until_ready())
+        .map_err(|e| Error::CacheClosed(e.to_string()))?;
     let shared = &ctx.shared;
     let client = &shared.client;
     let ns = owner.namespace.as_str();
@@ -391,15 +376,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         Ok(c) => c,
         Err(e) => {
             let st = invalid(&job, &prev, &e, &now);
-            if apply::patch_status(
-                client,
-                &shared.writes,
-                job.as_ref(),
-                Some(&StatusPatch(&prev)),
-                &StatusPatch(&st),
-            )
-            .await?
-            {
+            if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
                 ctx.memory.remember_written(&job, st);
                 shared
                     .event(job.as_ref(), true, e.reason, e.to_string())
@@ -457,15 +434,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
     }
 
     let st = status(&job, &prev, &observed, &decision, &now);
-    if apply::patch_status(
-        client,
-        &shared.writes,
-        job.as_ref(),
-        Some(&StatusPatch(&prev)),
-        &StatusPatch(&st),
-    )
-    .await?
-    {
+    if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
         if prev.phase != st.phase {
             phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
             changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
@@ -588,25 +557,5 @@ mod tests {
         mem.remember_written(&other, restarts(1));
         mem.forget(&other);
         assert_eq!(mem.len(), 0);
-    }
-
-    #[test]
-    fn status_patch_clears_start_time_explicitly() {
-        let st = TrainingJobStatus {
-            phase: Some(JobPhase::Suspended),
-            ..TrainingJobStatus::default()
-        };
-        let v = serde_json::to_value(StatusPatch(&st)).unwrap();
-        assert!(v["startTime"].is_null());
-        assert!(v.as_object().unwrap().contains_key("startTime"));
-        assert!(v.as_object().unwrap().contains_key("completionTime"));
-        assert_eq!(v["phase"], "Suspended");
-        let t = Time(Timestamp::from_second(1_700_000_000).unwrap());
-        let st = TrainingJobStatus {
-            start_time: Some(t),
-            ..st
-        };
-        let v = serde_json::to_value(StatusPatch(&st)).unwrap();
-        assert_eq!(v["startTime"], "2023-11-14T22:13:20Z");
     }
 }
