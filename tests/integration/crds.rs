@@ -101,3 +101,37 @@ fn invalid_manifests_are_refused_naming_the_field() {
     ))
     .unwrap();
 }
+
+/// `kubectl apply -k config/default` input renders, with the CRDs, least-privilege RBAC and a
+/// hardened manager; and the API server accepts all of it (server-side dry run).
+#[test]
+fn kustomize_config_renders_and_is_accepted() {
+    cluster();
+    let out = kubectl_ok(&["kustomize", "config/default"], None);
+    for kind in [
+        "kind: CustomResourceDefinition",
+        "kind: ClusterRole",
+        "kind: ClusterRoleBinding",
+        "kind: ServiceAccount",
+        "kind: Deployment",
+        "kind: Namespace",
+    ] {
+        assert!(out.contains(kind), "config/default lacks {kind}");
+    }
+    assert!(out.contains("readOnlyRootFilesystem: true") && out.contains("runAsNonRoot: true"));
+    assert!(
+        !out.contains("\"*\"") && !out.contains("- '*'"),
+        "no wildcard in the RBAC"
+    );
+    kubectl_ok(
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        Some(&out),
+    );
+}
