@@ -70,17 +70,7 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
     .await;
     let ns = Ns::new("noop");
     let client = client().await;
-    for (claim, size) in [
-        ("shared-datasets", "100Gi"),
-        ("models", "10Gi"),
-        ("alice-workspace", "10Gi"),
-        ("scratch-workspace", "5Gi"),
-    ] {
-        ns.pv_for(claim, size);
-    }
-    for f in examples() {
-        ns.apply(&example(&f)).unwrap();
-    }
+    ns.apply_examples();
     let nbs: Api<Notebook> = Api::namespaced(client.clone(), &ns.name);
     let tjs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);

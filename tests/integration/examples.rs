@@ -7,18 +7,7 @@ use crate::support::*;
 fn every_example_is_accepted_and_becomes_ready() {
     operator();
     let ns = Ns::new("examples");
-    for (claim, size) in [
-        ("shared-datasets", "100Gi"),
-        ("models", "10Gi"),
-        ("alice-workspace", "10Gi"),
-        ("scratch-workspace", "5Gi"),
-    ] {
-        ns.pv_for(claim, size);
-    }
-    for f in examples() {
-        ns.apply(&example(&f))
-            .unwrap_or_else(|e| panic!("{f} refused: {e}"));
-    }
+    ns.apply_examples();
     for kind in ["notebooks", "modeldeployments"] {
         ns.kubectl(&[
             "wait",

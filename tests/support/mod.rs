@@ -203,6 +203,22 @@ impl Ns {
         kubectl_ok(&a, None)
     }
 
+    /// Every manifest of examples/, with a volume for each claim they make.
+    pub fn apply_examples(&self) {
+        for (claim, size) in [
+            ("shared-datasets", "100Gi"),
+            ("models", "10Gi"),
+            ("alice-workspace", "10Gi"),
+            ("scratch-workspace", "5Gi"),
+        ] {
+            self.pv_for(claim, size);
+        }
+        for f in examples() {
+            self.apply(&example(&f))
+                .unwrap_or_else(|e| panic!("{f} refused: {e}"));
+        }
+    }
+
     /// A hostPath PersistentVolume pre-bound to claim `pvc` of this namespace.
     pub fn pv_for(&self, pvc: &str, size: &str) {
         let pv = format!("{}-{pvc}", self.name);
