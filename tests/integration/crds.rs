@@ -123,6 +123,19 @@ fn kustomize_config_renders_and_is_accepted() {
         !out.contains("\"*\"") && !out.contains("- '*'"),
         "no wildcard in the RBAC"
     );
+    // A server-side dry run needs the namespace to exist for the namespaced objects.
+    let ns = kubectl_ok(
+        &[
+            "create",
+            "namespace",
+            "keelson-system",
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+        None,
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&ns));
     kubectl_ok(
         &[
             "apply",
