@@ -47,7 +47,7 @@ say "installing the CRDs"
 
 stop_operator
 say "starting the operator: target/debug/keelson run (log: $STATE/keelson.log)"
-KUBECONFIG=$KUBECONFIG_FILE setsid target/debug/keelson run >>"$STATE/keelson.log" 2>&1 < /dev/null &
+KUBECONFIG=$KUBECONFIG_FILE setsid target/debug/keelson run --health-addr 127.0.0.1:18080 >>"$STATE/keelson.log" 2>&1 < /dev/null &
 echo $! >"$STATE/keelson.pid"
 sleep 1
 kill -0 "$(cat "$STATE/keelson.pid")" 2>/dev/null || { tail -20 "$STATE/keelson.log"; echo "the operator exited" >&2; exit 1; }

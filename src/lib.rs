@@ -9,6 +9,7 @@ pub mod apply;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod health;
 pub mod modeldeployment;
 pub mod notebook;
 pub mod operator;

@@ -94,7 +94,27 @@ async fn run(opts: RunOptions) -> ExitCode {
         tracing::info!("shutting down: finishing in-flight reconciles");
         let _ = stop.send(true);
     });
-    tracing::info!("keelson operator starting");
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !opts.health_addr.is_empty() {
+        match tokio::net::TcpListener::bind(&opts.health_addr).await {
+            Ok(l) => {
+                tokio::spawn(keelson::health::serve(l, ready.clone()));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, addr = %opts.health_addr, "cannot listen for health probes");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // Ready once the API server answers; the controllers then list their caches before reconciling.
+    match client.apiserver_version().await {
+        Ok(v) => tracing::info!(server = %v.git_version, "keelson operator starting"),
+        Err(e) => {
+            tracing::error!(error = %e, "the Kubernetes API does not answer");
+            return ExitCode::FAILURE;
+        }
+    }
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     run_controllers(client, &opts, shutdown).await;
     tracing::info!("keelson operator stopped");
     ExitCode::SUCCESS

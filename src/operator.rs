@@ -13,6 +13,9 @@ pub struct RunOptions {
     /// Reconciles running at once, per kind.
     #[arg(long, env = "KEELSON_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
+    /// Address of the /healthz and /readyz endpoints (empty: none).
+    #[arg(long, env = "KEELSON_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: String,
 }
 
 /// A shutdown signal that can be awaited by many tasks.

@@ -132,7 +132,10 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
     let handle = tokio::spawn(async move {
         keelson::operator::run_with(
             f2,
-            &keelson::operator::RunOptions { concurrency: 4 },
+            &keelson::operator::RunOptions {
+                concurrency: 4,
+                health_addr: String::new(),
+            },
             shutdown,
         )
         .await;

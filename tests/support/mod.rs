@@ -143,7 +143,10 @@ pub fn operator() -> &'static Operator {
                     .with_test_writer()
                     .try_init();
                 let client = client().await;
-                let opts = keelson::operator::RunOptions { concurrency: 8 };
+                let opts = keelson::operator::RunOptions {
+                    concurrency: 8,
+                    health_addr: String::new(),
+                };
                 let (_stop, shutdown) = keelson::operator::shutdown_channel();
                 let shared = Arc::new(keelson::controller::Shared::new(client));
                 *s2.lock().unwrap() = Some(shared.clone());
