@@ -43,7 +43,13 @@ say "building keelson"
 cargo build --bin keelson
 say "installing the CRDs"
 "${K[@]}" apply --server-side --force-conflicts -f crds/ >/dev/null
-"${K[@]}" wait --for=condition=Established --timeout=60s crd/notebooks.keelson.dev crd/trainingjobs.keelson.dev crd/modeldeployments.keelson.dev >/dev/null
+# A new CRD has no conditions for a moment, which `kubectl wait` treats as an error: poll instead.
+for crd in notebooks trainingjobs modeldeployments; do
+  for _ in $(seq 1 120); do
+    [[ $("${K[@]}" get crd "$crd.keelson.dev" -o jsonpath="{.status.conditions[?(@.type=='Established')].status}") == True ]] && break
+    sleep 0.5
+  done
+done
 
 stop_operator
 say "starting the operator: target/debug/keelson run (log: $STATE/keelson.log)"

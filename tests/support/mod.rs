@@ -50,22 +50,25 @@ pub fn cluster() {
             "installing CRDs: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let o = kubectl(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/notebooks.keelson.dev",
-                "crd/trainingjobs.keelson.dev",
-                "crd/modeldeployments.keelson.dev",
-            ],
-            None,
-        );
-        assert!(
-            o.status.success(),
-            "CRDs not established: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        // Right after creation a CRD has no conditions yet, which `kubectl wait` reports as an
+        // error rather than waiting: poll until every CRD is Established.
+        wait_sync(Duration::from_secs(60), || {
+            ["notebooks", "trainingjobs", "modeldeployments"]
+                .iter()
+                .all(|p| {
+                    let o = kubectl(
+                        &[
+                            "get",
+                            "crd",
+                            &format!("{p}.keelson.dev"),
+                            "-o",
+                            "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                        ],
+                        None,
+                    );
+                    String::from_utf8_lossy(&o.stdout).trim() == "True"
+                })
+        });
     });
 }
 
