@@ -72,13 +72,24 @@ impl Shared {
     }
 
     /// Counts one finished reconcile; the controllers' result streams end in this.
-    pub fn finished<T: std::fmt::Debug, E: std::fmt::Debug>(
+    pub fn finished<K, E: std::fmt::Debug>(
         &self,
-        result: Result<T, E>,
-    ) -> std::future::Ready<()> {
-        tracing::trace!(?result, "reconcile finished");
+        result: Result<(ObjectRef<K>, Action), E>,
+    ) -> std::future::Ready<()>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        tracing::trace!(?result, "reconcile result");
         self.reconciled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok((obj, _)) = &result {
+            tracing::debug!(
+                kind = %K::kind(&()),
+                namespace = obj.namespace.as_deref().unwrap_or_default(),
+                name = %obj.name,
+                "reconcile finished"
+            );
+        }
         std::future::ready(())
     }
 
@@ -163,6 +174,48 @@ pub fn child_cache<C: Object>(
         |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
     );
     (reader, stream)
+}
+
+/// Whether a controller's child caches have all been listed, awaitable by any number of tasks.
+///
+/// kube-runtime's `Store::wait_until_ready` wakes only the last of several tasks waiting on the
+/// same store (it polls one oneshot receiver from every waiter), so reconciles that start together
+/// must not each wait on the stores: one task does, and publishes the result here.
+#[derive(Clone)]
+pub struct Synced(tokio::sync::watch::Receiver<Option<Result<(), String>>>);
+
+impl Synced {
+    /// Spawns the one task that awaits `ready` (e.g. a join of `wait_until_ready` of each store).
+    pub fn spawn<E: std::fmt::Display>(
+        ready: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let r = ready.await.map_err(|e| e.to_string());
+            let _ = tx.send(Some(r));
+        });
+        Synced(rx)
+    }
+
+    /// Resolves once every cache has been listed; fails if a cache was closed first.
+    pub async fn wait(&self) -> Result<(), Error> {
+        let mut rx = self.0.clone();
+        let r = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|e| Error::CacheClosed(e.to_string()))?
+            .clone();
+        match r {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::CacheClosed(e)),
+            None => Err(Error::CacheClosed("cache readiness unknown".into())),
+        }
+    }
+
+    /// Whether every cache has been listed.
+    pub fn is_ready(&self) -> bool {
+        matches!(*self.0.borrow(), Some(Ok(())))
+    }
 }
 
 /// Maps a child to its parent by the owner labels (which, unlike owner references, a retained

@@ -8,8 +8,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kube::api::ListParams;
@@ -119,40 +118,99 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
     )
     .await;
 
-    let objects = nbs.list(&ListParams::default()).await.unwrap().items.len()
-        + tjs.list(&ListParams::default()).await.unwrap().items.len()
-        + mds.list(&ListParams::default()).await.unwrap().items.len();
+    let mut keys = std::collections::BTreeSet::new();
+    for n in nbs.list(&ListParams::default()).await.unwrap().items {
+        keys.insert(format!("Notebook/{}/{}", ns.name, n.metadata.name.unwrap()));
+    }
+    for n in tjs.list(&ListParams::default()).await.unwrap().items {
+        keys.insert(format!(
+            "TrainingJob/{}/{}",
+            ns.name,
+            n.metadata.name.unwrap()
+        ));
+    }
+    for n in mds.list(&ListParams::default()).await.unwrap().items {
+        keys.insert(format!(
+            "ModelDeployment/{}/{}",
+            ns.name,
+            n.metadata.name.unwrap()
+        ));
+    }
+    let objects = keys.len();
     let before = our_writes();
     let own_before = shared.writes.total();
 
-    // Forced resync: a second, fresh operator lists everything and reconciles every object.
-    let fresh = Arc::new(keelson::controller::Shared::new(client.clone()));
-    let (stop, shutdown) = keelson::operator::shutdown_channel();
-    let f2 = fresh.clone();
-    let handle = tokio::spawn(async move {
-        keelson::operator::run_with(
-            f2,
-            &keelson::operator::RunOptions {
-                concurrency: 4,
-                health_addr: String::new(),
-            },
-            shutdown,
+    // Forced resync: a second, fresh operator (the real binary, in its own process) lists
+    // everything and reconciles every object. Its JSON log says which objects it has reconciled.
+    let log_path = root().join(format!("target/idempotence-{}.log", ns.name));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut fresh = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["--log-format", "json", "run", "--health-addr", ""])
+        .env("KUBECONFIG", kubeconfig())
+        .env(
+            "RUST_LOG",
+            std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=debug".into()),
         )
-        .await;
-    });
-    // Every object is reconciled at least once by the fresh operator.
-    wait_for(
-        "the fresh operator to reconcile every object",
-        Duration::from_secs(120),
-        || {
-            let n = fresh.reconciled.load(Ordering::Relaxed) as usize;
-            async move { (n >= objects).then_some(()) }
-        },
-    )
-    .await;
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (fresh_writes, reconciles) = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let mut writes = Vec::new();
+        let mut reconciles = 0;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let field = |f: &str| {
+                v.get(f)
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            if field("message") == "reconcile finished" {
+                reconciles += 1;
+                seen.insert(format!(
+                    "{}/{}/{}",
+                    field("kind"),
+                    field("namespace"),
+                    field("name")
+                ));
+            }
+            // Every reconcile that writes logs what it changed.
+            if v.get("changes").is_some() {
+                writes.push(line.to_string());
+            }
+        }
+        let missing: Vec<&String> = keys.iter().filter(|k| !seen.contains(*k)).collect();
+        if missing.is_empty() {
+            break (writes, reconciles);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = fresh.kill();
+            panic!(
+                "the fresh operator has not reconciled {missing:?} after 120s ({reconciles} reconciles); its log: {}",
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(30), handle).await;
+    // SIGTERM: the graceful path.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &fresh.id().to_string()])
+        .status();
+    let stopped = std::time::Instant::now();
+    while fresh.try_wait().ok().flatten().is_none() {
+        if stopped.elapsed() > Duration::from_secs(30) {
+            let _ = fresh.kill();
+            panic!("the fresh operator did not stop within 30s of SIGTERM");
+        }
+        tokio::time::sleep(POLL).await;
+    }
 
     let after = our_writes();
     let delta: Vec<_> = after
@@ -160,14 +218,9 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
         .filter(|(k, v)| **v != before.get(*k).copied().unwrap_or(0.0))
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
         .collect();
-    assert_eq!(
-        fresh.writes.total(),
-        0,
-        "the fresh operator wrote: apply {} create {} delete {} status {}",
-        fresh.writes.apply.load(Ordering::Relaxed),
-        fresh.writes.create.load(Ordering::Relaxed),
-        fresh.writes.delete.load(Ordering::Relaxed),
-        fresh.writes.status.load(Ordering::Relaxed)
+    assert!(
+        fresh_writes.is_empty(),
+        "the fresh operator wrote ({reconciles} reconciles): {fresh_writes:#?}"
     );
     assert_eq!(
         shared.writes.total(),

@@ -31,7 +31,7 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{is_controlled_by, Owner};
 use crate::apply::{self, Object, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, Shared, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -63,6 +63,8 @@ pub struct Ctx {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub config_maps: Store<ConfigMap>,
+    /// Whether the child caches have been listed.
+    pub synced: Synced,
     pub router_image: String,
 }
 
@@ -76,11 +78,23 @@ pub async fn run(
     let (deployments, deploy_events) = child_cache::<Deployment>(&client, "ModelDeployment");
     let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
     let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
+    let synced = {
+        let (d, s, c) = (deployments.clone(), services.clone(), config_maps.clone());
+        Synced::spawn(async move {
+            tokio::try_join!(
+                d.wait_until_ready(),
+                s.wait_until_ready(),
+                c.wait_until_ready()
+            )
+            .map(|_| ())
+        })
+    };
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         deployments,
         services,
         config_maps,
+        synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
     });
     Controller::new(
@@ -124,12 +138,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action
     let owner = Owner::of(md.as_ref()).ok_or_else(|| Error::MissingMeta(md.name_any()))?;
     // Decisions are taken from the child caches: never from caches that have not listed yet
     // (an empty cache would turn every child into a create and hide every orphan).
-    tokio::try_join!(
-        ctx.deployments.wait_until_ready(),
-        ctx.services.wait_until_ready(),
-        ctx.config_maps.wait_until_ready()
-    )
-    .map_err(|e| Error::CacheClosed(e.to_string()))?;
+    ctx.synced.wait().await?;
     let shared = &ctx.shared;
     let client = &shared.client;
 

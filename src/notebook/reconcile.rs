@@ -18,7 +18,7 @@ use super::status::{invalid, pod_action, status, Observed, PodAction};
 use super::types::Notebook;
 use crate::api::meta::Owner;
 use crate::apply::{self, applied_hash, stamp, Outcome};
-use crate::controller::{cached, child_cache, error_policy, key, owner_of, Shared, RESYNC};
+use crate::controller::{cached, child_cache, error_policy, key, owner_of, Shared, Synced, RESYNC};
 use crate::error::{Error, Result};
 
 /// Length of a generated access token.
@@ -31,6 +31,8 @@ pub struct Ctx {
     pub services: Store<Service>,
     pub secrets: Store<Secret>,
     pub pvcs: Store<PersistentVolumeClaim>,
+    /// Whether the child caches have been listed.
+    pub synced: Synced,
 }
 
 /// Whether a token must be made: only when no token Secret exists. An existing token is never replaced.
@@ -53,12 +55,30 @@ pub async fn run(
     let (services, svc_events) = child_cache::<Service>(&client, "Notebook");
     let (secrets, secret_events) = child_cache::<Secret>(&client, "Notebook");
     let (pvcs, pvc_events) = child_cache::<PersistentVolumeClaim>(&client, "Notebook");
+    let synced = {
+        let (p, s, t, v) = (
+            pods.clone(),
+            services.clone(),
+            secrets.clone(),
+            pvcs.clone(),
+        );
+        Synced::spawn(async move {
+            tokio::try_join!(
+                p.wait_until_ready(),
+                s.wait_until_ready(),
+                t.wait_until_ready(),
+                v.wait_until_ready()
+            )
+            .map(|_| ())
+        })
+    };
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
         services,
         secrets,
         pvcs,
+        synced,
     });
     Controller::new(Api::<Notebook>::all(client), watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
@@ -88,13 +108,7 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     let owner = Owner::of(nb.as_ref()).ok_or_else(|| Error::MissingMeta(nb.name_any()))?;
     // Decisions are taken from the child caches: never from caches that have not listed yet.
-    tokio::try_join!(
-        ctx.pods.wait_until_ready(),
-        ctx.services.wait_until_ready(),
-        ctx.secrets.wait_until_ready(),
-        ctx.pvcs.wait_until_ready()
-    )
-    .map_err(|e| Error::CacheClosed(e.to_string()))?;
+    ctx.synced.wait().await?;
     let shared = &ctx.shared;
     let client = &shared.client;
     let ns = owner.namespace.as_str();

@@ -48,7 +48,7 @@ use super::types::{JobPhase, TrainingJob, TrainingJobStatus};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, Shared, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -73,6 +73,8 @@ pub struct Ctx {
     pub shared: Arc<Shared>,
     pub pods: Store<Pod>,
     pub services: Store<Service>,
+    /// Whether the child caches have been listed.
+    pub synced: Synced,
     memory: Memories,
 }
 
@@ -180,10 +182,17 @@ pub async fn run_with_api(
     let (pods, pod_events) = child_cache::<Pod>(&client, "TrainingJob");
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
     let controller = Controller::new(jobs, watcher::Config::default());
+    let synced = {
+        let (p, s) = (pods.clone(), services.clone());
+        Synced::spawn(async move {
+            tokio::try_join!(p.wait_until_ready(), s.wait_until_ready()).map(|_| ())
+        })
+    };
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
         services,
+        synced,
         memory: Memories::new(controller.store()),
     });
     controller
@@ -349,8 +358,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     let owner = Owner::of(job.as_ref()).ok_or_else(|| Error::MissingMeta(job.name_any()))?;
     // Decisions are taken from the child caches: never from caches that have not listed yet.
-    tokio::try_join!(ctx.pods.wait_until_ready(), ctx.services.wait_until_ready())
-        .map_err(|e| Error::CacheClosed(e.to_string()))?;
+    ctx.synced.wait().await?;
     let shared = &ctx.shared;
     let client = &shared.client;
     let ns = owner.namespace.as_str();
