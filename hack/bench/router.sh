@@ -5,7 +5,9 @@
 #   nginx   - nginx `split_clients` with the same 90/10 weights and keep-alive upstreams.
 # The proxy under test (keelson or nginx, one worker thread each) is pinned to PROXY_CPU; wrk and
 # the variant stand-ins (one nginx worker answering `return 200`) share LOAD_CPU. Prints a table;
-# asserts nothing (timings are measurements, not tests). Every process is stopped on exit.
+# asserts nothing (timings are measurements, not tests). The last column is the CPU time the serving
+# process (the variant's nginx worker for direct, the router, the proxy nginx's worker) spent per
+# request, and the kernel's share of it. Every process is stopped on exit.
 #
 # Knobs (environment): DURATION (s per measurement, 10), WARMUP (s, 2), CONNS (wrk connections, 32),
 # PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary).
@@ -116,7 +118,8 @@ cat >"$work/router.json" <<JSON
 ]}
 JSON
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$KEELSON" router --workers 1 --config "$work/router.json" \
-  --listen "127.0.0.1:$P_ROUTER" --admin-listen "127.0.0.1:$P_ADMIN" 2>"$work/router.log" &
+  --listen "127.0.0.1:$P_ROUTER" --admin-listen "127.0.0.1:$P_ADMIN" >"$work/router.log" 2>&1 &
+router_pid=$!
 pids+=($!)
 
 for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN"; do wait_port "$p"; done
@@ -132,20 +135,36 @@ done = function(summary, latency, requests)
 end
 LUA
 
-measure() { # name port: warm-up, then one measured run; prints "name rps p50 p99 p999 errors requests"
-  local url="http://127.0.0.1:$2/predict"
+cpu_ticks() { # pid...: user and system clock ticks used so far, summed over the processes
+  local u=0 k=0 f
+  for p in "$@"; do
+    read -ra f <"/proc/$p/stat"
+    u=$((u + f[13])) k=$((k + f[14]))
+  done
+  echo "$u $k"
+}
+
+measure() { # name port pid...: warm-up, then one measured run; prints
+  # "name rps p50 p99 p999 errors requests cpu-us-per-request kernel-share" (CPU of the given pids)
+  local name=$1 url="http://127.0.0.1:$2/predict"
+  shift 2
   timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
-  local out
+  local out before after
+  before=$(cpu_ticks "$@")
   out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/report.lua" "$url")
-  echo "$out" >"$work/wrk-$1.txt"
-  echo "$1 $(grep '^RESULT' <<<"$out" | cut -d' ' -f2-)"
+  after=$(cpu_ticks "$@")
+  echo "$out" >"$work/wrk-$name.txt"
+  echo "$name $(grep '^RESULT' <<<"$out" | cut -d' ' -f2-) $before $after"
 }
 
 log "measuring: ${DURATION}s per target, $CONNS connections, proxy on CPU $PROXY_CPU, wrk and variants on CPU $LOAD_CPU"
+# CPU is sampled from the process that does the work: the variants' nginx worker for direct, the
+# router, and the proxy nginx's worker.
+worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
 results=$(
-  measure direct "$P_CHAMPION"
-  measure keelson "$P_ROUTER"
-  measure nginx "$P_NGINX"
+  measure direct "$P_CHAMPION" "$(worker_of upstreams)"
+  measure keelson "$P_ROUTER" "$router_pid"
+  measure nginx "$P_NGINX" "$(worker_of proxy)"
 )
 
 shares=$(curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk -F'[ "]' '
@@ -156,16 +175,21 @@ echo
 echo "Router benchmark, 127.0.0.1, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
 echo "wrk -t1 -c$CONNS -d${DURATION}s; keelson --workers 1 and nginx worker_processes 1, each pinned to CPU $PROXY_CPU"
 echo
-awk '
-  { rps[$1] = $2; p50[$1] = $3; p99[$1] = $4; p999[$1] = $5; err[$1] = $6; order[NR] = $1 }
+tck=$(getconf CLK_TCK)
+awk -v tck="$tck" '
+  {
+    t = $1; rps[t] = $2; p50[t] = $3; p99[t] = $4; p999[t] = $5; err[t] = $6; order[NR] = t
+    ticks = ($10 - $8) + ($11 - $9)
+    cpu[t] = (ticks / tck) * 1e6 / $7; sys[t] = (ticks > 0) ? 100 * ($11 - $9) / ticks : 0
+  }
   END {
-    printf "| %-8s | %10s | %8s | %8s | %9s | %14s | %12s | %6s |\n", "target", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "vs nginx", "errors"
-    printf "|----------|-----------:|---------:|---------:|----------:|---------------:|-------------:|-------:|\n"
+    printf "| %-8s | %10s | %7s | %7s | %8s | %12s | %8s | %6s | %13s |\n", "target", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "vs nginx", "errors", "CPU us/req (kernel)"
+    printf "|----------|-----------:|--------:|--------:|---------:|-------------:|---------:|-------:|--------------------:|\n"
     for (i = 1; i <= NR; i++) {
       t = order[i]
       added = (t == "direct") ? "-" : sprintf("%.3f", p99[t] - p99["direct"])
       ratio = (t == "direct") ? "-" : sprintf("%.2fx", rps[t] / rps["nginx"])
-      printf "| %-8s | %10.0f | %8.3f | %8.3f | %9.3f | %14s | %12s | %6d |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t]
+      printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %8s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu[t], sys[t]
     }
     ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]; r = rps["keelson"] / rps["nginx"]
     printf "\nkeelson added p99 %.3f ms vs nginx %.3f ms (target: no more): %s\n", ka, na, (ka <= na) ? "met" : "NOT met"
