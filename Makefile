@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build test test-idempotence unit integration crds lint fmt demo demo-down bench image clean-demo
+.PHONY: all build test test-idempotence unit integration crds lint fmt demo demo-down bench bench-router image clean-demo
 
 all: build
 
@@ -23,7 +23,7 @@ fmt:
 
 ## test: lint, unit tests, then the integration tests against the local cluster (started if needed)
 test: lint cluster
-	$(CARGO) test --no-fail-fast --lib --bins --test integration -- --test-threads=$${TEST_THREADS:-4}
+	$(CARGO) test --no-fail-fast --lib --bins --test integration --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
 
 ## test-idempotence: a forced resync of settled resources makes zero writes, read from the API
 ## server's counters. Kept out of `make test` while a stall of its second operator is open.
@@ -42,6 +42,13 @@ demo:
 
 demo-down:
 	hack/demo.sh down
+
+## bench: every benchmark; each prints a table and asserts nothing
+bench: bench-router
+
+## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1 (needs wrk and nginx)
+bench-router:
+	hack/bench/router.sh
 
 image:
 	docker build -t keelson:dev .

@@ -15,6 +15,7 @@ pub mod notebook;
 pub mod operator;
 #[cfg(test)]
 mod proptests;
+pub mod router;
 #[cfg(test)]
 pub mod schema_check;
 pub mod telemetry;

@@ -31,17 +31,17 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run the A/B traffic router of a ModelDeployment.
-    Router,
+    /// Run the A/B traffic router of a ModelDeployment (`traffic.router: Builtin`).
+    Router(keelson::router::RouterOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { out } => crds(out),
-        Command::Router => {
-            eprintln!("keelson router: the A/B router is not built yet; use traffic.router: None or GatewayAPI meanwhile");
-            ExitCode::from(2)
+        Command::Router(opts) => {
+            telemetry::init(cli.log_format);
+            keelson::router::run(opts)
         }
         Command::Run(opts) => {
             telemetry::init(cli.log_format);

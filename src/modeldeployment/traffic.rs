@@ -17,9 +17,9 @@ use gateway_api::httproutes::{
 };
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    TCPSocketAction, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -43,6 +43,11 @@ pub const ROUTER_CONFIG_KEY: &str = "config.json";
 pub const ROUTER_CONFIG_DIR: &str = "/etc/keelson-router";
 /// Port the router listens on.
 pub const ROUTER_PORT: i32 = 8080;
+/// The router's admin port: `/healthz`, `/readyz` (a valid config is loaded) and `/metrics`. Kept
+/// apart from the data port so that no path of the models' own API is shadowed.
+pub const ROUTER_ADMIN_PORT: i32 = 9090;
+/// Name of the router's admin port.
+pub const ROUTER_ADMIN_PORT_NAME: &str = "admin";
 /// Name of the router container.
 pub const ROUTER_CONTAINER: &str = "router";
 /// Name of the config volume in the router pod.
@@ -327,6 +332,21 @@ pub fn build(
     }
 }
 
+/// An HTTP probe on the router's admin port.
+fn admin_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ROUTER_ADMIN_PORT_NAME.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
 fn add_role_label(meta: &mut ObjectMeta, role: &str) {
     meta.labels
         .get_or_insert_with(BTreeMap::new)
@@ -347,20 +367,23 @@ pub fn router_deployment(owner: &Owner, image: &str) -> Deployment {
             "--config".into(),
             format!("{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some(PORT_NAME.into()),
-            container_port: ROUTER_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
-        readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::String(PORT_NAME.into()),
-                host: None,
-            }),
-            period_seconds: Some(5),
-            ..Probe::default()
-        }),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(PORT_NAME.into()),
+                container_port: ROUTER_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(ROUTER_ADMIN_PORT_NAME.into()),
+                container_port: ROUTER_ADMIN_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready once a valid config is loaded; alive while the process answers.
+        readiness_probe: Some(admin_probe("/readyz", 5, 1)),
+        liveness_probe: Some(admin_probe("/healthz", 10, 3)),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".to_string(), Quantity("50m".into())),
@@ -604,11 +627,22 @@ mod tests {
             c.args.as_deref().unwrap(),
             ["router", "--config", "/etc/keelson-router/config.json"]
         );
-        let port = &c.ports.as_ref().unwrap()[0];
-        assert_eq!(
-            (port.name.as_deref(), port.container_port),
-            (Some("http"), 8080)
-        );
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("http", 8080), ("admin", 9090)]);
+        // The probes ask the router's admin port, where `keelson router` serves them.
+        for (probe, path) in [
+            (c.readiness_probe.as_ref().unwrap(), "/readyz"),
+            (c.liveness_probe.as_ref().unwrap(), "/healthz"),
+        ] {
+            let get = probe.http_get.as_ref().unwrap();
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(get.port, IntOrString::String("admin".into()));
+        }
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Router benchmark on 127.0.0.1, side by side in one run:
+#   direct  - wrk straight to one variant;
+#   keelson - `keelson router` (release build) splitting 90/10 over two variants;
+#   nginx   - nginx `split_clients` with the same 90/10 weights and keep-alive upstreams.
+# The proxy under test (keelson or nginx, one worker thread each) is pinned to PROXY_CPU; wrk and
+# the variant stand-ins (one nginx worker answering `return 200`) share LOAD_CPU. Prints a table;
+# asserts nothing (timings are measurements, not tests). The last column is the CPU time the serving
+# process (the variant's nginx worker for direct, the router, the proxy nginx's worker) spent per
+# request, and the kernel's share of it. Every process is stopped on exit.
+#
+# Knobs (environment): DURATION (s per measurement, 10), WARMUP (s, 2), CONNS (wrk connections, 32),
+# PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-32}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+PORT_BASE=${PORT_BASE:-18080}
+P_CHAMPION=$((PORT_BASE + 1))
+P_CHALLENGER=$((PORT_BASE + 2))
+P_ROUTER=$((PORT_BASE + 3))
+P_ADMIN=$((PORT_BASE + 4))
+P_NGINX=$((PORT_BASE + 5))
+
+log() { printf '[bench-router] %s\n' "$*" >&2; }
+
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+[[ -x $NGINX ]] || missing+=(nginx-light)
+command -v taskset >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+  log "missing: ${missing[*]} (Debian: apt-get install ${missing[*]})"
+  exit 1
+fi
+
+work=$(mktemp -d /tmp/keelson-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # port: waits up to 10 s for a listener
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  log "nothing listens on 127.0.0.1:$1"
+  exit 1
+}
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+  log "building the release binary"
+  cargo build --release --bin keelson -q
+fi
+KEELSON=target/release/keelson
+
+nginx_conf() { # name body: a minimal nginx config under $work/name
+  local d="$work/$1"
+  mkdir -p "$d/tmp"
+  cat >"$d/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body;
+  proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fastcgi;
+  uwsgi_temp_path $d/tmp/uwsgi;
+  scgi_temp_path $d/tmp/scgi;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+$2
+}
+CONF
+  echo "$d"
+}
+
+# The variants: one nginx worker answering each variant's name.
+d=$(nginx_conf upstreams "
+  server { listen 127.0.0.1:$P_CHAMPION; location / { return 200 \"champion\n\"; } }
+  server { listen 127.0.0.1:$P_CHALLENGER; location / { return 200 \"challenger\n\"; } }")
+taskset -c "$LOAD_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
+pids+=($!)
+
+# nginx as the split proxy: split_clients on a per-request random id, keep-alive upstreams.
+d=$(nginx_conf proxy "
+  upstream champion { server 127.0.0.1:$P_CHAMPION; keepalive 128; }
+  upstream challenger { server 127.0.0.1:$P_CHALLENGER; keepalive 128; }
+  split_clients \"\${request_id}\" \$variant { 90% champion; * challenger; }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://\$variant;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
+  }")
+taskset -c "$PROXY_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
+pids+=($!)
+
+# The Keelson router with the same split, one worker thread.
+cat >"$work/router.json" <<JSON
+{"version": 1, "variants": [
+  {"name": "champion", "weight": 90, "upstream": "127.0.0.1:$P_CHAMPION"},
+  {"name": "challenger", "weight": 10, "upstream": "127.0.0.1:$P_CHALLENGER"}
+]}
+JSON
+RUST_LOG=warn taskset -c "$PROXY_CPU" "$KEELSON" router --workers 1 --config "$work/router.json" \
+  --listen "127.0.0.1:$P_ROUTER" --admin-listen "127.0.0.1:$P_ADMIN" >"$work/router.log" 2>&1 &
+router_pid=$!
+pids+=($!)
+
+for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN"; do wait_port "$p"; done
+
+cat >"$work/report.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local errors = e.connect + e.read + e.write + e.status + e.timeout
+  io.write(string.format("RESULT %.0f %.3f %.3f %.3f %d %d\n",
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
+    errors, summary.requests))
+end
+LUA
+
+cpu_ticks() { # pid...: user and system clock ticks used so far, summed over the processes
+  local u=0 k=0 f
+  for p in "$@"; do
+    read -ra f <"/proc/$p/stat"
+    u=$((u + f[13])) k=$((k + f[14]))
+  done
+  echo "$u $k"
+}
+
+measure() { # name port pid...: warm-up, then one measured run; prints
+  # "name rps p50 p99 p999 errors requests cpu-us-per-request kernel-share" (CPU of the given pids)
+  local name=$1 url="http://127.0.0.1:$2/predict"
+  shift 2
+  timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
+  local out before after
+  before=$(cpu_ticks "$@")
+  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/report.lua" "$url")
+  after=$(cpu_ticks "$@")
+  echo "$out" >"$work/wrk-$name.txt"
+  echo "$name $(grep '^RESULT' <<<"$out" | cut -d' ' -f2-) $before $after"
+}
+
+log "measuring: ${DURATION}s per target, $CONNS connections, proxy on CPU $PROXY_CPU, wrk and variants on CPU $LOAD_CPU"
+# CPU is sampled from the process that does the work: the variants' nginx worker for direct, the
+# router, and the proxy nginx's worker.
+worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
+results=$(
+  measure direct "$P_CHAMPION" "$(worker_of upstreams)"
+  measure keelson "$P_ROUTER" "$router_pid"
+  measure nginx "$P_NGINX" "$(worker_of proxy)"
+)
+
+shares=$(curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk -F'[ "]' '
+  /^keelson_router_requests_total/ { n[$2] = $NF; t += $NF }
+  END { for (v in n) printf "%s=%.1f%% ", v, 100 * n[v] / t }')
+
+echo
+echo "Router benchmark, 127.0.0.1, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
+echo "wrk -t1 -c$CONNS -d${DURATION}s; keelson --workers 1 and nginx worker_processes 1, each pinned to CPU $PROXY_CPU"
+echo
+tck=$(getconf CLK_TCK)
+awk -v tck="$tck" '
+  {
+    t = $1; rps[t] = $2; p50[t] = $3; p99[t] = $4; p999[t] = $5; err[t] = $6; order[NR] = t
+    ticks = ($10 - $8) + ($11 - $9)
+    cpu[t] = (ticks / tck) * 1e6 / $7; sys[t] = (ticks > 0) ? 100 * ($11 - $9) / ticks : 0
+  }
+  END {
+    printf "| %-8s | %10s | %7s | %7s | %8s | %12s | %8s | %6s | %13s |\n", "target", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "vs nginx", "errors", "CPU us/req (kernel)"
+    printf "|----------|-----------:|--------:|--------:|---------:|-------------:|---------:|-------:|--------------------:|\n"
+    for (i = 1; i <= NR; i++) {
+      t = order[i]
+      added = (t == "direct") ? "-" : sprintf("%.3f", p99[t] - p99["direct"])
+      ratio = (t == "direct") ? "-" : sprintf("%.2fx", rps[t] / rps["nginx"])
+      printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %8s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu[t], sys[t]
+    }
+    ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]; r = rps["keelson"] / rps["nginx"]
+    printf "\nkeelson added p99 %.3f ms vs nginx %.3f ms (target: no more): %s\n", ka, na, (ka <= na) ? "met" : "NOT met"
+    printf "keelson throughput %.2fx nginx (target: at least 1.20x): %s\n", r, (r >= 1.2) ? "met" : "NOT met"
+  }' <<<"$results"
+echo "keelson split observed: $shares"
