@@ -242,6 +242,41 @@ pub fn children_of<C: Object>(store: &Store<C>, ns: &str, owner: &str) -> Vec<Ar
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn every_reconcile_waiting_for_the_caches_wakes() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, mut writer) = reflector::store::<Pod>();
+        let synced = {
+            let r = reader.clone();
+            Synced::spawn(async move { r.wait_until_ready().await })
+        };
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let s = synced.clone();
+                tokio::spawn(async move { s.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!synced.is_ready());
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for w in waiters {
+            let r = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(matches!(r, Ok(Ok(Ok(())))), "a waiter was not woken");
+        }
+        assert!(synced.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_closed_cache_fails_the_waiters() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, writer) = reflector::store::<Pod>();
+        let synced = Synced::spawn(async move { reader.wait_until_ready().await });
+        drop(writer);
+        let r = tokio::time::timeout(Duration::from_secs(5), synced.wait()).await;
+        assert!(matches!(r, Ok(Err(Error::CacheClosed(_)))));
+    }
+
     #[test]
     fn backoff_doubles_and_caps() {
         assert_eq!(backoff_delay(1), Duration::from_secs(1));
