@@ -1,8 +1,8 @@
 //! The only place that writes children. Server-side apply with field manager `keelson`, after a
 //! comparison with what the cache holds, so that an unchanged world costs zero writes.
 
+use prometheus_client::metrics::counter::Counter;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -16,18 +16,25 @@ use crate::error::{Error, Result};
 /// Counts the writes this process made, by verb.
 #[derive(Debug, Default)]
 pub struct WriteCounter {
-    pub apply: AtomicU64,
-    pub create: AtomicU64,
-    pub delete: AtomicU64,
-    pub status: AtomicU64,
+    pub apply: Counter,
+    pub create: Counter,
+    pub delete: Counter,
+    pub status: Counter,
 }
 
 impl WriteCounter {
+    /// Counters that are also the `keelson_writes_total` series of `metrics`.
+    pub fn registered(metrics: &crate::metrics::Metrics) -> Self {
+        WriteCounter {
+            apply: metrics.write_counter("apply"),
+            create: metrics.write_counter("create"),
+            delete: metrics.write_counter("delete"),
+            status: metrics.write_counter("status"),
+        }
+    }
+
     pub fn total(&self) -> u64 {
-        self.apply.load(Ordering::Relaxed)
-            + self.create.load(Ordering::Relaxed)
-            + self.delete.load(Ordering::Relaxed)
-            + self.status.load(Ordering::Relaxed)
+        self.apply.get() + self.create.get() + self.delete.get() + self.status.get()
     }
 }
 
@@ -180,7 +187,7 @@ pub async fn apply<K: Object>(
     }
     let api = api_for(client, &desired)?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    counter.apply.fetch_add(1, Ordering::Relaxed);
+    counter.apply.inc();
     api.patch(&desired.name_any(), &pp, &Patch::Apply(&desired))
         .await?;
     Ok(if existing.is_some() {
@@ -203,7 +210,7 @@ pub async fn create_once<K: Object>(
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PostParams::default()
     };
-    counter.create.fetch_add(1, Ordering::Relaxed);
+    counter.create.inc();
     match api.create(&pp, &desired).await {
         Ok(_) => Ok(Outcome::Created),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Unchanged),
@@ -223,7 +230,7 @@ pub async fn delete<K: Object>(client: &Client, counter: &WriteCounter, obj: &K)
         propagation_policy: Some(kube::api::PropagationPolicy::Background),
         ..DeleteParams::default()
     };
-    counter.delete.fetch_add(1, Ordering::Relaxed);
+    counter.delete.inc();
     match api.delete(&obj.name_any(), &dp).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
@@ -255,7 +262,7 @@ where
         "metadata": { "name": obj.name_any() },
         "status": status,
     });
-    counter.status.fetch_add(1, Ordering::Relaxed);
+    counter.status.inc();
     api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),

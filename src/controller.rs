@@ -15,6 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use crate::api::meta::{kind_selector, LABEL_OWNER_NAME};
 use crate::apply::{Object, WriteCounter};
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// Longest wait between retries of a failing reconcile.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -26,6 +27,10 @@ pub struct Shared {
     pub client: Client,
     pub recorder: Recorder,
     pub writes: WriteCounter,
+    /// Prometheus metrics of this process.
+    pub metrics: Arc<Metrics>,
+    /// Readiness of every controller's child caches, and how many controllers there will be.
+    synced: Mutex<(usize, Vec<Synced>)>,
     /// Reconciles finished (successfully or not), all kinds together.
     pub reconciled: std::sync::atomic::AtomicU64,
     failures: Mutex<HashMap<String, u32>>,
@@ -37,10 +42,13 @@ impl Shared {
             controller: "keelson".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let metrics = Arc::new(Metrics::default());
         Shared {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            writes: WriteCounter::default(),
+            writes: WriteCounter::registered(&metrics),
+            metrics,
+            synced: Mutex::new((0, Vec::new())),
             reconciled: std::sync::atomic::AtomicU64::new(0),
             failures: Mutex::new(HashMap::new()),
         }
@@ -93,6 +101,28 @@ impl Shared {
         std::future::ready(())
     }
 
+    /// Says how many controllers will register their caches (see [`Shared::caches_synced`]).
+    pub fn expect_controllers(&self, n: usize) {
+        if let Ok(mut s) = self.synced.lock() {
+            s.0 = n;
+        }
+    }
+
+    /// Registers the cache readiness of one controller.
+    pub fn track(&self, synced: Synced) {
+        if let Ok(mut s) = self.synced.lock() {
+            s.1.push(synced);
+        }
+    }
+
+    /// Whether every expected controller has registered its caches and all have been listed.
+    pub fn caches_synced(&self) -> bool {
+        self.synced
+            .lock()
+            .map(|s| s.1.len() >= s.0.max(1) && s.1.iter().all(Synced::is_ready))
+            .unwrap_or(false)
+    }
+
     /// Forgets the failures of `key` after a successful reconcile.
     pub fn succeeded(&self, key: &str) {
         if let Ok(mut f) = self.failures.lock() {
@@ -112,6 +142,18 @@ impl Shared {
         };
         backoff_delay(n)
     }
+}
+
+/// Wraps one reconcile of `kind` to record its duration and outcome in `metrics`.
+pub async fn timed<T, E>(
+    metrics: Arc<Metrics>,
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    let r = reconcile.await;
+    metrics.reconciled(kind, start.elapsed(), r.is_err());
+    r
 }
 
 /// Exponential backoff: 1 s, 2 s, 4 s, ... capped at [`MAX_BACKOFF`].

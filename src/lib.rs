@@ -10,11 +10,13 @@ pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod modeldeployment;
 pub mod notebook;
 pub mod operator;
 #[cfg(test)]
 mod proptests;
+pub mod ratelimit;
 pub mod router;
 #[cfg(test)]
 pub mod schema_check;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keelson::operator::{run_controllers, shutdown_channel, termination, RunOptions};
+use keelson::operator::RunOptions;
 use keelson::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
@@ -81,41 +81,15 @@ fn crds(out: Option<PathBuf>) -> ExitCode {
 }
 
 async fn run(opts: RunOptions) -> ExitCode {
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reach the Kubernetes API (check KUBECONFIG or the in-cluster service account)");
-            return ExitCode::FAILURE;
+    match keelson::operator::serve(opts).await {
+        Ok(keelson::operator::Exit::Stopped) => {
+            tracing::info!("keelson operator stopped");
+            ExitCode::SUCCESS
         }
-    };
-    let (stop, shutdown) = shutdown_channel();
-    tokio::spawn(async move {
-        termination().await;
-        tracing::info!("shutting down: finishing in-flight reconciles");
-        let _ = stop.send(true);
-    });
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if !opts.health_addr.is_empty() {
-        match tokio::net::TcpListener::bind(&opts.health_addr).await {
-            Ok(l) => {
-                tokio::spawn(keelson::health::serve(l, ready.clone()));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, addr = %opts.health_addr, "cannot listen for health probes");
-                return ExitCode::FAILURE;
-            }
+        Ok(keelson::operator::Exit::LostLease) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(error = %e, "keelson operator failed");
+            ExitCode::FAILURE
         }
     }
-    // Ready once the API server answers; the controllers then list their caches before reconciling.
-    match client.apiserver_version().await {
-        Ok(v) => tracing::info!(server = %v.git_version, "keelson operator starting"),
-        Err(e) => {
-            tracing::error!(error = %e, "the Kubernetes API does not answer");
-            return ExitCode::FAILURE;
-        }
-    }
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    run_controllers(client, &opts, shutdown).await;
-    tracing::info!("keelson operator stopped");
-    ExitCode::SUCCESS
 }

@@ -146,7 +146,14 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
     let log = std::fs::File::create(&log_path).unwrap();
     let mut fresh = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["--log-format", "json", "run", "--health-addr", ""])
+        .args(["--lease-namespace", "keelson-system"])
         .env("KUBECONFIG", kubeconfig())
+        // As the operator's ServiceAccount, so that RBAC is checked here too.
+        .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
+        .env(
+            "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
+            "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
+        )
         .env(
             "RUST_LOG",
             std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=debug".into()),

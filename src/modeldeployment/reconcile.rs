@@ -31,7 +31,7 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{is_controlled_by, Owner};
 use crate::apply::{self, Object, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, Shared, Synced, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -89,6 +89,8 @@ pub async fn run(
             .map(|_| ())
         })
     };
+    shared.track(synced.clone());
+    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         deployments,
@@ -107,7 +109,7 @@ pub async fn run(
     .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
     .graceful_shutdown_on(shutdown)
     .run(
-        reconcile,
+        move |o, c| timed(metrics.clone(), "ModelDeployment", reconcile(o, c)),
         |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
         ctx,
     )

@@ -18,7 +18,9 @@ use super::status::{invalid, pod_action, status, Observed, PodAction};
 use super::types::Notebook;
 use crate::api::meta::Owner;
 use crate::apply::{self, applied_hash, stamp, Outcome};
-use crate::controller::{cached, child_cache, error_policy, key, owner_of, Shared, Synced, RESYNC};
+use crate::controller::{
+    cached, child_cache, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
+};
 use crate::error::{Error, Result};
 
 /// Length of a generated access token.
@@ -72,6 +74,8 @@ pub async fn run(
             .map(|_| ())
         })
     };
+    shared.track(synced.clone());
+    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
@@ -88,7 +92,7 @@ pub async fn run(
         .watches_stream(pvc_events, |c| owner_of::<Notebook, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
-            reconcile,
+            move |o, c| timed(metrics.clone(), "Notebook", reconcile(o, c)),
             |nb, err, ctx| error_policy(nb.as_ref(), err, &ctx.shared),
             ctx,
         )
@@ -161,10 +165,7 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
                 // deletePolicy changed: only the owner reference moves; the data is never touched.
                 let body = serde_json::json!({"metadata": {"ownerReferences": pvc.metadata.owner_references}});
                 let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-                shared
-                    .writes
-                    .apply
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.writes.apply.inc();
                 api.patch(&e.name_any(), &PatchParams::default(), &Patch::Merge(&body))
                     .await?;
                 changed.push("updated workspace deletePolicy".to_string());

@@ -29,7 +29,6 @@
 //! is gone; after a restart of the operator the caches are freshly listed, so nothing is lost.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -48,7 +47,7 @@ use super::types::{JobPhase, TrainingJob, TrainingJobStatus};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, Shared, Synced, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -188,6 +187,8 @@ pub async fn run_with_api(
             tokio::try_join!(p.wait_until_ready(), s.wait_until_ready()).map(|_| ())
         })
     };
+    shared.track(synced.clone());
+    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
@@ -201,7 +202,7 @@ pub async fn run_with_api(
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
-            reconcile,
+            move |o, c| timed(metrics.clone(), "TrainingJob", reconcile(o, c)),
             |job, err, ctx| error_policy(job.as_ref(), err, &ctx.shared),
             ctx,
         )
@@ -222,7 +223,7 @@ async fn label_queue(shared: &Shared, job: &TrainingJob, ns: &str, queue: &str) 
         "kind": TrainingJob::kind(&()),
         "metadata": {"name": job.name_any(), "labels": {LABEL_QUEUE: queue}},
     });
-    shared.writes.apply.fetch_add(1, Ordering::Relaxed);
+    shared.writes.apply.inc();
     api.patch(
         &job.name_any(),
         &PatchParams::apply(FIELD_MANAGER),

@@ -50,6 +50,33 @@ pub fn cluster() {
             "installing CRDs: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        // The operator's namespace, ServiceAccount and RBAC: tests run it as that ServiceAccount.
+        let o = kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                "config/manager/namespace.yaml",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-k",
+                "config/rbac",
+            ],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "installing RBAC: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         // Right after creation a CRD has no conditions yet, which `kubectl wait` reports as an
         // error rather than waiting: poll until every CRD is Established.
         wait_sync(Duration::from_secs(60), || {
@@ -120,6 +147,26 @@ pub async fn client() -> Client {
     Client::try_from(cfg).expect("client")
 }
 
+/// The operator's own identity: its ServiceAccount from config/rbac.
+pub const OPERATOR_USER: &str = "system:serviceaccount:keelson-system:keelson";
+
+/// A client that acts as the operator's ServiceAccount (impersonated), so that the API server
+/// checks every call of the operator against the RBAC of config/rbac.
+pub async fn operator_client() -> Client {
+    cluster();
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("read kubeconfig");
+    let mut cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    cfg.auth_info.impersonate = Some(OPERATOR_USER.into());
+    cfg.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        "system:serviceaccounts:keelson-system".into(),
+        "system:authenticated".into(),
+    ]);
+    Client::try_from(cfg).expect("client")
+}
+
 /// The operator, running in-process on its own runtime for the whole test binary.
 pub struct Operator {
     pub shared: Arc<Mutex<Option<Arc<keelson::controller::Shared>>>>,
@@ -145,11 +192,8 @@ pub fn operator() -> &'static Operator {
                     .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .with_test_writer()
                     .try_init();
-                let client = client().await;
-                let opts = keelson::operator::RunOptions {
-                    concurrency: 8,
-                    health_addr: String::new(),
-                };
+                let client = operator_client().await;
+                let opts = keelson::operator::RunOptions::default();
                 let (_stop, shutdown) = keelson::operator::shutdown_channel();
                 let shared = Arc::new(keelson::controller::Shared::new(client));
                 *s2.lock().unwrap() = Some(shared.clone());
