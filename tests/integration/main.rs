@@ -4,8 +4,10 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod argocd;
 mod crds;
 mod examples;
+mod gitops;
 mod modeldeployment;
 mod notebook;
 mod trainingjob;

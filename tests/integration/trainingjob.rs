@@ -381,7 +381,17 @@ async fn queued_job_suspends_resumes_and_scales_down() {
     // Preempted: pods go, the job stays resumable.
     j.merge("bert-queued", serde_json::json!({"suspend": true}))
         .await;
-    j.phase("bert-queued", JobPhase::Suspended).await;
+    let job = j.phase("bert-queued", JobPhase::Suspended).await;
+    let st = job.status.as_ref().unwrap();
+    assert!(
+        st.start_time.is_none(),
+        "a suspended job has no startTime, so its deadline counts from the next admission"
+    );
+    assert_eq!(st.restarts, 0, "a preemption is not a restart");
+    assert_eq!(
+        job.metadata.labels.as_ref().unwrap()["kueue.x-k8s.io/queue-name"],
+        "team-a"
+    );
     wait_for("pods deleted", TIMEOUT, || async {
         j.pods_of("bert-queued").await.is_empty().then_some(())
     })

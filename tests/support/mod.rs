@@ -4,6 +4,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kstatus;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -255,6 +257,15 @@ impl Ns {
 
     /// Every manifest of examples/, with a volume for each claim they make.
     pub fn apply_examples(&self) {
+        self.volumes_for_examples();
+        for f in examples() {
+            self.apply(&example(&f))
+                .unwrap_or_else(|e| panic!("{f} refused: {e}"));
+        }
+    }
+
+    /// A volume for each claim that examples/ makes (directly or through a Notebook workspace).
+    pub fn volumes_for_examples(&self) {
         for (claim, size) in [
             ("shared-datasets", "100Gi"),
             ("models", "10Gi"),
@@ -262,10 +273,6 @@ impl Ns {
             ("scratch-workspace", "5Gi"),
         ] {
             self.pv_for(claim, size);
-        }
-        for f in examples() {
-            self.apply(&example(&f))
-                .unwrap_or_else(|e| panic!("{f} refused: {e}"));
         }
     }
 
