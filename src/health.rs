@@ -41,14 +41,18 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
         };
         let health = health.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
+            // Read the request head (a request may arrive in several segments); closing with
+            // unread input would reset the connection under the response.
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout_at(deadline, sock.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(k)) => n += k,
                     _ => return,
-                };
+                }
+            }
             let req = String::from_utf8_lossy(&buf[..n]);
             let (code, content_type, body) = respond(req.lines().next().unwrap_or(""), &health);
             let reason = match code {

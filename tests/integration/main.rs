@@ -8,6 +8,7 @@ mod argocd;
 mod crds;
 mod examples;
 mod gitops;
+mod leader;
 mod modeldeployment;
 mod notebook;
 mod trainingjob;
