@@ -34,8 +34,15 @@ command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX ]] || missing+=(nginx-light)
 command -v taskset >/dev/null || missing+=(util-linux)
 if ((${#missing[@]})); then
-  log "missing: ${missing[*]} (Debian: apt-get install ${missing[*]})"
-  exit 1
+  # On a fresh Debian machine, install what is missing (as root, or with sudo when it needs no password).
+  SUDO=()
+  [[ $(id -u) == 0 ]] || SUDO=(sudo -n)
+  log "installing ${missing[*]} from Debian's packages"
+  if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >&2; then
+    log "missing: ${missing[*]} (Debian: apt-get install ${missing[*]})"
+    exit 1
+  fi
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 fi
 
 work=$(mktemp -d /tmp/keelson-bench.XXXXXX)
