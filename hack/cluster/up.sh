@@ -310,6 +310,10 @@ start kube-apiserver \
   --endpoint-reconciler-type=none \
   --kubelet-preferred-address-types=InternalIP \
   --allow-privileged=true \
+  --audit-policy-file="$CLUSTER_DIR/audit-policy.yaml" \
+  --audit-log-path="$LOGS_DIR/audit.log" \
+  --audit-log-maxsize=500 \
+  --audit-log-maxbackup=1 \
   --profiling=false
 wait_healthy kube-apiserver "$START_TIMEOUT"
 
