@@ -80,7 +80,13 @@ fn used() -> BTreeSet<Grant> {
                 None => resource.to_string(),
             };
             let group = obj["apiGroup"].as_str().unwrap_or("").to_string();
-            out.insert((group, resource, ev["verb"].as_str().unwrap().to_string()));
+            let verb = ev["verb"].as_str().unwrap().to_string();
+            // A server-side apply that creates the object answers 201, and the API server
+            // authorizes it as a create as well as a patch.
+            if verb == "patch" && ev["responseStatus"]["code"].as_i64() == Some(201) {
+                out.insert((group.clone(), resource.clone(), "create".into()));
+            }
+            out.insert((group, resource, verb));
         }
     }
     out

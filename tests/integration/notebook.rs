@@ -225,6 +225,36 @@ async fn delete_policy_workspace_is_collected_and_bad_image_is_reported() {
     })
     .await;
 
+    // Changing deletePolicy moves only the workspace's owner reference; the claim stays.
+    let owned = |p: &PersistentVolumeClaim| {
+        p.metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| !o.is_empty())
+    };
+    // The default policy is Retain: no owner reference.
+    assert!(!owned(&pvcs.get("nopv-workspace").await.unwrap()));
+    let uid = pvcs.get("nopv-workspace").await.unwrap().metadata.uid;
+    for (policy, want_owned) in [("Delete", true), ("Retain", false)] {
+        ns.kubectl(&[
+            "patch",
+            "notebook",
+            "nopv",
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"workspace\":{{\"deletePolicy\":\"{policy}\"}}}}}}"),
+        ]);
+        wait_for(
+            &format!("workspace owner reference under {policy}"),
+            TIMEOUT,
+            || async {
+                let p = pvcs.get("nopv-workspace").await.ok()?;
+                (owned(&p) == want_owned && p.metadata.uid == uid).then_some(())
+            },
+        )
+        .await;
+    }
+
     nbs.delete("scratch", &DeleteParams::default())
         .await
         .unwrap();
