@@ -6,6 +6,7 @@ mod support;
 
 mod argocd;
 mod crds;
+mod events;
 mod examples;
 mod gitops;
 mod leader;
