@@ -37,6 +37,9 @@ pub struct RunOptions {
     /// Client-side limit of API requests per second (0: none).
     #[arg(long, env = "KEELSON_QPS", default_value_t = 100.0)]
     pub qps: f64,
+    /// Seconds that in-flight reconciles get to finish after SIGTERM before the process stops anyway.
+    #[arg(long, env = "KEELSON_SHUTDOWN_GRACE_SECONDS", default_value_t = 15)]
+    pub shutdown_grace_seconds: u64,
     /// Requests allowed at once above the rate.
     #[arg(long, env = "KEELSON_BURST", default_value_t = 200)]
     pub burst: u32,
@@ -53,6 +56,7 @@ impl Default for RunOptions {
             lease_seconds: 10,
             qps: 0.0,
             burst: 200,
+            shutdown_grace_seconds: 15,
         }
     }
 }
@@ -143,6 +147,26 @@ fn identity() -> String {
         })
 }
 
+/// The controllers until `shutdown`, then at most `--shutdown-grace-seconds` for the reconciles in
+/// flight (as controller-runtime's graceful shutdown timeout): a reconcile stuck on a slow API
+/// server must not keep a replica from stopping and releasing its Lease.
+async fn run_bounded(shared: Arc<Shared>, opts: &RunOptions, shutdown: Shutdown) {
+    let grace = Duration::from_secs(opts.shutdown_grace_seconds);
+    let deadline = {
+        let s = shutdown.clone();
+        async move {
+            s.wait().await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::select! {
+        _ = run_with(shared, opts, shutdown) => {}
+        _ = deadline => {
+            tracing::warn!(grace = ?grace, "reconciles still running after the shutdown grace period: stopping without them");
+        }
+    }
+}
+
 /// How `keelson run` ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -195,7 +219,7 @@ pub async fn serve(opts: RunOptions) -> Result<Exit, String> {
 
     if !opts.leader_elect {
         shared.metrics.leader.set(1);
-        run_with(shared.clone(), &opts, shutdown).await;
+        run_bounded(shared.clone(), &opts, shutdown).await;
         shared.metrics.leader.set(0);
         return Ok(Exit::Stopped);
     }
@@ -236,7 +260,7 @@ pub async fn serve(opts: RunOptions) -> Result<Exit, String> {
             }
         })
     };
-    run_with(shared.clone(), &opts, shutdown).await;
+    run_bounded(shared.clone(), &opts, shutdown).await;
     watch_lease.abort();
     shared.metrics.leader.set(0);
     // Closing the channel makes the manager release the Lease.

@@ -64,6 +64,9 @@ struct Memory {
     deleted: HashSet<String>,
     /// The last status written, until the job cache shows it.
     written: Option<TrainingJobStatus>,
+    /// The resourceVersion of the job that status was written over. A cache that shows another
+    /// version has seen that write, or a later one (perhaps another manager's): it is the truth.
+    written_over: Option<String>,
 }
 
 /// The TrainingJob controller's context: shared state, the child caches and the memory of writes
@@ -119,7 +122,7 @@ impl Memories {
             }
             let listed: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
             m.deleted.retain(|u| listed.contains(u));
-            if m.written.as_ref() == Some(&from_cache) {
+            if m.written.as_ref() == Some(&from_cache) || job.resource_version() != m.written_over {
                 m.written = None;
             }
             let prev = m.written.clone().unwrap_or(from_cache);
@@ -146,7 +149,11 @@ impl Memories {
     }
 
     fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus) {
-        self.entry(job, |m| m.written = Some(st));
+        let over = job.resource_version();
+        self.entry(job, |m| {
+            m.written = Some(st);
+            m.written_over = over;
+        });
     }
 
     fn forget(&self, job: &TrainingJob) {
@@ -538,6 +545,23 @@ mod tests {
         assert!(mem.with(|m| m
             .values()
             .all(|x| x.written.is_none() && x.deleted.is_empty())));
+    }
+
+    #[test]
+    fn a_cache_past_the_write_is_the_truth_even_when_another_manager_wrote() {
+        let (store, mut writer) = reflector::store::<TrainingJob>();
+        let mem = Memories::new(store);
+        let mut seen = job("u1", Some(restarts(1)));
+        seen.metadata.resource_version = Some("10".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(seen.clone()));
+        mem.remember_written(&seen, restarts(2));
+        // Still version 10: the cache has not seen the write.
+        assert_eq!(mem.recall(&seen, &[]).0, restarts(2));
+        // Version 12 with another manager's status: that is what the next decision starts from.
+        let mut other = job("u1", Some(restarts(7)));
+        other.metadata.resource_version = Some("12".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
+        assert_eq!(mem.recall(&other, &[]).0, restarts(7));
     }
 
     #[test]

@@ -1,0 +1,190 @@
+//! Faults the operator must ride out on its own: children deleted or edited by hand are restored,
+//! and a restart of the API server under the operator's feet (its watches break, requests fail)
+//! ends with every change made meanwhile reconciled. Its own binary: restarting the API server
+//! would break the other suites' requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+fn get(ns: &Ns, args: &[&str]) -> String {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    let o = kubectl(&[&["-n", ns.name.as_str()][..], &a].concat(), None);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edits_are_undone_and_an_api_server_restart_is_ridden_out() {
+    operator();
+    let ns = Ns::new("faults");
+    ns.apply("apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: tj}\nspec:\n  image: trainer\n  framework: PyTorch\n  workers: 2\n").unwrap();
+    wait_for("the job's pods", TIMEOUT, || async {
+        let out = get(&ns, &["pods", "-o", "name"]);
+        (out.lines().count() == 2).then_some(())
+    })
+    .await;
+
+    // A child deleted by hand comes back: the headless Service and a worker pod.
+    ns.kubectl(&["delete", "service", "tj", "--wait=false"]);
+    ns.kubectl(&["delete", "pod", "tj-worker-1", "--wait=false"]);
+    wait_for("the Service and the pod restored", TIMEOUT, || async {
+        let svc = get(
+            &ns,
+            &[
+                "service",
+                "tj",
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}|{.spec.clusterIP}",
+            ],
+        );
+        let pod = get(
+            &ns,
+            &[
+                "pod",
+                "tj-worker-1",
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}|{.metadata.name}",
+            ],
+        );
+        (svc == "|None" && pod == "|tj-worker-1").then_some(())
+    })
+    .await;
+
+    // A child edited by hand (a field the operator owns) is set back.
+    ns.kubectl(&[
+        "patch",
+        "service",
+        "tj",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"publishNotReadyAddresses":false}}"#,
+    ]);
+    wait_for("the Service's spec restored", TIMEOUT, || async {
+        let v = get(
+            &ns,
+            &[
+                "service",
+                "tj",
+                "-o",
+                "jsonpath={.spec.publishNotReadyAddresses}",
+            ],
+        );
+        (v == "true").then_some(())
+    })
+    .await;
+
+    // Another field manager takes the status's Ready condition (a forced apply on /status): the
+    // operator writes the truth back, once, and then stays quiet.
+    wait_for("the job Running", TIMEOUT, || async {
+        (get(
+            &ns,
+            &["trainingjob", "tj", "-o", "jsonpath={.status.phase}"],
+        ) == "Running")
+            .then_some(())
+    })
+    .await;
+    let intruder = r#"{"apiVersion":"keelson.dev/v1alpha1","kind":"TrainingJob","metadata":{"name":"tj"},"status":{"conditions":[{"type":"Ready","status":"False","reason":"Intruder","message":"written by another manager","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    let o = kubectl(
+        &[
+            "-n",
+            &ns.name,
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=intruder",
+            "--subresource=status",
+            "-f",
+            "-",
+        ],
+        Some(intruder),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("the Ready condition written back", TIMEOUT, || async {
+        let r = get(
+            &ns,
+            &[
+                "trainingjob",
+                "tj",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            ],
+        );
+        (r == "True").then_some(())
+    })
+    .await;
+    let rv = || {
+        get(
+            &ns,
+            &[
+                "trainingjob",
+                "tj",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )
+    };
+    let settled = rv();
+    for _ in 0..12 {
+        tokio::time::sleep(POLL).await;
+        assert_eq!(
+            rv(),
+            settled,
+            "the status keeps changing: a fight between managers"
+        );
+    }
+
+    // The API server dies (SIGKILL) and comes back; a change made after it is back is reconciled.
+    let pid =
+        std::fs::read_to_string(root().join("target/cluster/pids/kube-apiserver.pid")).unwrap();
+    assert!(Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap()
+        .success());
+    // Gone once the process has exited (it drains its requests first).
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+    wait_sync(Duration::from_secs(90), || !proc_dir.exists());
+    // Down: the operator's watches broke and its requests fail until the server is back.
+    let up = Command::new(root().join("hack/cluster/up.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    ns.kubectl(&[
+        "patch",
+        "trainingjob",
+        "tj",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"workers":3}}"#,
+    ]);
+    wait_for(
+        "the third worker after the restart",
+        Duration::from_secs(120),
+        || async {
+            let out = get(&ns, &["pods", "-o", "name"]);
+            let gen = get(
+                &ns,
+                &[
+                    "trainingjob",
+                    "tj",
+                    "-o",
+                    "jsonpath={.metadata.generation}/{.status.observedGeneration}",
+                ],
+            );
+            let mut g = gen.split('/');
+            (out.lines().count() == 3 && g.next() == g.next()).then_some(())
+        },
+    )
+    .await;
+}
