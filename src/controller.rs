@@ -310,6 +310,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn caches_are_synced_once_every_controller_has_listed() {
+        let uri: http::Uri = "http://127.0.0.1:9".parse().unwrap();
+        let client = Client::try_from(kube::Config::new(uri)).unwrap();
+        let shared = Shared::new(client);
+        shared.expect_controllers(2);
+        assert!(!shared.caches_synced(), "nothing registered yet");
+        let (tx1, rx1) = tokio::sync::oneshot::channel::<()>();
+        let (tx2, rx2) = tokio::sync::oneshot::channel::<()>();
+        let (s1, s2) = (Synced::spawn(rx1), Synced::spawn(rx2));
+        shared.track(s1.clone());
+        shared.track(s2.clone());
+        assert!(!shared.caches_synced());
+        tx1.send(()).unwrap();
+        s1.wait().await.unwrap();
+        assert!(!shared.caches_synced(), "one controller still listing");
+        tx2.send(()).unwrap();
+        s2.wait().await.unwrap();
+        assert!(shared.caches_synced());
+    }
+
+    #[tokio::test]
     async fn a_closed_cache_fails_the_waiters() {
         use k8s_openapi::api::core::v1::Pod;
         let (reader, writer) = reflector::store::<Pod>();
