@@ -218,27 +218,10 @@ spec:
   image: trainer:1
   workers: 1
   runPolicy: {backoffLimit: 0, restartPolicy: OnFailure}
----
-# Accepted by the API server, refused by the builder: the workspace and a volume share a path.
-apiVersion: keelson.dev/v1alpha1
-kind: Notebook
-metadata: {name: nb-bad}
-spec:
-  image: jupyter:1
-  workspace: {size: 1Gi}
-  volumes:
-    - {name: home, mountPath: /home/jovyan, emptyDir: {}}
----
-# Accepted by the API server, refused by the builder: `router` names the Builtin router.
-apiVersion: keelson.dev/v1alpha1
-kind: ModelDeployment
-metadata: {name: md-bad}
-spec:
-  variants:
-    - {name: router, image: srv:1, weight: 100}
 ",
     )
     .unwrap();
+    ns.apply(UNRUNNABLE).unwrap();
 
     // Settled: Healthy, for each kind.
     for what in ["notebook/nb", "trainingjob/tj", "modeldeployment/fraud"] {

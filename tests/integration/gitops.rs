@@ -305,27 +305,7 @@ async fn flux_kstatus_follows_observed_generation_and_ready() {
     operator();
     let ns = Ns::new("kstatus");
     ns.apply(SMALL).unwrap();
-    ns.apply(
-        "# Accepted by the API server, refused by the builder: the workspace and a volume share a path.
-apiVersion: keelson.dev/v1alpha1
-kind: Notebook
-metadata: {name: nb-bad}
-spec:
-  image: jupyter:1
-  workspace: {size: 1Gi}
-  volumes:
-    - {name: home, mountPath: /home/jovyan, emptyDir: {}}
----
-# Accepted by the API server, refused by the builder: `router` names the Builtin router.
-apiVersion: keelson.dev/v1alpha1
-kind: ModelDeployment
-metadata: {name: md-bad}
-spec:
-  variants:
-    - {name: router, image: srv:1, weight: 100}
-",
-    )
-    .unwrap();
+    ns.apply(UNRUNNABLE).unwrap();
 
     // Current once settled, InProgress the moment the generation moves past the observed one (the
     // object as the PATCH returns it, before any controller saw it), Current again after.

@@ -17,6 +17,28 @@ use kube::{Client, Config};
 pub const POLL: Duration = Duration::from_millis(250);
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Specs the API server accepts but the builders refuse (conditions with a reason, never Ready):
+/// a Notebook volume on the workspace's path, and a variant named like the Builtin router.
+pub const UNRUNNABLE: &str =
+    "# Accepted by the API server, refused by the builder: the workspace and a volume share a path.
+apiVersion: keelson.dev/v1alpha1
+kind: Notebook
+metadata: {name: nb-bad}
+spec:
+  image: jupyter:1
+  workspace: {size: 1Gi}
+  volumes:
+    - {name: home, mountPath: /home/jovyan, emptyDir: {}}
+---
+# Accepted by the API server, refused by the builder: `router` names the Builtin router.
+apiVersion: keelson.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: md-bad}
+spec:
+  variants:
+    - {name: router, image: srv:1, weight: 100}
+";
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
