@@ -38,7 +38,7 @@
 # That directory is bind-mounted on /tmp/k8s-webhook-server in a private mount namespace
 # (unshare) when the machine allows it, else the pair is written to the shared path.
 #
-# Environment: KUBECONFIG (default target/cluster/kubeconfig), ANCHOR_NAMESPACE
+# Environment: ANCHOR_KUBECONFIG (default target/cluster/kubeconfig), ANCHOR_NAMESPACE
 # (anchor-system), ANCHOR_PORT_BASE (18440: the first port tried for the three listeners),
 # ANCHOR_METRICS_PORT, ANCHOR_PROBE_PORT, ANCHOR_WEBHOOK_PORT (fixed ports instead),
 # ANCHOR_START_TIMEOUT (60 s), ANCHOR_STOP_TIMEOUT (10 s), ANCHOR_ARGS (extra operator flags).
@@ -70,8 +70,8 @@ PRIVATE_WEBHOOK_ROOT="$BENCH_STATE/webhook-certs"
 WEBHOOK_SECRET=training-operator-webhook-cert
 WEBHOOK_SERVICE=training-operator
 
-: "${KUBECONFIG:=$KUBECONFIG_FILE}"
-export KUBECONFIG
+# The local cluster's, whatever KUBECONFIG says (never a cluster it happens to point at).
+export KUBECONFIG=${ANCHOR_KUBECONFIG:-$KUBECONFIG_FILE}
 ANCHOR_NAMESPACE=${ANCHOR_NAMESPACE:-anchor-system}
 KUBECTL=("$BIN_DIR/kubectl" --request-timeout=20s)
 
