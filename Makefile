@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build test test-idempotence unit integration crds lint fmt demo demo-down bench bench-router image clean-demo
+.PHONY: all build test test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale image clean-demo
 
 all: build
 
@@ -44,11 +44,17 @@ demo-down:
 	hack/demo.sh down
 
 ## bench: every benchmark; each prints a table and asserts nothing
-bench: bench-router
+bench: bench-router bench-scale
 
 ## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1 (needs wrk and nginx)
 bench-router:
 	hack/bench/router.sh
+
+## bench-scale: N TrainingJobs of 4 GPU workers at once on the local cluster (N=100 and 1,000;
+## BENCH_FULL=1 adds 5,000), against the Kubeflow training-operator built from its Go module
+bench-scale: cluster
+	hack/bench/anchor.sh build
+	$(CARGO) bench --bench scale
 
 image:
 	docker build -t keelson:dev .

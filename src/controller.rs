@@ -54,7 +54,8 @@ impl Shared {
         }
     }
 
-    /// Records a Kubernetes Event on `obj`. A failure to record is logged, never fatal.
+    /// Records a Kubernetes Event on `obj`, in the background: a reconcile never waits for its
+    /// Events. A failure to record is logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -74,9 +75,12 @@ impl Shared {
             action: reason.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, reason, "could not record event");
-        }
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, reason = ev.reason, "could not record event");
+            }
+        });
     }
 
     /// Counts one finished reconcile; the controllers' result streams end in this.
@@ -199,7 +203,9 @@ pub fn child_cache<C: Object>(
     let api: Api<C> = Api::all(client.clone());
     let cfg = watcher::Config::default().labels(&kind_selector(parent_kind));
     let (reader, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, cfg))
+    // managedFields are never read from the cache and are most of a small object's size.
+    let watch = watcher(api, cfg).modify(|c: &mut C| c.managed_fields_mut().clear());
+    let events = reflector::reflector(writer, watch)
         .default_backoff()
         .touched_objects();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

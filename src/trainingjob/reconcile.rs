@@ -282,40 +282,31 @@ async fn delete_pods(
     (done, failed)
 }
 
-/// Creates `pods` (rank, pod) with slow start. Returns how many were created and the first error.
+/// Creates `pods` (rank, pod) with slow start, and records one Event that names every pod created.
+/// Returns how many were created and the first error.
 async fn create_pods(
     shared: &Shared,
     job: &TrainingJob,
     pods: Vec<(i32, Pod)>,
 ) -> (usize, Option<Error>) {
-    let mut created = 0;
+    let mut created: Vec<String> = Vec::new();
+    let mut first_err = None;
     let mut batch = 1;
     let mut rest = pods.into_iter();
     loop {
         let chunk: Vec<(i32, Pod)> = rest.by_ref().take(batch).collect();
         if chunk.is_empty() {
-            return (created, None);
+            break;
         }
         let results = futures::future::join_all(chunk.into_iter().map(|(rank, pod)| async move {
             let name = pod.name_any();
             let r = apply::create_once(&shared.client, &shared.writes, pod).await;
-            if let Ok(Outcome::Created) = r {
-                shared
-                    .event(
-                        job,
-                        false,
-                        "PodCreated",
-                        format!("created pod {name} (rank {rank})"),
-                    )
-                    .await;
-            }
-            r
+            (format!("{name} (rank {rank})"), r)
         }))
         .await;
-        let mut first_err = None;
-        for r in results {
+        for (what, r) in results {
             match r {
-                Ok(Outcome::Created) => created += 1,
+                Ok(Outcome::Created) => created.push(what),
                 Ok(_) => {}
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -323,10 +314,31 @@ async fn create_pods(
             }
         }
         if first_err.is_some() {
-            return (created, first_err);
+            break;
         }
         batch = (batch * 2).min(MAX_BATCH);
     }
+    if !created.is_empty() {
+        shared
+            .event(job, false, "PodCreated", created_note(&created))
+            .await;
+    }
+    (created.len(), first_err)
+}
+
+/// The note of a PodCreated Event, within the 1 kB an Event's note may hold.
+fn created_note(created: &[String]) -> String {
+    const MAX: usize = 900;
+    let mut note = format!("created pod{}", if created.len() == 1 { "" } else { "s" });
+    for (i, what) in created.iter().enumerate() {
+        if note.len() + what.len() + 2 > MAX {
+            note.push_str(&format!(" and {} more", created.len() - i));
+            break;
+        }
+        note.push_str(if i == 0 { " " } else { ", " });
+        note.push_str(what);
+    }
+    note
 }
 
 /// Records the Event of a phase change.
@@ -500,6 +512,22 @@ mod tests {
     use crate::api::podstatus::fixtures;
     use crate::trainingjob::types::TrainingJobSpec;
     use kube::runtime::reflector;
+
+    #[test]
+    fn one_created_event_names_every_pod_within_the_note_limit() {
+        let few: Vec<String> = (0..4).map(|r| format!("j-worker-{r} (rank {r})")).collect();
+        assert_eq!(
+            created_note(&few),
+            "created pods j-worker-0 (rank 0), j-worker-1 (rank 1), j-worker-2 (rank 2), j-worker-3 (rank 3)"
+        );
+        assert_eq!(created_note(&few[..1]), "created pod j-worker-0 (rank 0)");
+        let many: Vec<String> = (0..500)
+            .map(|r| format!("a-long-job-name-worker-{r} (rank {r})"))
+            .collect();
+        let note = created_note(&many);
+        assert!(note.len() <= 1024, "{}", note.len());
+        assert!(note.ends_with(" more"), "{note}");
+    }
 
     fn job(uid: &str, st: Option<TrainingJobStatus>) -> TrainingJob {
         let mut j = TrainingJob::new("resnet", TrainingJobSpec::default());

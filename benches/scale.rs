@@ -1,0 +1,791 @@
+//! `make bench-scale`: N TrainingJobs of 4 workers created at once on the local cluster, against
+//! Keelson and against the Kubeflow training-operator (PyTorchJob, 1 master + 3 workers) built from
+//! its Go module by `hack/bench/anchor.sh`. Prints tables; asserts nothing.
+//!
+//! Per target and N it measures, from the bench's own watches: create → every child (pods and
+//! Services) exists, and create → Running (p50, p99, max); from the API server's
+//! `apiserver_request_total`: the writes the operator made per child, and the writes of a forced
+//! no-op resync (a fresh operator process over the settled jobs); from /proc: the operator's peak RSS
+//! and CPU seconds.
+//!
+//! Environment: `BENCH_N` (default `100,1000`; `BENCH_FULL=1` adds 5000), `BENCH_TARGETS` (default
+//! `keelson,anchor`), `BENCH_NODE_PODS` (pods and GPUs per simulated bench node, default 100).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use support::*;
+
+/// One operator under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Keelson,
+    Anchor,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Keelson => "keelson",
+            Target::Anchor => "anchor",
+        }
+    }
+
+    fn resource(self) -> ApiResource {
+        match self {
+            Target::Keelson => ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("keelson.dev", "v1alpha1", "TrainingJob"),
+                "trainingjobs",
+            ),
+            Target::Anchor => ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("kubeflow.org", "v1", "PyTorchJob"),
+                "pytorchjobs",
+            ),
+        }
+    }
+
+    /// The job: 4 ranks with one GPU each, the same container on both operators.
+    fn job(self, name: &str) -> serde_json::Value {
+        let container = serde_json::json!({
+            "name": "pytorch",
+            "image": "ghcr.io/acme/trainer:1.4",
+            "command": ["torchrun", "train.py"],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                          "limits": {"nvidia.com/gpu": 1}},
+        });
+        match self {
+            Target::Keelson => serde_json::json!({
+                "apiVersion": "keelson.dev/v1alpha1", "kind": "TrainingJob",
+                "metadata": {"name": name},
+                "spec": {
+                    "framework": "PyTorch", "workers": 4, "image": "ghcr.io/acme/trainer:1.4",
+                    "command": ["torchrun", "train.py"],
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "gpus": {"count": 1},
+                },
+            }),
+            Target::Anchor => {
+                let template = serde_json::json!({"spec": {
+                    "containers": [container],
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                }});
+                serde_json::json!({
+                    "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                    "metadata": {"name": name},
+                    "spec": {"pytorchReplicaSpecs": {
+                        "Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template},
+                        "Worker": {"replicas": 3, "restartPolicy": "OnFailure", "template": template},
+                    }},
+                })
+            }
+        }
+    }
+
+    fn is_running(self, job: &DynamicObject) -> bool {
+        let status = &job.data["status"];
+        match self {
+            Target::Keelson => status["phase"] == "Running",
+            Target::Anchor => status["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Running" && c["status"] == "True")
+            }),
+        }
+    }
+
+    /// Pods and Services per job.
+    fn children(self) -> usize {
+        match self {
+            Target::Keelson => 4 + 1, // one Pod per rank and the headless Service
+            Target::Anchor => 4 + 4,  // one Pod and one Service per replica
+        }
+    }
+
+    /// A deadline per job (in tenths of a second) for a burst to be Running, from the operator's
+    /// client rate limit and its writes per job: Keelson's 100 QPS, the anchor's 20 QPS (as shipped).
+    fn deciseconds_per_job(self) -> u64 {
+        match self {
+            Target::Keelson => 5,
+            Target::Anchor => 20,
+        }
+    }
+
+    /// The job kind's reconcile counter on the operator's /metrics.
+    fn reconciles_metric(self) -> (&'static str, &'static str) {
+        match self {
+            Target::Keelson => ("keelson_reconciles_total", "kind=\"TrainingJob\""),
+            Target::Anchor => (
+                "controller_runtime_reconcile_total",
+                "controller=\"pytorchjob-controller\"",
+            ),
+        }
+    }
+}
+
+/// A running operator process.
+struct Proc {
+    child: Option<Child>,
+    pid: u32,
+    metrics: String,
+    target: Target,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Proc {
+    fn start(target: Target, tag: &str) -> Proc {
+        let dir = root().join("target/bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{}-{tag}.log", target.name()));
+        match target {
+            Target::Keelson => {
+                let addr = format!("127.0.0.1:{}", free_port());
+                let out = std::fs::File::create(&log).unwrap();
+                let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
+                    .args(["run", "--health-addr", &addr, "--leader-elect", "false"])
+                    .env("KUBECONFIG", kubeconfig())
+                    .env("RUST_LOG", "keelson=info")
+                    .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
+                    .env(
+                        "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
+                        "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
+                    )
+                    .stdout(out.try_clone().unwrap())
+                    .stderr(out)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let pid = child.id();
+                let p = Proc {
+                    child: Some(child),
+                    pid,
+                    metrics: format!("http://{addr}/metrics"),
+                    target,
+                };
+                wait_sync(Duration::from_secs(60), || {
+                    http_get(&format!("http://{addr}/readyz")).is_some_and(|(c, _)| c == 200)
+                });
+                p
+            }
+            Target::Anchor => {
+                let out = Command::new(root().join("hack/bench/anchor.sh"))
+                    .arg("start")
+                    .arg(&log)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "hack/bench/anchor.sh start failed");
+                let pid: u32 = std::fs::read_to_string(dir.join("anchor.pid"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                let metrics = std::fs::read_to_string(dir.join("anchor.env"))
+                    .unwrap()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("ANCHOR_METRICS_URL=").map(str::to_string))
+                    .expect("ANCHOR_METRICS_URL in target/bench/anchor.env");
+                Proc {
+                    child: None,
+                    pid,
+                    metrics,
+                    target,
+                }
+            }
+        }
+    }
+
+    /// Peak resident set (MiB) and CPU seconds, from /proc.
+    fn usage(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        let hwm_kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+        (hwm_kb / 1024.0, ticks / clock_ticks())
+    }
+
+    fn reconciles(&self) -> f64 {
+        let (name, label) = self.target.reconciles_metric();
+        http_get(&self.metrics)
+            .map(|(_, body)| {
+                body.lines()
+                    .filter(|l| l.starts_with(name) && l.contains(label))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn stop(mut self) {
+        match self.child.take() {
+            Some(mut c) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(30) {
+                    if c.try_wait().ok().flatten().is_some() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            None => {
+                let _ = Command::new(root().join("hack/bench/anchor.sh"))
+                    .arg("stop")
+                    .status();
+            }
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A plain HTTP GET on loopback: status and body.
+fn http_get(url: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// Simulated GPU nodes for the bench: `count` nodes with `per` pods and `per` GPUs each.
+fn ensure_nodes(count: usize, per: usize) {
+    let mut yaml = String::new();
+    for i in 0..count {
+        yaml.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Node
+metadata:
+  name: bench-gpu-{i}
+  annotations: {{kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: \"0\"}}
+  labels: {{type: kwok, kubernetes.io/hostname: bench-gpu-{i}, keelson.dev/sim-pool: bench, nvidia.com/gpu.present: \"true\"}}
+spec:
+  taints: [{{key: nvidia.com/gpu, effect: NoSchedule}}]
+status:
+  allocatable: {{cpu: \"1000\", memory: 4Ti, pods: \"{per}\", nvidia.com/gpu: \"{per}\"}}
+  capacity: {{cpu: \"1000\", memory: 4Ti, pods: \"{per}\", nvidia.com/gpu: \"{per}\"}}
+"
+        ));
+    }
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    wait_sync(Duration::from_secs(180), || {
+        let out = kubectl_ok(
+            &[
+                "get", "nodes", "-l", "keelson.dev/sim-pool=bench", "-o",
+                "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        out.lines().filter(|l| *l == "True").count() >= count
+    });
+}
+
+/// Write requests the operator made: the API server's write counters between two readings, minus
+/// what others write (the bench's own job creates, the scheduler's bindings and Events, kwok's pod
+/// and node status, Events and leases, the EndpointSlice controller).
+fn operator_writes(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    job_plural: &str,
+    bench_creates: f64,
+    foreign_events: f64,
+) -> BTreeMap<String, f64> {
+    let mut d: BTreeMap<String, f64> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    d.retain(|k, _| {
+        let res = k.split(' ').nth(1).unwrap_or("");
+        !(res.starts_with("nodes")
+            || res.starts_with("leases")
+            || res.starts_with("endpoints")
+            || res.starts_with("endpointslices")
+            || res.starts_with("namespaces")
+            || res == "pods/binding"
+            || res == "pods/status")
+    });
+    if let Some(v) = d.get_mut(&format!("POST {job_plural}")) {
+        *v -= bench_creates;
+    }
+    if let Some(v) = d.get_mut("POST events") {
+        *v -= foreign_events;
+    }
+    d.retain(|_, v| *v > 0.0);
+    d
+}
+
+/// Events in `ns` recorded by the scheduler and by kwok (one each per pod), not by the operator.
+async fn foreign_events(client: &Client, ns: &str) -> f64 {
+    use k8s_openapi::api::core::v1::Event;
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&Default::default()).await.expect("list events");
+    list.items
+        .iter()
+        .filter(|e| {
+            let by = e
+                .reporting_component
+                .clone()
+                .filter(|c| !c.is_empty())
+                .or_else(|| e.source.as_ref().and_then(|s| s.component.clone()))
+                .unwrap_or_default();
+            matches!(by.as_str(), "default-scheduler" | "kwok_controller")
+        })
+        .count() as f64
+}
+
+#[derive(Default)]
+struct JobTimes {
+    created: Option<Instant>,
+    children: HashSet<String>,
+    all_children: Option<Instant>,
+    running: Option<Instant>,
+}
+
+type Times = Arc<Mutex<HashMap<String, JobTimes>>>;
+
+fn owner(meta: &kube::api::ObjectMeta) -> Option<String> {
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.name.clone())
+}
+
+fn watch_children<K>(client: Client, ns: &str, times: Times, want: usize)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(client, ns);
+    let kind = K::kind(&()).to_string();
+    tokio::spawn(async move {
+        let s = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        futures::pin_mut!(s);
+        while let Ok(Some(o)) = s.try_next().await {
+            let Some(job) = owner(o.meta()) else { continue };
+            let mut t = times.lock().unwrap();
+            let e = t.entry(job).or_default();
+            e.children.insert(format!("{kind}/{}", o.name_any()));
+            if e.children.len() >= want && e.all_children.is_none() {
+                e.all_children = Some(Instant::now());
+            }
+        }
+    });
+}
+
+fn watch_jobs(client: Client, ns: &str, target: Target, times: Times) {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &target.resource());
+    tokio::spawn(async move {
+        let s = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        futures::pin_mut!(s);
+        while let Ok(Some(o)) = s.try_next().await {
+            if target.is_running(&o) {
+                let mut t = times.lock().unwrap();
+                let e = t.entry(o.name_any()).or_default();
+                e.running.get_or_insert_with(Instant::now);
+            }
+        }
+    });
+}
+
+fn percentiles(mut v: Vec<f64>) -> [f64; 3] {
+    if v.is_empty() {
+        return [f64::NAN; 3];
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    [at(0.5), at(0.99), v[v.len() - 1]]
+}
+
+/// One row of figures for one target and N.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    children_ms: [f64; 3],
+    running_ms: [f64; 3],
+    writes: BTreeMap<String, f64>,
+    children_created: f64,
+    resync_writes: f64,
+    rss_mib: f64,
+    cpu_s: f64,
+    incomplete: usize,
+}
+
+impl Figures {
+    fn writes_total(&self) -> f64 {
+        self.writes.values().sum()
+    }
+    fn writes_per_child(&self) -> f64 {
+        self.writes_total() / self.children_created.max(1.0)
+    }
+}
+
+fn delete_namespace(ns: &str) {
+    let _ = kubectl(
+        &[
+            "delete",
+            "namespace",
+            ns,
+            "--ignore-not-found",
+            "--wait=false",
+        ],
+        None,
+    );
+    wait_sync(Duration::from_secs(900), || {
+        !kubectl(&["get", "namespace", ns], None).status.success()
+    });
+}
+
+async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
+    let ns = format!("bench-{}-{n}", target.name());
+    delete_namespace(&ns);
+    kubectl_ok(&["create", "namespace", &ns], None);
+    let op = Proc::start(target, &format!("{n}"));
+    let times: Times = Arc::default();
+    let want = target.children();
+    watch_children::<Pod>(client.clone(), &ns, times.clone(), want);
+    watch_children::<Service>(client.clone(), &ns, times.clone(), want);
+    watch_jobs(client.clone(), &ns, target, times.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await; // the watches have listed the empty namespace
+    let before = apiserver_writes();
+
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &target.resource());
+    let created = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let times = times.clone();
+            async move {
+                let name = format!("job-{i:05}");
+                let obj: DynamicObject =
+                    serde_json::from_value(target.job(&name)).expect("job manifest");
+                let t0 = Instant::now();
+                times
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_default()
+                    .created = Some(t0);
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .map_err(|e| format!("{name}: {e}"))
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|r| async move { r.err() })
+        .collect::<Vec<_>>()
+        .await;
+    assert!(
+        created.is_empty(),
+        "creates failed: {:?}",
+        &created[..created.len().min(3)]
+    );
+
+    let started = Instant::now();
+    let deadline = Duration::from_secs(120 + n as u64 * target.deciseconds_per_job() / 10);
+    let mut last = Instant::now();
+    loop {
+        let (children, running) = {
+            let t = times.lock().unwrap();
+            (
+                t.values().filter(|e| e.all_children.is_some()).count(),
+                t.values().filter(|e| e.running.is_some()).count(),
+            )
+        };
+        if running >= n && children >= n {
+            break;
+        }
+        if started.elapsed() > deadline {
+            eprintln!("[bench] {ns}: gave up after {deadline:?}: {children}/{n} with children, {running}/{n} running");
+            break;
+        }
+        if last.elapsed() > Duration::from_secs(15) {
+            eprintln!("[bench] {ns}: {children}/{n} with children, {running}/{n} running");
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let trailing status writes land before reading the counters.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = apiserver_writes();
+    let (rss_mib, cpu_s) = op.usage();
+
+    let mut f = Figures {
+        rss_mib,
+        cpu_s,
+        ..Figures::default()
+    };
+    {
+        let t = times.lock().unwrap();
+        let ms = |a: Option<Instant>, b: Option<Instant>| {
+            Some(b?.saturating_duration_since(a?).as_secs_f64() * 1000.0)
+        };
+        f.children_ms = percentiles(
+            t.values()
+                .filter_map(|e| ms(e.created, e.all_children))
+                .collect(),
+        );
+        f.running_ms = percentiles(
+            t.values()
+                .filter_map(|e| ms(e.created, e.running))
+                .collect(),
+        );
+        f.children_created = t.values().map(|e| e.children.len() as f64).sum();
+        f.incomplete = t
+            .values()
+            .filter(|e| e.all_children.is_none() || e.running.is_none())
+            .count();
+    }
+    let foreign = foreign_events(client, &ns).await;
+    f.writes = operator_writes(
+        &before,
+        &after,
+        target.resource().plural.as_str(),
+        n as f64,
+        foreign,
+    );
+    op.stop();
+
+    // A forced no-op resync: a fresh operator lists and reconciles every settled job.
+    let before = apiserver_writes();
+    let op = Proc::start(target, &format!("{n}-resync"));
+    let t = Instant::now();
+    while op.reconciles() < n as f64 && t.elapsed() < Duration::from_secs(120 + n as u64 / 10) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = apiserver_writes();
+    f.resync_writes = operator_writes(&before, &after, target.resource().plural.as_str(), 0.0, 0.0)
+        .values()
+        .sum();
+    op.stop();
+    delete_namespace(&ns);
+    f
+}
+
+fn fmt_ms(v: [f64; 3]) -> String {
+    format!("{:.0} / {:.0} / {:.0}", v[0], v[1], v[2])
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() && b.is_finite() {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn print_table(n: usize, rows: &[(Target, Figures)]) {
+    let get = |t: Target| rows.iter().find(|(x, _)| *x == t).map(|(_, f)| f.clone());
+    let (k, a) = (get(Target::Keelson), get(Target::Anchor));
+    println!("\nN = {n} jobs of 4 ranks ({} pods)", n * 4);
+    println!("| figure | keelson | anchor | keelson/anchor |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, f: &dyn Fn(&Figures) -> String, v: &dyn Fn(&Figures) -> f64| {
+        let ks = k.as_ref().map(f).unwrap_or_else(|| "-".into());
+        let as_ = a.as_ref().map(f).unwrap_or_else(|| "-".into());
+        let r = match (&k, &a) {
+            (Some(k), Some(a)) => ratio(v(k), v(a)),
+            _ => "-".into(),
+        };
+        println!("| {name} | {ks} | {as_} | {r} |");
+    };
+    row(
+        "create → children, p50/p99/max ms",
+        &|f| fmt_ms(f.children_ms),
+        &|f| f.children_ms[1],
+    );
+    row(
+        "create → Running, p50/p99/max ms",
+        &|f| fmt_ms(f.running_ms),
+        &|f| f.running_ms[1],
+    );
+    row(
+        "children per job",
+        &|f| format!("{:.0}", f.children_created / n as f64),
+        &|f| f.children_created,
+    );
+    row(
+        "API writes per child",
+        &|f| format!("{:.2}", f.writes_per_child()),
+        &|f| f.writes_per_child(),
+    );
+    row(
+        "API writes per job",
+        &|f| format!("{:.2}", f.writes_total() / n as f64),
+        &|f| f.writes_total(),
+    );
+    row(
+        "writes in a forced no-op resync",
+        &|f| format!("{:.0}", f.resync_writes),
+        &|f| f.resync_writes,
+    );
+    row("peak RSS MiB", &|f| format!("{:.1}", f.rss_mib), &|f| {
+        f.rss_mib
+    });
+    row("CPU seconds", &|f| format!("{:.1}", f.cpu_s), &|f| f.cpu_s);
+    row(
+        "jobs not complete at the deadline",
+        &|f| f.incomplete.to_string(),
+        &|f| f.incomplete as f64,
+    );
+    for (t, f) in rows {
+        println!(
+            "\n{} writes per job by verb and resource: {}",
+            t.name(),
+            f.writes
+                .iter()
+                .map(|(k, v)| format!("{k} {:.2}", v / n as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
+fn print_growth(lo: usize, hi: usize, all: &BTreeMap<(usize, &'static str), Figures>) {
+    println!("\nGrowth from N={lo} to N={hi} (×{}; linear is ×{} in totals, ×1 in per-child and latency figures)", hi / lo, hi / lo);
+    println!("| figure | keelson | anchor |");
+    println!("|---|---:|---:|");
+    let g = |t: &str, f: &dyn Fn(&Figures) -> f64| match (all.get(&(lo, t)), all.get(&(hi, t))) {
+        (Some(a), Some(b)) => ratio(f(b), f(a)),
+        _ => "-".into(),
+    };
+    let rows: [(&str, &dyn Fn(&Figures) -> f64); 6] = [
+        ("create → children p99", &|f| f.children_ms[1]),
+        ("create → Running p99", &|f| f.running_ms[1]),
+        ("API writes per child", &|f| f.writes_per_child()),
+        ("API writes total", &|f| f.writes_total()),
+        ("peak RSS", &|f| f.rss_mib),
+        ("CPU seconds", &|f| f.cpu_s),
+    ];
+    for (name, f) in rows {
+        println!("| {name} | {} | {} |", g("keelson", f), g("anchor", f));
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    cluster();
+    let mut ns: Vec<usize> = std::env::var("BENCH_N")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    if std::env::var("BENCH_FULL").is_ok_and(|v| v == "1") && !ns.contains(&5000) {
+        ns.push(5000);
+    }
+    let targets: Vec<Target> = std::env::var("BENCH_TARGETS")
+        .unwrap_or_else(|_| "keelson,anchor".into())
+        .split(',')
+        .filter_map(|s| match s.trim() {
+            "keelson" => Some(Target::Keelson),
+            "anchor" => Some(Target::Anchor),
+            _ => None,
+        })
+        .collect();
+    if targets.contains(&Target::Anchor) {
+        let ok = Command::new(root().join("hack/bench/anchor.sh"))
+            .arg("crds")
+            .status()
+            .unwrap();
+        assert!(ok.success(), "hack/bench/anchor.sh crds failed");
+    }
+    let per: usize = std::env::var("BENCH_NODE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let most = ns.iter().copied().max().unwrap_or(100);
+    let nodes = (most * 4).div_ceil(per).max(50);
+    ensure_nodes(nodes, per);
+    println!(
+        "machine: {} CPUs, {}; {nodes} simulated GPU nodes with {per} pods and GPUs each",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |s| s.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    );
+    let client = client().await;
+    let mut all = BTreeMap::new();
+    for &n in &ns {
+        let mut rows = Vec::new();
+        for &t in &targets {
+            eprintln!("[bench] {} N={n}", t.name());
+            let f = run_one(&client, t, n).await;
+            all.insert((n, t.name()), f.clone());
+            rows.push((t, f));
+        }
+        print_table(n, &rows);
+    }
+    for w in ns.windows(2) {
+        print_growth(w[0], w[1], &all);
+    }
+}
