@@ -459,6 +459,9 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 3] {
 }
 
 /// One row of figures for one target and N.
+/// Reads one figure out of a row.
+type Figure = dyn Fn(&Figures) -> f64;
+
 #[derive(Clone, Debug, Default)]
 struct Figures {
     children_ms: [f64; 3],
@@ -709,7 +712,7 @@ fn print_growth(lo: usize, hi: usize, all: &BTreeMap<(usize, &'static str), Figu
         (Some(a), Some(b)) => ratio(f(b), f(a)),
         _ => "-".into(),
     };
-    let rows: [(&str, &dyn Fn(&Figures) -> f64); 6] = [
+    let rows: [(&str, &Figure); 6] = [
         ("create → children p99", &|f| f.children_ms[1]),
         ("create → Running p99", &|f| f.running_ms[1]),
         ("API writes per child", &|f| f.writes_per_child()),
