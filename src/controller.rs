@@ -206,12 +206,19 @@ pub fn child_cache<C: Object>(
     // managedFields are never read from the cache and are most of a small object's size.
     let watch = watcher(api, cfg).modify(|c: &mut C| c.managed_fields_mut().clear());
     let events = reflector::reflector(writer, watch)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         futures::pin_mut!(events);
         while let Some(ev) = events.next().await {
+            // A failed watch is retried here, after this cache's own backoff (a watch that
+            // expired, 410 Gone, relists). It is not passed on: the controller would hold back
+            // every trigger for its own backoff.
+            if let Err(e) = &ev {
+                tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
+                continue;
+            }
             if tx.send(ev).is_err() {
                 break; // the controller stopped
             }
@@ -222,6 +229,43 @@ pub fn child_cache<C: Object>(
         |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
     );
     (reader, stream)
+}
+
+/// The backoff of every watch: 250 ms, doubling up to 5 s, with jitter; reset by any event.
+///
+/// kube-runtime's default climbs to 30 s: a watch that kept failing while the API server restarted
+/// then waited up to 30 s after it was back, and a 410 Gone in that state waited as long to relist.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        // Up to a quarter less, so that many watches failing together do not retry together.
+        Some(d.mul_f64(1.0 - rand::random::<f64>() / 4.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Whether a controller's child caches have all been listed, awaitable by any number of tasks.
@@ -289,6 +333,25 @@ pub fn children_of<C: Object>(store: &Store<C>, ns: &str, owner: &str) -> Vec<Ar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_five_seconds_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let d: Vec<Duration> = (0..8).map(|_| b.next().unwrap_or_default()).collect();
+        for (got, max) in d
+            .iter()
+            .zip([250u64, 500, 1000, 2000, 4000, 5000, 5000, 5000])
+        {
+            let max = Duration::from_millis(max);
+            assert!(
+                *got <= max && *got >= max.mul_f64(0.75),
+                "{got:?} vs {max:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next().unwrap_or_default() <= Duration::from_millis(250));
+    }
 
     #[tokio::test]
     async fn every_reconcile_waiting_for_the_caches_wakes() {

@@ -104,6 +104,7 @@ pub async fn run(
         watcher::Config::default(),
     )
     .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+    .trigger_backoff(crate::controller::WatchBackoff::default())
     .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
     .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
     .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))

@@ -86,6 +86,7 @@ pub async fn run(
     });
     Controller::new(Api::<Notebook>::all(client), watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(crate::controller::WatchBackoff::default())
         .watches_stream(pod_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(secret_events, |c| owner_of::<Notebook, _>(&c))

@@ -205,6 +205,7 @@ pub async fn run_with_api(
     });
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(crate::controller::WatchBackoff::default())
         .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
         .graceful_shutdown_on(shutdown)

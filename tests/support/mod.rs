@@ -440,3 +440,35 @@ pub fn apiserver_writes() -> std::collections::BTreeMap<String, f64> {
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The real operator binary as its ServiceAccount (impersonated), with no leader election, its log
+/// (JSON lines) in `log`. `kubeconfig` picks the API server it talks to.
+pub fn spawn_operator(kubeconfig: &Path, log: &Path, extra: &[&str]) -> std::process::Child {
+    let out = std::fs::File::create(log).expect("operator log file");
+    Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["--log-format", "json", "run", "--leader-elect", "false"])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
+        .env(
+            "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
+            "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
+        )
+        .env(
+            "RUST_LOG",
+            std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=info".into()),
+        )
+        .stdout(out.try_clone().expect("log file"))
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the keelson binary")
+}
+
+/// A port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

@@ -1,0 +1,317 @@
+//! The API server restarted under load, and the watch expiry (410 Gone) that follows: the operator
+//! recovers on its own. Its own binary, so that the only operator reconciling is the one under test.
+//!
+//! The operator (the real binary) talks to a second kube-apiserver on the same etcd, started with
+//! the flags of the cluster's own. Mid-burst that API server is killed (SIGKILL); while it is down
+//! the world moves on through the first one (new jobs, a pod deleted by hand, a spec edited), etcd's
+//! history is compacted, and it is started again. The operator's watches resume from revisions
+//! that no longer exist: 410 Gone, and a relist. Every job must then converge.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use keelson::trainingjob::TrainingJob;
+use kube::api::{Api, ListParams};
+use support::*;
+
+/// A second kube-apiserver of the local cluster, on its own port.
+struct SecondApiserver {
+    args: Vec<String>,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl SecondApiserver {
+    /// The first API server's command line, on another port and without its audit log.
+    fn new() -> SecondApiserver {
+        let pid = std::fs::read_to_string(root().join("target/cluster/pids/kube-apiserver.pid"))
+            .expect("the local cluster's kube-apiserver pid");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
+            .expect("the kube-apiserver command line");
+        let port = free_port();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .skip(1)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .filter(|a| !a.starts_with("--audit-"))
+            .map(|a| {
+                if a.starts_with("--secure-port=") {
+                    format!("--secure-port={port}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        SecondApiserver {
+            args,
+            port,
+            child: None,
+            log: root().join("target/restart-apiserver.log"),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn ready(&self) -> bool {
+        let certs = root().join("target/cluster/certs");
+        Command::new("curl")
+            .args(["-fsS", "--max-time", "2", "--cacert"])
+            .arg(certs.join("ca.crt"))
+            .arg("--cert")
+            .arg(certs.join("admin.crt"))
+            .arg("--key")
+            .arg(certs.join("admin.key"))
+            .arg(format!("{}/readyz", self.url()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(root().join("target/cluster/bin/kube-apiserver"))
+                .args(&self.args)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_sync(Duration::from_secs(90), || self.ready());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A kubeconfig of the local cluster that points at this API server.
+    fn kubeconfig(&self) -> PathBuf {
+        let text = std::fs::read_to_string(kubeconfig()).unwrap();
+        let main = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("server in the kubeconfig")
+            .to_string();
+        let path = root().join("target/restart-kubeconfig");
+        std::fs::write(&path, text.replace(&main, &self.url())).unwrap();
+        path
+    }
+}
+
+impl Drop for SecondApiserver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Compacts the local etcd's history up to its current revision (etcd's JSON gateway).
+fn compact_etcd() {
+    let etcd = "http://127.0.0.1:12379/v3/kv";
+    let out = Command::new("curl")
+        .args([
+            "-fsS",
+            "-X",
+            "POST",
+            &format!("{etcd}/range"),
+            "-d",
+            "{\"key\":\"YQ==\"}",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcd range answer");
+    let rev = v["header"]["revision"]
+        .as_str()
+        .expect("etcd revision")
+        .to_string();
+    let ok = Command::new("curl")
+        .args(["-fsS", "-X", "POST", &format!("{etcd}/compaction"), "-d"])
+        .arg(format!("{{\"revision\":\"{rev}\",\"physical\":true}}"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "etcd compaction at {rev} failed");
+}
+
+fn job(name: &str) -> String {
+    format!(
+        "apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: trainer:1\n  framework: PyTorch\n  workers: 2\n  resources: {{requests: {{cpu: 100m}}}}\n"
+    )
+}
+
+/// Jobs Running, with their status for the current generation and every worker pod present.
+async fn settled(api: &Api<TrainingJob>, pods: &Api<Pod>, names: &[String]) -> Vec<String> {
+    let jobs = api
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let pods: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.metadata.name.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    names
+        .iter()
+        .filter(|n| {
+            let Some(j) = jobs.iter().find(|j| j.metadata.name.as_deref() == Some(n)) else {
+                return true;
+            };
+            let st = j.status.as_ref();
+            let current = st.and_then(|s| s.observed_generation) == j.metadata.generation;
+            let running = st
+                .and_then(|s| s.phase)
+                .is_some_and(|p| format!("{p:?}") == "Running");
+            let workers = j.spec.workers as usize;
+            let have = (0..workers)
+                .filter(|r| pods.contains(&format!("{n}-worker-{r}")))
+                .count();
+            !(current && running && have == workers)
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered() {
+    cluster();
+    let mut second = SecondApiserver::new();
+    second.start();
+    let ns = Ns::new("restart");
+    let log = root().join(format!("target/restart-{}.log", ns.name));
+    let mut op = spawn_operator(&second.kubeconfig(), &log, &["--health-addr", ""]);
+
+    // A burst of jobs; the API server goes down while they are still starting.
+    let mut names: Vec<String> = (0..30).map(|i| format!("burst-{i:02}")).collect();
+    let all: String = names
+        .iter()
+        .map(|n| job(n))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    ns.apply(&all).unwrap();
+    let client = client().await;
+    let api: Api<TrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("a few jobs Running", Duration::from_secs(90), || async {
+        let left = settled(&api, &pods, &names).await.len();
+        (left <= names.len() - 3).then_some(())
+    })
+    .await;
+    let left_at_kill = settled(&api, &pods, &names).await.len();
+    second.kill();
+
+    // The world moves on while the operator's API server is down.
+    let late: Vec<String> = (0..10).map(|i| format!("late-{i:02}")).collect();
+    ns.apply(
+        &late
+            .iter()
+            .map(|n| job(n))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    )
+    .unwrap();
+    names.extend(late);
+    let running = names
+        .iter()
+        .find(|n| {
+            !kubectl(
+                &["-n", &ns.name, "get", "pod", &format!("{n}-worker-0")],
+                None,
+            )
+            .stdout
+            .is_empty()
+        })
+        .cloned()
+        .expect("a job with a pod");
+    ns.kubectl(&[
+        "delete",
+        "pod",
+        &format!("{running}-worker-0"),
+        "--wait=false",
+    ]);
+    ns.kubectl(&[
+        "patch",
+        "trainingjob",
+        "burst-00",
+        "--type=merge",
+        "-p",
+        "{\"spec\":{\"env\":[{\"name\":\"EDITED\",\"value\":\"1\"}]}}",
+    ]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // What the API server would do on its own every 5 minutes: compact etcd's history, here up to
+    // now, so that no watch can resume from a revision the operator saw before the restart.
+    compact_etcd();
+
+    // Restarted without its watch cache, every resumed watch goes to etcd, whose history is now
+    // compacted: each of the operator's watches gets 410 Gone for certain and must relist. (With
+    // the cache, a resumed watch gets 410 or not depending on when the cache was filled.)
+    second.args.push("--watch-cache=false".into());
+    let restarted = Instant::now();
+    second.start();
+    let up = restarted.elapsed();
+    let recovered = wait_for(
+        "every job settled again",
+        Duration::from_secs(120),
+        || async {
+            settled(&api, &pods, &names)
+                .await
+                .is_empty()
+                .then(|| restarted.elapsed())
+        },
+    )
+    .await;
+    assert!(
+        op.try_wait().unwrap().is_none(),
+        "the operator exited; its log: {}",
+        log.display()
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let expired = text
+        .lines()
+        .filter(|l| l.contains("watch failed") && (l.contains("410") || l.contains("too old")))
+        .count();
+    let _ = op.kill();
+    let _ = op.wait();
+    println!(
+        "API server down for 5 s with {left_at_kill} of 30 jobs still starting: back up in {:.1} s, \
+         every one of {} jobs settled {:.1} s after the restart; {expired} watch expiries (410) relisted",
+        up.as_secs_f64(),
+        names.len(),
+        recovered.as_secs_f64()
+    );
+    assert!(
+        recovered < Duration::from_secs(60),
+        "recovery took {recovered:?}; the operator's log: {}",
+        log.display()
+    );
+    assert!(
+        expired > 0,
+        "no watch of the operator expired (410) across the restart; its log: {}",
+        log.display()
+    );
+}
