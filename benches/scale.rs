@@ -142,14 +142,6 @@ struct Proc {
     target: Target,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Proc {
     fn start(target: Target, tag: &str) -> Proc {
         let dir = root().join("target/bench");
@@ -158,21 +150,12 @@ impl Proc {
         match target {
             Target::Keelson => {
                 let addr = format!("127.0.0.1:{}", free_port());
-                let out = std::fs::File::create(&log).unwrap();
-                let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-                    .args(["run", "--health-addr", &addr, "--leader-elect", "false"])
-                    .env("KUBECONFIG", kubeconfig())
-                    .env("RUST_LOG", "keelson=info")
-                    .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
-                    .env(
-                        "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
-                        "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
-                    )
-                    .stdout(out.try_clone().unwrap())
-                    .stderr(out)
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .unwrap();
+                let child = spawn_operator(
+                    &kubeconfig(),
+                    &log,
+                    &["--health-addr", &addr, "--leader-elect", "false"],
+                    &[],
+                );
                 let pid = child.id();
                 let p = Proc {
                     child: Some(child),

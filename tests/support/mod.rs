@@ -441,13 +441,19 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
-/// The real operator binary as its ServiceAccount (impersonated), with no leader election, its log
-/// (JSON lines) in `log`. `kubeconfig` picks the API server it talks to.
-pub fn spawn_operator(kubeconfig: &Path, log: &Path, extra: &[&str]) -> std::process::Child {
+/// The real operator binary (`keelson run` with `args`) as its ServiceAccount (impersonated), its
+/// log (JSON lines) in `log`. `kubeconfig` picks the API server it talks to.
+pub fn spawn_operator(
+    kubeconfig: &Path,
+    log: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let out = std::fs::File::create(log).expect("operator log file");
     Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["--log-format", "json", "run", "--leader-elect", "false"])
-        .args(extra)
+        .args(["--log-format", "json", "run"])
+        .args(args)
+        .envs(env.iter().copied())
         .env("KUBECONFIG", kubeconfig)
         .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
         .env(
@@ -471,4 +477,92 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// Replicas of the real binary with leader election on a Lease of their own.
+pub const LEASE_NS: &str = "keelson-system";
+
+pub struct Replica {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Replica {
+    pub fn start(lease: &str, port: u16) -> Replica {
+        Replica::start_with(lease, port, &[])
+    }
+
+    /// A replica with more `keelson run` flags.
+    pub fn start_with(lease: &str, port: u16, flags: &[&str]) -> Replica {
+        let addr = format!("127.0.0.1:{port}");
+        let log = root().join(format!("target/{lease}-{port}.log"));
+        let pod = format!("replica-{port}");
+        let mut args = vec![
+            "--health-addr",
+            &addr,
+            "--lease-namespace",
+            LEASE_NS,
+            "--lease-name",
+            lease,
+        ];
+        args.extend_from_slice(flags);
+        let child = spawn_operator(&kubeconfig(), &log, &args, &[("POD_NAME", pod.as_str())]);
+        Replica { child, addr }
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((code, body))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.get("/metrics")
+            .is_some_and(|(_, m)| m.lines().any(|l| l == "keelson_leader 1"))
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.get("/metrics")
+            .is_some_and(|(_, m)| m.lines().any(|l| l == "keelson_leader 0"))
+    }
+
+    pub fn ready(&self) -> bool {
+        self.get("/readyz").is_some_and(|(c, _)| c == 200)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn holder(lease: &str) -> String {
+    kubectl_ok(
+        &[
+            "-n",
+            LEASE_NS,
+            "get",
+            "lease",
+            lease,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        None,
+    )
 }

@@ -1,11 +1,17 @@
-//! The API server restarted under load, and the watch expiry (410 Gone) that follows: the operator
-//! recovers on its own. Its own binary, so that the only operator reconciling is the one under test.
+//! Disruptions of the operator's world, each with only the operator under test running (its own
+//! test binary, one test at a time): the API server restarted under load with the watch expiry
+//! (410 Gone) that follows, and the leader killed in the middle of a burst of creates.
 //!
-//! The operator (the real binary) talks to a second kube-apiserver on the same etcd, started with
-//! the flags of the cluster's own. Mid-burst that API server is killed (SIGKILL); while it is down
-//! the world moves on through the first one (new jobs, a pod deleted by hand, a spec edited), etcd's
-//! history is compacted, and it is started again. The operator's watches resume from revisions
-//! that no longer exist: 410 Gone, and a relist. Every job must then converge.
+//! API server restart: the operator (the real binary) talks to a second kube-apiserver on the same
+//! etcd, started with the flags of the cluster's own. Mid-burst that API server is killed (SIGKILL);
+//! while it is down the world moves on through the first one (new jobs, a pod deleted by hand, a
+//! spec edited), etcd's history is compacted, and it is started again. The operator's watches resume
+//! from revisions that no longer exist: 410 Gone, and a relist. Every job must then converge.
+//!
+//! Leader killed mid-burst: two replicas with leader election; 40 jobs of 4 workers are created at
+//! once and the leader is killed (SIGKILL) once the first pods exist. The standby takes over and
+//! finishes: every pod is created exactly once (the API server's audit log counts the creates), no
+//! pod made before the kill is replaced, and the takeover time is printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,6 +26,9 @@ use k8s_openapi::api::core::v1::Pod;
 use keelson::trainingjob::TrainingJob;
 use kube::api::{Api, ListParams};
 use support::*;
+
+/// One disruption at a time: each test's operator watches every namespace.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A second kube-apiserver of the local cluster, on its own port.
 struct SecondApiserver {
@@ -153,45 +162,36 @@ fn compact_etcd() {
 }
 
 fn job(name: &str) -> String {
+    job_of(name, 2)
+}
+
+fn job_of(name: &str, workers: u32) -> String {
     format!(
-        "apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: trainer:1\n  framework: PyTorch\n  workers: 2\n  resources: {{requests: {{cpu: 100m}}}}\n"
+        "apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: trainer:1\n  framework: PyTorch\n  workers: {workers}\n  resources: {{requests: {{cpu: 100m}}}}\n"
     )
 }
 
-/// Jobs Running, with their status for the current generation and every worker pod present.
-async fn settled(api: &Api<TrainingJob>, pods: &Api<Pod>, names: &[String]) -> Vec<String> {
+/// Jobs not yet settled: a settled job has every worker pod and a status for its generation.
+/// (Scheduling the pods is the scheduler's business, and the local cluster's nodes may be busy.)
+async fn unsettled(api: &Api<TrainingJob>, pods: &Api<Pod>, names: &[String]) -> Vec<String> {
     let jobs = api
         .list(&ListParams::default())
         .await
         .map(|l| l.items)
         .unwrap_or_default();
-    let pods: Vec<String> = pods
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .map(|p| p.metadata.name.unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default();
+    let pods = pod_uids(pods).await;
     names
         .iter()
         .filter(|n| {
             let Some(j) = jobs.iter().find(|j| j.metadata.name.as_deref() == Some(n)) else {
                 return true;
             };
-            let st = j.status.as_ref();
-            let current = st.and_then(|s| s.observed_generation) == j.metadata.generation;
-            let running = st
-                .and_then(|s| s.phase)
-                .is_some_and(|p| format!("{p:?}") == "Running");
-            let workers = j.spec.workers as usize;
-            let have = (0..workers)
-                .filter(|r| pods.contains(&format!("{n}-worker-{r}")))
+            let current =
+                j.status.as_ref().and_then(|s| s.observed_generation) == j.metadata.generation;
+            let have = (0..j.spec.workers)
+                .filter(|r| pods.contains_key(&format!("{n}-worker-{r}")))
                 .count();
-            !(current && running && have == workers)
+            !(current && have == j.spec.workers as usize)
         })
         .cloned()
         .collect()
@@ -199,12 +199,18 @@ async fn settled(api: &Api<TrainingJob>, pods: &Api<Pod>, names: &[String]) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered() {
+    let _one = ONE_AT_A_TIME.lock().await;
     cluster();
     let mut second = SecondApiserver::new();
     second.start();
     let ns = Ns::new("restart");
     let log = root().join(format!("target/restart-{}.log", ns.name));
-    let mut op = spawn_operator(&second.kubeconfig(), &log, &["--health-addr", ""]);
+    let mut op = spawn_operator(
+        &second.kubeconfig(),
+        &log,
+        &["--health-addr", "", "--leader-elect", "false"],
+        &[],
+    );
 
     // A burst of jobs; the API server goes down while they are still starting.
     let mut names: Vec<String> = (0..30).map(|i| format!("burst-{i:02}")).collect();
@@ -217,12 +223,12 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
     let client = client().await;
     let api: Api<TrainingJob> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    wait_for("a few jobs Running", Duration::from_secs(90), || async {
-        let left = settled(&api, &pods, &names).await.len();
+    wait_for("a few jobs settled", Duration::from_secs(90), || async {
+        let left = unsettled(&api, &pods, &names).await.len();
         (left <= names.len() - 3).then_some(())
     })
     .await;
-    let left_at_kill = settled(&api, &pods, &names).await.len();
+    let left_at_kill = unsettled(&api, &pods, &names).await.len();
     second.kill();
 
     // The world moves on while the operator's API server is down.
@@ -278,7 +284,7 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
         "every job settled again",
         Duration::from_secs(120),
         || async {
-            settled(&api, &pods, &names)
+            unsettled(&api, &pods, &names)
                 .await
                 .is_empty()
                 .then(|| restarted.elapsed())
@@ -313,5 +319,135 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
         expired > 0,
         "no watch of the operator expired (410) across the restart; its log: {}",
         log.display()
+    );
+}
+
+/// Pod creates in `ns` that the API server's audit log records, by response code.
+fn pod_creates(ns: &str) -> std::collections::BTreeMap<i64, usize> {
+    let text =
+        std::fs::read_to_string(root().join("target/cluster/logs/audit.log")).unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains(ns)) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let r = &v["objectRef"];
+        let create =
+            v["verb"] == "create" || (v["verb"] == "patch" && v["responseStatus"]["code"] == 201);
+        if r["resource"] == "pods"
+            && r["subresource"].is_null()
+            && r["namespace"] == ns
+            && create
+            && (v["impersonatedUser"]["username"] == OPERATOR_USER
+                || v["user"]["username"] == OPERATOR_USER)
+        {
+            let code = v["responseStatus"]["code"].as_i64().unwrap_or(0);
+            *out.entry(code).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// The uid of every pod in `ns`, by name.
+async fn pod_uids(pods: &Api<Pod>) -> std::collections::BTreeMap<String, String> {
+    pods.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| {
+                    (
+                        p.metadata.name.unwrap_or_default(),
+                        p.metadata.uid.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_burst_hands_over_without_a_double_create() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    cluster();
+    let lease = format!("takeover-{}", std::process::id());
+    // At 20 requests a second the burst takes the leader several seconds: time to kill it midway.
+    let slow = ["--qps", "20", "--burst", "20"];
+    let a = Replica::start_with(&lease, free_port(), &slow);
+    wait_for("replica A to lead", TIMEOUT, || async {
+        (a.is_leader() && a.ready()).then_some(())
+    })
+    .await;
+    let b = Replica::start_with(&lease, free_port(), &slow);
+    wait_for("replica B to stand by", TIMEOUT, || async {
+        (b.is_standby() && b.ready()).then_some(())
+    })
+    .await;
+
+    let ns = Ns::new("takeover");
+    let names: Vec<String> = (0..40).map(|i| format!("job-{i:02}")).collect();
+    ns.apply(
+        &names
+            .iter()
+            .map(|n| job_of(n, 4))
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    )
+    .unwrap();
+    let client = client().await;
+    let api: Api<TrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let total = names.len() * 4;
+    let before = wait_for("the first pods", Duration::from_secs(60), || async {
+        let uids = pod_uids(&pods).await;
+        (uids.len() >= total / 8).then_some(uids)
+    })
+    .await;
+    a.signal("-KILL");
+    let killed = Instant::now();
+    wait_for(
+        "replica B to take over",
+        Duration::from_secs(30),
+        || async { b.is_leader().then_some(()) },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    let settled_at = wait_for("every job settled", Duration::from_secs(120), || async {
+        unsettled(&api, &pods, &names)
+            .await
+            .is_empty()
+            .then(|| killed.elapsed())
+    })
+    .await;
+
+    let after = pod_uids(&pods).await;
+    let replaced: Vec<&String> = before
+        .iter()
+        .filter(|(n, uid)| after.get(*n) != Some(uid))
+        .map(|(n, _)| n)
+        .collect();
+    let codes = pod_creates(&ns.name);
+    println!(
+        "leader killed with {} of {total} pods made: standby leading after {:.1} s, all {} jobs \
+         made with a current status {:.1} s after the kill; pod creates by response code: {codes:?}",
+        before.len(),
+        takeover.as_secs_f64(),
+        names.len(),
+        settled_at.as_secs_f64()
+    );
+    assert_eq!(after.len(), total, "pods: {:?}", after.keys());
+    assert!(
+        replaced.is_empty(),
+        "pods replaced after the takeover: {replaced:?}"
+    );
+    assert_eq!(
+        codes.get(&201).copied().unwrap_or(0),
+        total,
+        "every pod created once: {codes:?}"
+    );
+    assert!(
+        takeover < Duration::from_secs(20),
+        "takeover took {takeover:?}"
     );
 }
