@@ -774,4 +774,15 @@ async fn main() {
     for w in ns.windows(2) {
         print_growth(w[0], w[1], &all);
     }
+    // The bench's nodes go, so that later tests schedule on the cluster's own.
+    kubectl_ok(
+        &[
+            "delete",
+            "nodes",
+            "-l",
+            "keelson.dev/sim-pool=bench",
+            "--wait=false",
+        ],
+        None,
+    );
 }

@@ -30,6 +30,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -56,6 +57,11 @@ use crate::error::{Error, Result};
 /// one per rank.
 const MAX_BATCH: usize = 16;
 
+/// Progress within a phase (worker counts, a condition's message) is written at most this often
+/// per job, as the Job controller batches pod events (`syncJobBatchPeriod`): the pods of a job that
+/// start together make one status write, not one each. A phase change is written at once.
+const STATUS_BATCH: Duration = Duration::from_secs(1);
+
 /// What the reconciler remembers about one job between reconciles (see the module docs).
 #[derive(Debug, Default)]
 struct Memory {
@@ -67,6 +73,8 @@ struct Memory {
     /// The resourceVersion of the job that status was written over. A cache that shows another
     /// version has seen that write, or a later one (perhaps another manager's): it is the truth.
     written_over: Option<String>,
+    /// When this process last wrote the job's status.
+    written_at: Option<Instant>,
 }
 
 /// The TrainingJob controller's context: shared state, the child caches and the memory of writes
@@ -148,12 +156,21 @@ impl Memories {
         self.entry(job, |m| m.deleted.insert(pod_uid));
     }
 
-    fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus) {
+    fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus, at: Instant) {
         let over = job.resource_version();
         self.entry(job, |m| {
             m.written = Some(st);
             m.written_over = over;
+            m.written_at = Some(at);
         });
+    }
+
+    /// How long a progress write must wait to keep to one per [`STATUS_BATCH`], if at all.
+    fn batch_wait(&self, job: &TrainingJob, now: Instant) -> Option<Duration> {
+        let last = self.entry(job, |m| m.written_at)?;
+        STATUS_BATCH
+            .checked_sub(now.saturating_duration_since(last))
+            .filter(|d| !d.is_zero())
     }
 
     fn forget(&self, job: &TrainingJob) {
@@ -406,7 +423,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         Err(e) => {
             let st = invalid(&job, &prev, &e, &now);
             if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
-                ctx.memory.remember_written(&job, st);
+                ctx.memory.remember_written(&job, st, Instant::now());
                 shared
                     .event(job.as_ref(), true, e.reason, e.to_string())
                     .await;
@@ -463,12 +480,22 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
     }
 
     let st = status(&job, &prev, &observed, &decision, &now);
+    if st != prev && st.phase == prev.phase && first_err.is_none() {
+        if let Some(wait) = ctx.memory.batch_wait(&job, Instant::now()) {
+            if !changed.is_empty() {
+                tracing::info!(changes = ?changed, "reconciled");
+            }
+            tracing::debug!(?wait, "progress written within the last second: batched");
+            shared.succeeded(&key(job.as_ref()));
+            return Ok(Action::requeue(wait));
+        }
+    }
     if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
         if prev.phase != st.phase {
             phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
             changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
         }
-        ctx.memory.remember_written(&job, st);
+        ctx.memory.remember_written(&job, st, Instant::now());
         changed.push("status".into());
     }
     if let Some(e) = first_err {
@@ -547,6 +574,20 @@ mod tests {
     }
 
     #[test]
+    fn progress_is_written_at_most_once_per_batch_period() {
+        let (store, mut writer) = reflector::store::<TrainingJob>();
+        let mem = Memories::new(store);
+        let j = job("u1", None);
+        writer.apply_watcher_event(&watcher::Event::Apply(j.clone()));
+        let t0 = Instant::now();
+        assert_eq!(mem.batch_wait(&j, t0), None, "nothing written yet");
+        mem.remember_written(&j, restarts(0), t0);
+        let wait = mem.batch_wait(&j, t0 + Duration::from_millis(300));
+        assert_eq!(wait, Some(Duration::from_millis(700)));
+        assert_eq!(mem.batch_wait(&j, t0 + STATUS_BATCH), None);
+    }
+
+    #[test]
     fn memory_covers_a_stale_cache_until_it_catches_up() {
         let (store, mut writer) = reflector::store::<TrainingJob>();
         let mem = Memories::new(store);
@@ -560,7 +601,7 @@ mod tests {
 
         // This process deleted the failed pod and wrote restarts 2; the caches lag behind.
         mem.remember_deleted(&stale, "uid-resnet-worker-0".into());
-        mem.remember_written(&stale, restarts(2));
+        mem.remember_written(&stale, restarts(2), Instant::now());
         let (prev, deleted) = mem.recall(&stale, &pods);
         assert_eq!(prev, restarts(2));
         assert!(deleted.contains("uid-resnet-worker-0"));
@@ -583,7 +624,7 @@ mod tests {
         let mut seen = job("u1", Some(restarts(1)));
         seen.metadata.resource_version = Some("10".into());
         writer.apply_watcher_event(&watcher::Event::Apply(seen.clone()));
-        mem.remember_written(&seen, restarts(2));
+        mem.remember_written(&seen, restarts(2), Instant::now());
         // Still version 10: the cache has not seen the write.
         assert_eq!(mem.recall(&seen, &[]).0, restarts(2));
         // Version 12 with another manager's status: that is what the next decision starts from.
@@ -599,7 +640,7 @@ mod tests {
         let mem = Memories::new(store);
         let old = job("u1", None);
         writer.apply_watcher_event(&watcher::Event::Apply(old.clone()));
-        mem.remember_written(&old, restarts(3));
+        mem.remember_written(&old, restarts(3), Instant::now());
         assert_eq!(mem.len(), 1);
 
         // Re-created under the same name: the old job's status is not carried over.
@@ -608,7 +649,7 @@ mod tests {
         assert_eq!(mem.recall(&new, &[]).0, TrainingJobStatus::default());
         assert_eq!(mem.len(), 0);
 
-        mem.remember_written(&new, restarts(1));
+        mem.remember_written(&new, restarts(1), Instant::now());
         writer.apply_watcher_event(&watcher::Event::Delete(new.clone()));
         let other = job("u3", None);
         let mut other = other;
@@ -616,7 +657,7 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
         mem.recall(&other, &[]);
         assert_eq!(mem.len(), 0);
-        mem.remember_written(&other, restarts(1));
+        mem.remember_written(&other, restarts(1), Instant::now());
         mem.forget(&other);
         assert_eq!(mem.len(), 0);
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::Api;
+use kube::{Api, ResourceExt};
 
 use crate::support::*;
 use keelson::api::conditions;
@@ -122,13 +122,12 @@ async fn pytorch_job_on_gpus_runs_and_succeeds() {
             .get(spec.node_name.as_deref().unwrap())
             .await
             .unwrap();
-        assert!(
-            node.metadata
-                .name
-                .as_deref()
-                .unwrap()
-                .starts_with("kwok-gpu-"),
-            "{name} on {:?}",
+        assert_eq!(
+            node.labels()
+                .get("nvidia.com/gpu.present")
+                .map(String::as_str),
+            Some("true"),
+            "{name} on {:?}, not a GPU node",
             node.metadata.name
         );
         assert_eq!(spec.hostname.as_deref(), Some(name.as_str()));
