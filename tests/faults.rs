@@ -1,5 +1,6 @@
 //! Faults the operator must ride out on its own: children deleted or edited by hand are restored,
-//! and another field manager's write to the status is overwritten once, without a fight.
+//! another field manager's apply to the status is refused with a 409 conflict, and a forced one is
+//! overwritten once, without a fight.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -86,6 +87,25 @@ async fn hand_edits_and_foreign_status_writes_are_undone() {
     })
     .await;
     let intruder = r#"{"apiVersion":"keelson.dev/v1alpha1","kind":"TrainingJob","metadata":{"name":"tj"},"status":{"conditions":[{"type":"Ready","status":"False","reason":"Intruder","message":"written by another manager","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    // Without force, the other manager's apply is refused: 409, the field is the operator's.
+    let o = kubectl(
+        &[
+            "-n",
+            &ns.name,
+            "apply",
+            "--server-side",
+            "--field-manager=intruder",
+            "--subresource=status",
+            "-f",
+            "-",
+        ],
+        Some(intruder),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("conflict") && err.contains("\"keelson\""),
+        "a status apply without force is not refused with a conflict naming keelson: {err}"
+    );
     let o = kubectl(
         &[
             "-n",
