@@ -701,15 +701,18 @@ fn print_table(n: usize, rows: &[(Target, Figures)]) {
     }
 }
 
+/// One figure read from a run's [`Figures`].
+type Figure = dyn Fn(&Figures) -> f64;
+
 fn print_growth(lo: usize, hi: usize, all: &BTreeMap<(usize, &'static str), Figures>) {
     println!("\nGrowth from N={lo} to N={hi} (×{}; linear is ×{} in totals, ×1 in per-child and latency figures)", hi / lo, hi / lo);
     println!("| figure | keelson | anchor |");
     println!("|---|---:|---:|");
-    let g = |t: &str, f: &dyn Fn(&Figures) -> f64| match (all.get(&(lo, t)), all.get(&(hi, t))) {
+    let g = |t: &str, f: &Figure| match (all.get(&(lo, t)), all.get(&(hi, t))) {
         (Some(a), Some(b)) => ratio(f(b), f(a)),
         _ => "-".into(),
     };
-    let rows: [(&str, &dyn Fn(&Figures) -> f64); 6] = [
+    let rows: [(&str, &Figure); 6] = [
         ("create → children p99", &|f| f.children_ms[1]),
         ("create → Running p99", &|f| f.running_ms[1]),
         ("API writes per child", &|f| f.writes_per_child()),
