@@ -142,14 +142,6 @@ struct Proc {
     target: Target,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Proc {
     fn start(target: Target, tag: &str) -> Proc {
         let dir = root().join("target/bench");

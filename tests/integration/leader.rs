@@ -2,8 +2,6 @@
 //! standby that takes over within 15 s of the leader's SIGKILL, and a Lease released on SIGTERM.
 //! Leadership, readiness and metrics are read from each replica's own /metrics and /readyz.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,15 +38,7 @@ impl Replica {
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect(&self.addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let code = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((code, body))
+        http_get(&self.addr, path)
     }
 
     fn is_leader(&self) -> bool {
@@ -93,14 +83,6 @@ fn holder(lease: &str) -> String {
         ],
         None,
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
