@@ -98,8 +98,13 @@ pub struct GpuSpec {
     pub resource: Option<String>,
 
     /// GPU product the pods must land on, e.g. `NVIDIA-A100-SXM4-80GB`; becomes a node selector on
-    /// `nvidia.com/gpu.product`.
+    /// `nvidia.com/gpu.product`, so it is a label value: at most 63 letters, digits, '-', '_' and
+    /// '.', starting and ending with a letter or digit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+    )]
     pub product: Option<String>,
 }
 
