@@ -164,7 +164,7 @@ impl Proc {
                     target,
                 };
                 wait_sync(Duration::from_secs(60), || {
-                    http_get(&format!("http://{addr}/readyz")).is_some_and(|(c, _)| c == 200)
+                    http_get(&addr, "/readyz").is_some_and(|(c, _)| c == 200)
                 });
                 p
             }
@@ -219,7 +219,7 @@ impl Proc {
 
     fn reconciles(&self) -> f64 {
         let (name, label) = self.target.reconciles_metric();
-        http_get(&self.metrics)
+        get_url(&self.metrics)
             .map(|(_, body)| {
                 body.lines()
                     .filter(|l| l.starts_with(name) && l.contains(label))
@@ -263,23 +263,11 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// A plain HTTP GET on loopback: status and body.
-fn http_get(url: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
+/// A plain HTTP GET of `http://addr/path` on loopback: status and body.
+fn get_url(url: &str) -> Option<(u16, String)> {
     let rest = url.strip_prefix("http://")?;
     let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    let out = String::from_utf8_lossy(&out).into_owned();
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    http_get(addr, &format!("/{path}"))
 }
 
 /// Simulated GPU nodes for the bench: `count` nodes with `per` pods and `per` GPUs each.
@@ -691,7 +679,7 @@ fn print_growth(lo: usize, hi: usize, all: &BTreeMap<(usize, &'static str), Figu
     println!("\nGrowth from N={lo} to N={hi} (×{}; linear is ×{} in totals, ×1 in per-child and latency figures)", hi / lo, hi / lo);
     println!("| figure | keelson | anchor |");
     println!("|---|---:|---:|");
-    let g = |t: &str, f: &dyn Fn(&Figures) -> f64| match (all.get(&(lo, t)), all.get(&(hi, t))) {
+    let g = |t: &str, f: &Figure| match (all.get(&(lo, t)), all.get(&(hi, t))) {
         (Some(a), Some(b)) => ratio(f(b), f(a)),
         _ => "-".into(),
     };

@@ -18,7 +18,9 @@ pub mod operator;
 mod proptests;
 pub mod ratelimit;
 pub mod router;
-#[cfg(test)]
+#[cfg(any(test, feature = "testgen"))]
 pub mod schema_check;
 pub mod telemetry;
+#[cfg(any(test, feature = "testgen"))]
+pub mod testgen;
 pub mod trainingjob;

@@ -1,7 +1,10 @@
 //! Test support: validates an object against a generated CRD the way the API server does, with the
 //! OpenAPI checks (types, required fields, unknown fields, enums, bounds, lengths, patterns) and the
 //! CEL rules (evaluated by kube's CEL interpreter). Used by the example and property tests; the
-//! integration tests check the same manifests against the real API server.
+//! integration tests check the same manifests against the real API server. Test support, compiled
+//! for the unit tests and with the `testgen` feature; it panics on a malformed CRD.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;

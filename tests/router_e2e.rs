@@ -99,14 +99,6 @@ impl Drop for StandIn {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Writes `content` to `path` atomically (a new file renamed over the old one).
 fn replace_file(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");

@@ -12,6 +12,9 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::apply::parse_quantity;
+use crate::error::BuildError;
+
 /// Default extended resource name for GPUs.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Node label that carries the GPU product name (NVIDIA GPU feature discovery).
@@ -82,6 +85,31 @@ impl WorkloadSpec {
     pub fn gpu_count(&self) -> i32 {
         self.gpus.as_ref().map(|g| g.count).unwrap_or(0)
     }
+
+    /// Checks what the schema cannot: that every quantity in `resources` is one. The CRD types them
+    /// as int-or-string, as core/v1 does, and the API server refuses a pod or Deployment built from
+    /// `cpu: x` (a Deployment's server-side apply with a 500). `field` is where this workload is in
+    /// the spec: `spec`, or `spec.variants[1]`.
+    pub fn check_resources(&self, field: &str) -> Result<(), BuildError> {
+        let Some(r) = &self.resources else {
+            return Ok(());
+        };
+        for (which, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+            for (name, q) in map.iter().flatten() {
+                if parse_quantity(&q.0).is_none() {
+                    return Err(BuildError::new(
+                        "InvalidQuantity",
+                        format!("{field}.resources.{which}.{name}"),
+                        format!(
+                            "{:?} is not a quantity; write one such as 500m, 2 or 8Gi",
+                            q.0
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// GPUs asked for declaratively.
@@ -98,8 +126,13 @@ pub struct GpuSpec {
     pub resource: Option<String>,
 
     /// GPU product the pods must land on, e.g. `NVIDIA-A100-SXM4-80GB`; becomes a node selector on
-    /// `nvidia.com/gpu.product`.
+    /// `nvidia.com/gpu.product`, so it is a label value: at most 63 letters, digits, '-', '_' and
+    /// '.', starting and ending with a letter or digit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+    )]
     pub product: Option<String>,
 }
 
@@ -166,4 +199,42 @@ pub struct VolumeSpec {
     /// A Secret's keys as files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretVolumeSource>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn with(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> WorkloadSpec {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                    .collect(),
+            )
+        };
+        WorkloadSpec {
+            image: "img:1".into(),
+            resources: Some(ResourceRequirements {
+                requests: map(requests),
+                limits: map(limits),
+                ..ResourceRequirements::default()
+            }),
+            ..WorkloadSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_resource_that_is_not_a_quantity_names_its_field() {
+        let ok = with(&[("cpu", "500m"), ("memory", "8Gi")], &[("memory", "1e3")]);
+        assert_eq!(ok.check_resources("spec"), Ok(()));
+        assert_eq!(WorkloadSpec::default().check_resources("spec"), Ok(()));
+        let bad = with(&[("cpu", "2")], &[("memory", "x")]);
+        let e = bad.check_resources("spec.variants[1]").unwrap_err();
+        assert_eq!(e.reason, "InvalidQuantity");
+        assert_eq!(e.field, "spec.variants[1].resources.limits.memory");
+        assert!(e.message.contains("\"x\""), "{e}");
+    }
 }

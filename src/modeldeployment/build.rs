@@ -246,6 +246,7 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
                 ),
             ));
         }
+        v.workload.check_resources(&format!("spec.variants[{i}]"))?;
         if !(0..=100).contains(&v.weight) {
             return Err(BuildError::new(
                 "InvalidWeights",

@@ -168,6 +168,16 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action
             shared
                 .event(md.as_ref(), true, "ReconcileFailed", e.to_string())
                 .await;
+            // A child the API server refuses: the status says so (reason ChildRefused), and the
+            // reconcile is retried with backoff.
+            if let Some(refused) = e.refusal() {
+                let st = invalid(&md, &refused, &now());
+                apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
+                    .await?;
+            }
+            if !changes.0.is_empty() {
+                tracing::info!(changes = ?changes.0, "reconciled in part");
+            }
             return Err(e);
         }
     };

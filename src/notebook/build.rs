@@ -59,6 +59,7 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
     let spec = &nb.spec;
     let port = spec.port.unwrap_or(DEFAULT_PORT);
     let labels = owner.labels();
+    spec.workload.check_resources("spec")?;
 
     if let Some(ws) = &spec.workspace {
         let mount = ws.mount_path.as_deref().unwrap_or(DEFAULT_WORKSPACE_MOUNT);

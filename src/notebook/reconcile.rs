@@ -21,7 +21,7 @@ use crate::apply::{self, applied_hash, stamp, Outcome};
 use crate::controller::{
     cached, child_cache, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
 };
-use crate::error::{Error, Result};
+use crate::error::{BuildError, Error, Result};
 
 /// Length of a generated access token.
 const TOKEN_LEN: usize = 48;
@@ -127,30 +127,93 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
     let children = match build(&nb, &owner, &token) {
         Ok(c) => c,
         Err(e) => {
-            let st = invalid(&nb, &e, &now());
-            if apply::patch_status(client, &shared.writes, nb.as_ref(), nb.status.as_ref(), &st)
-                .await?
-            {
-                shared
-                    .event(nb.as_ref(), true, e.reason, e.to_string())
-                    .await;
-            }
+            set_invalid(&nb, shared, &e).await?;
             shared.succeeded(&key(nb.as_ref()));
             return Ok(Action::await_change());
         }
     };
+    let mut changed = Vec::new();
+    let written = write_children(
+        &nb,
+        &ctx,
+        &owner,
+        token_secret.is_none(),
+        children,
+        &mut changed,
+    )
+    .await;
+    if let Err(e) = written {
+        // A child the API server refuses: the status says so (reason ChildRefused), and the
+        // reconcile is retried with backoff.
+        if let Some(refused) = e.refusal() {
+            set_invalid(&nb, shared, &refused).await?;
+        }
+        if !changed.is_empty() {
+            tracing::info!(changes = ?changed, "reconciled in part");
+        }
+        return Err(e);
+    }
+
+    let observed = Observed {
+        pod: cached(&ctx.pods, ns, &pod_name(&owner.name)).map(|p| (*p).clone()),
+        workspace: cached(&ctx.pvcs, ns, &workspace_name(&owner.name)).map(|p| (*p).clone()),
+        token_exists: token_secret.is_some() || changed.iter().any(|c| c.contains("token")),
+    };
+    let st = status(&nb, &owner, &observed, &now());
+    let prev_phase = nb.status.as_ref().and_then(|s| s.phase);
+    if apply::patch_status(client, &shared.writes, nb.as_ref(), nb.status.as_ref(), &st).await? {
+        if prev_phase != st.phase {
+            if let Some(p) = st.phase {
+                shared
+                    .event(
+                        nb.as_ref(),
+                        false,
+                        "PhaseChanged",
+                        format!("phase is now {p:?}"),
+                    )
+                    .await;
+            }
+        }
+        changed.push("status".to_string());
+    }
+    if !changed.is_empty() {
+        tracing::info!(changes = ?changed, "reconciled");
+    }
+    shared.succeeded(&key(nb.as_ref()));
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Writes the status of a Notebook that cannot run as specified (phase Failed, Ready False with the
+/// reason), with a Warning Event when it changes.
+async fn set_invalid(nb: &Notebook, shared: &Shared, e: &BuildError) -> Result<()> {
+    let st = invalid(nb, e, &now());
+    if apply::patch_status(&shared.client, &shared.writes, nb, nb.status.as_ref(), &st).await? {
+        shared.event(nb, true, e.reason, e.to_string()).await;
+    }
+    Ok(())
+}
+
+/// Writes the children of `nb`: the token Secret (when `make_token`), the workspace PVC, the
+/// Service and the pod. What it changed goes to `changed`, also when a write fails.
+async fn write_children(
+    nb: &Notebook,
+    ctx: &Ctx,
+    owner: &Owner,
+    make_token: bool,
+    children: Children,
+    changed: &mut Vec<String>,
+) -> Result<()> {
     let Children {
         service,
         token: secret,
         workspace,
         pod,
     } = children;
+    let shared = &ctx.shared;
+    let client = &shared.client;
+    let ns = owner.namespace.as_str();
 
-    let mut changed = Vec::new();
-
-    if token_secret.is_none()
-        && apply::create_once(client, &shared.writes, secret).await? == Outcome::Created
-    {
+    if make_token && apply::create_once(client, &shared.writes, secret).await? == Outcome::Created {
         changed.push("created token Secret".to_string());
     }
 
@@ -200,7 +263,7 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
                 if apply::create_once(client, &shared.writes, p).await? == Outcome::Created {
                     shared
                         .event(
-                            nb.as_ref(),
+                            nb,
                             false,
                             "PodCreated",
                             format!("created pod {}", pod_name(&owner.name)),
@@ -215,7 +278,7 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
                 if apply::delete(client, &shared.writes, p).await? {
                     shared
                         .event(
-                            nb.as_ref(),
+                            nb,
                             reason != "Suspended" && reason != "SpecChanged",
                             reason,
                             format!("deleted pod {}", p.name_any()),
@@ -227,33 +290,7 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
         }
     }
 
-    let observed = Observed {
-        pod: cached(&ctx.pods, ns, &pod_name(&owner.name)).map(|p| (*p).clone()),
-        workspace: cached(&ctx.pvcs, ns, &workspace_name(&owner.name)).map(|p| (*p).clone()),
-        token_exists: token_secret.is_some() || changed.iter().any(|c| c.contains("token")),
-    };
-    let st = status(&nb, &owner, &observed, &now());
-    let prev_phase = nb.status.as_ref().and_then(|s| s.phase);
-    if apply::patch_status(client, &shared.writes, nb.as_ref(), nb.status.as_ref(), &st).await? {
-        if prev_phase != st.phase {
-            if let Some(p) = st.phase {
-                shared
-                    .event(
-                        nb.as_ref(),
-                        false,
-                        "PhaseChanged",
-                        format!("phase is now {p:?}"),
-                    )
-                    .await;
-            }
-        }
-        changed.push("status".to_string());
-    }
-    if !changed.is_empty() {
-        tracing::info!(changes = ?changed, "reconciled");
-    }
-    shared.succeeded(&key(nb.as_ref()));
-    Ok(Action::requeue(RESYNC))
+    Ok(())
 }
 
 #[cfg(test)]

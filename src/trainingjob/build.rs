@@ -139,6 +139,7 @@ fn validate(job: &TrainingJob, owner: &Owner) -> Result<(), BuildError> {
             format!("must be between 1 and {MAX_WORKERS}, got {workers}"),
         ));
     }
+    job.spec.workload.check_resources("spec")?;
     if owner.name.len() > MAX_NAME_LEN {
         return Err(BuildError::new(
             "NameTooLong",

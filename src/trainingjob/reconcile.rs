@@ -45,12 +45,13 @@ use kube::{Api, Resource, ResourceExt};
 use super::build::{build, LABEL_QUEUE};
 use super::status::{decide, invalid, status, DeleteReason, Deletion, Observed};
 use super::types::{JobPhase, TrainingJob, TrainingJobStatus};
+use crate::api::conditions::{self, READY};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
     cached, child_cache, children_of, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, CHILD_REFUSED};
 
 /// Most pod writes in flight at once for one job. Creations start with one and double up to this
 /// (slow start, as the Job controller does), so a quota or admission error costs one call, not
@@ -479,6 +480,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         }
     }
 
+    decision.refused = first_err.as_ref().and_then(Error::refusal);
     let st = status(&job, &prev, &observed, &decision, &now);
     if st != prev && st.phase == prev.phase && first_err.is_none() {
         if let Some(wait) = ctx.memory.batch_wait(&job, Instant::now()) {
@@ -494,6 +496,16 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         if prev.phase != st.phase {
             phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
             changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
+        }
+        let refused_now = |s: &TrainingJobStatus| {
+            conditions::find(&s.conditions, READY).is_some_and(|c| c.reason == CHILD_REFUSED)
+        };
+        if let (Some(e), false) = (&decision.refused, refused_now(&prev)) {
+            if refused_now(&st) {
+                shared
+                    .event(job.as_ref(), true, e.reason, e.to_string())
+                    .await;
+            }
         }
         ctx.memory.remember_written(&job, st, Instant::now());
         changed.push("status".into());

@@ -96,6 +96,9 @@ pub struct Decision {
     pub delete_job: bool,
     /// Look again after this long (the next deadline or TTL instant), when there is one.
     pub requeue_after: Option<Duration>,
+    /// The API server refused a pod write (set by the reconciler after the writes): Created and
+    /// Ready say so while the job is not finished.
+    pub refused: Option<BuildError>,
 }
 
 impl Decision {
@@ -319,6 +322,7 @@ pub fn decide(
         outcome: None,
         delete_job: false,
         requeue_after: None,
+        refused: None,
     };
 
     // Finished: stays finished. Only cleanup and the TTL are left to do.
@@ -685,14 +689,21 @@ pub fn status(
         _ => ready_while_active(d, &v, &restarting),
     };
 
-    let mut conds = vec![created_ok()];
+    let refused = d.refused.as_ref().filter(|_| !d.phase.is_finished());
+    let mut conds = vec![match refused {
+        Some(e) => Cond::new(CREATED, false, e.reason, e.to_string()),
+        None => created_ok(),
+    }];
     conds.extend(phase_conditions(
         d.phase,
         d.outcome.as_ref(),
         d.restarts,
         backoff_limit(job),
     ));
-    conds.push(ready);
+    conds.push(match refused {
+        Some(e) => Cond::new(READY, false, e.reason, e.to_string()),
+        None => ready,
+    });
 
     let generation = job.metadata.generation;
     TrainingJobStatus {
@@ -1536,5 +1547,36 @@ mod tests {
         // A brand-new job with a bad spec is Pending.
         let s = invalid(&job, &TrainingJobStatus::default(), &err, &now());
         assert_eq!(s.phase, Some(JobPhase::Pending));
+    }
+
+    #[test]
+    fn a_refused_pod_is_in_created_and_ready_until_the_job_finishes() {
+        let job = tj(|_| {});
+        let refused = BuildError::new(
+            crate::error::CHILD_REFUSED,
+            "spec",
+            "the API server refused a child built from it: pods \"j-worker-0\" is forbidden: no PriorityClass with name high was found",
+        );
+        let prev = TrainingJobStatus::default();
+        let mut d = decide(&job, &prev, &obs(vec![]), &now());
+        assert_eq!(d.create, vec![0, 1, 2]);
+        d.refused = Some(refused.clone());
+        let s = status(&job, &prev, &obs(vec![]), &d, &now());
+        assert_eq!(s.phase, Some(JobPhase::Pending));
+        assert_eq!(s.observed_generation, job.metadata.generation);
+        for t in [CREATED, READY] {
+            let c = cond(&s, t);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", crate::error::CHILD_REFUSED)
+            );
+            assert!(c.message.contains("no PriorityClass"), "{}", c.message);
+        }
+        // A finished job creates no pods: its own conditions stand.
+        let mut d = decide(&job, &was(JobPhase::Failed), &obs(vec![]), &now());
+        d.refused = Some(refused);
+        let s = status(&job, &was(JobPhase::Failed), &obs(vec![]), &d, &now());
+        assert_eq!(cond(&s, CREATED).status, "True");
+        assert_ne!(cond(&s, READY).reason, crate::error::CHILD_REFUSED);
     }
 }
