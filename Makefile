@@ -23,7 +23,7 @@ fmt:
 
 ## test: lint, unit tests, then the integration tests against the local cluster (started if needed)
 test: lint cluster
-	$(CARGO) test --no-fail-fast --lib --bins --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
+	$(CARGO) test --no-fail-fast --lib --bins --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
 
 ## test-idempotence: a forced resync of settled resources makes zero writes, read from the API
 ## server's counters (also part of `make test`, where cargo runs it before the other cluster tests).

@@ -5,6 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod kstatus;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
