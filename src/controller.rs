@@ -63,6 +63,20 @@ impl Shared {
         reason: &str,
         note: String,
     ) {
+        self.event_as(obj, warning, reason, reason, note).await;
+    }
+
+    /// [`Shared::event`] with its own `action`. Events of one object that share type, reason and
+    /// action are one series (a repeat only counts up, its note is not kept): a phase change names
+    /// the new phase as its action, so that "phase is now Running" is not folded into "Pending".
+    pub async fn event_as<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let reference: ObjectReference = obj.object_ref(&());
         let ev = Event {
             type_: if warning {
@@ -72,7 +86,7 @@ impl Shared {
             },
             reason: reason.to_string(),
             note: Some(note),
-            action: reason.to_string(),
+            action: action.to_string(),
             secondary: None,
         };
         let recorder = self.recorder.clone();
@@ -200,11 +214,27 @@ pub fn child_cache<C: Object>(
     Store<C>,
     impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
 ) {
+    child_cache_trimmed(client, parent_kind, |_: &mut C| {})
+}
+
+/// [`child_cache`] whose objects are trimmed by `trim` before they are cached: the caches hold
+/// what the reconciler reads and no more.
+pub fn child_cache_trimmed<C: Object>(
+    client: &Client,
+    parent_kind: &str,
+    trim: impl Fn(&mut C) + Send + Sync + 'static,
+) -> (
+    Store<C>,
+    impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
+) {
     let api: Api<C> = Api::all(client.clone());
     let cfg = watcher::Config::default().labels(&kind_selector(parent_kind));
     let (reader, writer) = reflector::store();
     // managedFields are never read from the cache and are most of a small object's size.
-    let watch = watcher(api, cfg).modify(|c: &mut C| c.managed_fields_mut().clear());
+    let watch = watcher(api, cfg).modify(move |c: &mut C| {
+        c.managed_fields_mut().clear();
+        trim(c);
+    });
     let events = reflector::reflector(writer, watch)
         .backoff(WatchBackoff::default())
         .touched_objects();

@@ -205,12 +205,12 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
     second.start();
     let ns = Ns::new("restart");
     let log = root().join(format!("target/restart-{}.log", ns.name));
-    let mut op = spawn_operator(
+    let mut op = KillOnDrop(spawn_operator(
         &second.kubeconfig(),
         &log,
         &["--health-addr", "", "--leader-elect", "false"],
         &[],
-    );
+    ));
 
     // A burst of jobs; the API server goes down while they are still starting.
     let mut names: Vec<String> = (0..30).map(|i| format!("burst-{i:02}")).collect();
@@ -292,7 +292,7 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
     )
     .await;
     assert!(
-        op.try_wait().unwrap().is_none(),
+        op.0.try_wait().unwrap().is_none(),
         "the operator exited; its log: {}",
         log.display()
     );
@@ -301,8 +301,7 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
         .lines()
         .filter(|l| l.contains("watch failed") && (l.contains("410") || l.contains("too old")))
         .count();
-    let _ = op.kill();
-    let _ = op.wait();
+    drop(op);
     println!(
         "API server down for 5 s with {left_at_kill} of 30 jobs still starting: back up in {:.1} s, \
          every one of {} jobs settled {:.1} s after the restart; {expired} watch expiries (410) relisted",

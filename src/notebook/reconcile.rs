@@ -163,13 +163,14 @@ pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
     let prev_phase = nb.status.as_ref().and_then(|s| s.phase);
     if apply::patch_status(client, &shared.writes, nb.as_ref(), nb.status.as_ref(), &st).await? {
         if prev_phase != st.phase {
-            if let Some(p) = st.phase {
+            if let Some(p) = st.phase.map(|p| format!("{p:?}")) {
                 shared
-                    .event(
+                    .event_as(
                         nb.as_ref(),
                         false,
                         "PhaseChanged",
-                        format!("phase is now {p:?}"),
+                        &p,
+                        format!("phase is now {p}"),
                     )
                     .await;
             }

@@ -49,7 +49,8 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of, timed,
+    Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result, CHILD_REFUSED};
 
@@ -203,7 +204,11 @@ pub async fn run_with_api(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = shared.client.clone();
-    let (pods, pod_events) = child_cache::<Pod>(&client, "TrainingJob");
+    // Pods are created once and never compared with what is wanted: only their metadata and
+    // status are read, so the cache drops their spec (most of a pod's memory at scale).
+    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", |p: &mut Pod| {
+        p.spec = None;
+    });
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
     let controller = Controller::new(jobs, watcher::Config::default());
     let synced = {
@@ -376,13 +381,9 @@ async fn phase_event(
             shared.event(job, false, reason, message.clone()).await;
         }
         _ => {
+            let p = format!("{phase:?}");
             shared
-                .event(
-                    job,
-                    false,
-                    "PhaseChanged",
-                    format!("phase is now {phase:?}"),
-                )
+                .event_as(job, false, "PhaseChanged", &p, format!("phase is now {p}"))
                 .await;
         }
     }
@@ -494,7 +495,10 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
         if prev.phase != st.phase {
-            phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
+            // A new job's first phase, Pending, needs no Event of its own: PodCreated says it.
+            if prev.phase.is_some() || st.phase != Some(JobPhase::Pending) {
+                phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
+            }
             changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
         }
         let refused_now = |s: &TrainingJobStatus| {

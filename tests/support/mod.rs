@@ -465,6 +465,16 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
+/// A child process killed (SIGKILL) when dropped, so that a failing test leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The real operator binary (`keelson run` with `args`) as its ServiceAccount (impersonated), its
 /// log (JSON lines) in `log`. `kubeconfig` picks the API server it talks to.
 pub fn spawn_operator(
