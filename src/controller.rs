@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -211,7 +211,7 @@ pub fn child_cache<C: Object>(
     client: &Client,
     parent_kind: &str,
 ) -> (
-    Store<C>,
+    ChildStore<C>,
     impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
 ) {
     child_cache_trimmed(client, parent_kind, |_: &mut C| {})
@@ -224,7 +224,7 @@ pub fn child_cache_trimmed<C: Object>(
     parent_kind: &str,
     trim: impl Fn(&mut C) + Send + Sync + 'static,
 ) -> (
-    Store<C>,
+    ChildStore<C>,
     impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
 ) {
     let api: Api<C> = Api::all(client.clone());
@@ -235,7 +235,10 @@ pub fn child_cache_trimmed<C: Object>(
         c.managed_fields_mut().clear();
         trim(c);
     });
+    let index = OwnerIndex::default();
+    let indexer = index.clone();
     let events = reflector::reflector(writer, watch)
+        .inspect_ok(move |ev| indexer.apply(ev))
         .backoff(WatchBackoff::default())
         .touched_objects();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -258,7 +261,95 @@ pub fn child_cache_trimmed<C: Object>(
         rx,
         |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
     );
-    (reader, stream)
+    (
+        ChildStore {
+            store: reader,
+            index,
+        },
+        stream,
+    )
+}
+
+/// A child cache with an index of its objects by owner, so that finding one parent's children
+/// costs the number of children, not the size of the cache (which made a burst of N jobs cost N²).
+#[derive(Clone)]
+pub struct ChildStore<C: Object> {
+    pub store: Store<C>,
+    index: OwnerIndex,
+}
+
+impl<C: Object> std::ops::Deref for ChildStore<C> {
+    type Target = Store<C>;
+
+    fn deref(&self) -> &Store<C> {
+        &self.store
+    }
+}
+
+type OwnerKey = (String, String);
+
+/// Names of cached children by (namespace, owner name), kept from the watch events. A relist builds
+/// a new index and swaps it in when the list is complete, as the store does.
+#[derive(Clone, Default)]
+struct OwnerIndex(Arc<Mutex<IndexState>>);
+
+#[derive(Default)]
+struct IndexState {
+    live: HashMap<OwnerKey, std::collections::BTreeSet<String>>,
+    relist: Option<HashMap<OwnerKey, std::collections::BTreeSet<String>>>,
+}
+
+impl OwnerIndex {
+    fn key<C: Resource>(c: &C) -> Option<(OwnerKey, String)> {
+        let owner = c.labels().get(LABEL_OWNER_NAME)?.clone();
+        Some(((c.namespace()?, owner), c.name_any()))
+    }
+
+    fn apply<C: Resource>(&self, ev: &watcher::Event<C>) {
+        let mut st = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match ev {
+            watcher::Event::Apply(c) => {
+                if let Some((k, n)) = Self::key(c) {
+                    st.live.entry(k).or_default().insert(n);
+                }
+            }
+            watcher::Event::Delete(c) => {
+                if let Some((k, n)) = Self::key(c) {
+                    if let Some(names) = st.live.get_mut(&k) {
+                        names.remove(&n);
+                        if names.is_empty() {
+                            st.live.remove(&k);
+                        }
+                    }
+                }
+            }
+            watcher::Event::Init => st.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(c) => {
+                if let (Some((k, n)), Some(r)) = (Self::key(c), st.relist.as_mut()) {
+                    r.entry(k).or_default().insert(n);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = st.relist.take() {
+                    st.live = r;
+                }
+            }
+        }
+    }
+
+    fn names(&self, ns: &str, owner: &str) -> Vec<String> {
+        let st = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        st.live
+            .get(&(ns.to_string(), owner.to_string()))
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The backoff of every watch: 250 ms, doubling up to 5 s, with jitter; reset by any event.
@@ -352,17 +443,47 @@ pub fn cached<C: Object>(store: &Store<C>, ns: &str, name: &str) -> Option<Arc<C
     store.get(&ObjectRef::new(name).within(ns))
 }
 
-/// Every cached child of one parent (for the orphan sweep).
-pub fn children_of<C: Object>(store: &Store<C>, ns: &str, owner: &str) -> Vec<Arc<C>> {
-    store.state_filter(|c| {
-        c.namespace().as_deref() == Some(ns)
-            && c.labels().get(LABEL_OWNER_NAME).map(String::as_str) == Some(owner)
-    })
+/// Every cached child of one parent (for the orphan sweep), from the owner index.
+pub fn children_of<C: Object>(cache: &ChildStore<C>, ns: &str, owner: &str) -> Vec<Arc<C>> {
+    cache
+        .index
+        .names(ns, owner)
+        .into_iter()
+        .filter_map(|n| cached(&cache.store, ns, &n))
+        .filter(|c| c.labels().get(LABEL_OWNER_NAME).map(String::as_str) == Some(owner))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_index_follows_the_watch_and_swaps_on_relist() {
+        use k8s_openapi::api::core::v1::Pod;
+        let pod = |name: &str, owner: &str| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("ns".into());
+            p.metadata.labels = Some([(LABEL_OWNER_NAME.to_string(), owner.to_string())].into());
+            p
+        };
+        let idx = OwnerIndex::default();
+        idx.apply(&watcher::Event::Apply(pod("a-0", "a")));
+        idx.apply(&watcher::Event::Apply(pod("a-1", "a")));
+        idx.apply(&watcher::Event::Apply(pod("b-0", "b")));
+        assert_eq!(idx.names("ns", "a"), ["a-0", "a-1"]);
+        idx.apply(&watcher::Event::Delete(pod("a-0", "a")));
+        assert_eq!(idx.names("ns", "a"), ["a-1"]);
+        assert!(idx.names("other", "a").is_empty());
+        // A relist serves the old index until it is complete, then only what it listed.
+        idx.apply(&watcher::Event::<Pod>::Init);
+        idx.apply(&watcher::Event::InitApply(pod("b-0", "b")));
+        assert_eq!(idx.names("ns", "a"), ["a-1"]);
+        idx.apply(&watcher::Event::<Pod>::InitDone);
+        assert!(idx.names("ns", "a").is_empty());
+        assert_eq!(idx.names("ns", "b"), ["b-0"]);
+    }
 
     #[test]
     fn watch_backoff_doubles_to_five_seconds_and_resets() {

@@ -31,7 +31,8 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{is_controlled_by, Owner};
 use crate::apply::{self, Object, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, timed, ChildStore, Shared,
+    Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -60,9 +61,9 @@ pub fn router_image(from_env: Option<String>) -> String {
 /// The ModelDeployment controller's context: shared state plus its child caches.
 pub struct Ctx {
     pub shared: Arc<Shared>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub config_maps: Store<ConfigMap>,
+    pub deployments: ChildStore<Deployment>,
+    pub services: ChildStore<Service>,
+    pub config_maps: ChildStore<ConfigMap>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
     pub router_image: String,
@@ -390,7 +391,7 @@ async fn sweep<K: Object>(
     ctx: &Ctx,
     md: &ModelDeployment,
     owner: &Owner,
-    store: &Store<K>,
+    store: &ChildStore<K>,
     desired: &BTreeSet<String>,
     changes: &mut Changes,
 ) -> Result<()> {

@@ -8,7 +8,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
@@ -19,7 +18,7 @@ use super::types::Notebook;
 use crate::api::meta::Owner;
 use crate::apply::{self, applied_hash, stamp, Outcome};
 use crate::controller::{
-    cached, child_cache, error_policy, key, owner_of, timed, Shared, Synced, RESYNC,
+    cached, child_cache, error_policy, key, owner_of, timed, ChildStore, Shared, Synced, RESYNC,
 };
 use crate::error::{BuildError, Error, Result};
 
@@ -29,10 +28,10 @@ const TOKEN_LEN: usize = 48;
 /// The Notebook controller's context: shared state plus its child caches.
 pub struct Ctx {
     pub shared: Arc<Shared>,
-    pub pods: Store<Pod>,
-    pub services: Store<Service>,
-    pub secrets: Store<Secret>,
-    pub pvcs: Store<PersistentVolumeClaim>,
+    pub pods: ChildStore<Pod>,
+    pub services: ChildStore<Service>,
+    pub secrets: ChildStore<Secret>,
+    pub pvcs: ChildStore<PersistentVolumeClaim>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
 }

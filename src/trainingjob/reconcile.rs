@@ -50,7 +50,7 @@ use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
     cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of, timed,
-    Shared, Synced, RESYNC,
+    ChildStore, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result, CHILD_REFUSED};
 
@@ -83,8 +83,8 @@ struct Memory {
 /// the caches may not show yet.
 pub struct Ctx {
     pub shared: Arc<Shared>,
-    pub pods: Store<Pod>,
-    pub services: Store<Service>,
+    pub pods: ChildStore<Pod>,
+    pub services: ChildStore<Service>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
     memory: Memories,
@@ -94,6 +94,7 @@ pub struct Ctx {
 struct Memories {
     jobs: Store<TrainingJob>,
     map: Mutex<HashMap<ObjectRef<TrainingJob>, Memory>>,
+    recalls: std::sync::atomic::AtomicUsize,
 }
 
 impl Memories {
@@ -101,6 +102,7 @@ impl Memories {
         Memories {
             jobs,
             map: Mutex::new(HashMap::new()),
+            recalls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -119,17 +121,27 @@ impl Memories {
         let uid = job.uid().unwrap_or_default();
         let from_cache = job.status.clone().unwrap_or_default();
         let jobs = &self.jobs;
+        // The sweep of memories of jobs that are gone runs once every len() recalls: constant
+        // work per reconcile on average, where a sweep on every recall made a burst of N jobs N².
+        let due = self
+            .recalls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         self.with(|mem| {
-            mem.retain(|r, m| {
-                jobs.get(r)
-                    .is_some_and(|j| j.uid().as_deref() == Some(&m.uid))
-            });
-            let Some(m) = mem.get_mut(&ObjectRef::from_obj(job)) else {
+            if due >= mem.len() {
+                self.recalls.store(0, std::sync::atomic::Ordering::Relaxed);
+                mem.retain(|r, m| {
+                    jobs.get(r)
+                        .is_some_and(|j| j.uid().as_deref() == Some(&m.uid))
+                });
+            }
+            let here = ObjectRef::from_obj(job);
+            if mem.get(&here).is_some_and(|m| m.uid != uid) {
+                mem.remove(&here);
+            }
+            let Some(m) = mem.get_mut(&here) else {
                 return (from_cache, HashSet::new());
             };
-            if m.uid != uid {
-                *m = Memory::default();
-            }
             let listed: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
             m.deleted.retain(|u| listed.contains(u));
             if m.written.as_ref() == Some(&from_cache) || job.resource_version() != m.written_over {
