@@ -135,7 +135,15 @@ impl Drop for SecondApiserver {
 
 /// Compacts the local etcd's history up to its current revision (etcd's JSON gateway).
 fn compact_etcd() {
-    let etcd = "http://127.0.0.1:12379/v3/kv";
+    // The port as hack/cluster/lib.sh picks it: the environment, else versions.env.
+    let port = std::env::var("ETCD_CLIENT_PORT").ok().unwrap_or_else(|| {
+        std::fs::read_to_string(root().join("hack/cluster/versions.env"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("ETCD_CLIENT_PORT=").map(str::to_string))
+            .unwrap_or_else(|| "12379".into())
+    });
+    let etcd = format!("http://127.0.0.1:{port}/v3/kv");
     let out = Command::new("curl")
         .args([
             "-fsS",
