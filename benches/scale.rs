@@ -751,6 +751,13 @@ async fn main() {
             )
             .unwrap_or_default()
     );
+    // Namespaces left by an interrupted run would be reconciled by the operator under test.
+    let left = kubectl_ok(&["get", "namespaces", "-o", "name"], None);
+    for ns in left.lines().filter_map(|l| l.strip_prefix("namespace/")) {
+        if ns.starts_with("bench-") {
+            delete_namespace(ns);
+        }
+    }
     let client = client().await;
     let mut all = BTreeMap::new();
     for &n in &ns {
