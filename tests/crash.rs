@@ -33,7 +33,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -223,25 +223,12 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &Path, log: &Path) -> Operator {
-        let log = std::fs::File::create(log).expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-            .args(["--log-format", "json", "run", "--health-addr", ""])
-            .args(["--leader-elect", "false"])
-            .env("KUBECONFIG", kubeconfig)
-            .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
-            .env(
-                "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
-                "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
-            )
-            .env(
-                "RUST_LOG",
-                std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("operator log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn keelson");
+        let child = spawn_operator(
+            kubeconfig,
+            log,
+            &["--health-addr", "", "--leader-elect", "false"],
+            &[("RUST_LOG", &test_log("keelson=debug"))],
+        );
         Operator {
             child: Arc::new(Mutex::new(child)),
         }

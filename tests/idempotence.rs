@@ -143,25 +143,13 @@ async fn a_forced_resync_of_settled_resources_makes_no_write() {
     // Forced resync: a second, fresh operator (the real binary, in its own process) lists
     // everything and reconciles every object. Its JSON log says which objects it has reconciled.
     let log_path = root().join(format!("target/idempotence-{}.log", ns.name));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut fresh = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
-        .args(["--log-format", "json", "run", "--health-addr", ""])
-        .args(["--lease-namespace", "keelson-system"])
-        .env("KUBECONFIG", kubeconfig())
-        // As the operator's ServiceAccount, so that RBAC is checked here too.
-        .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
-        .env(
-            "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
-            "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
-        )
-        .env(
-            "RUST_LOG",
-            std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=debug".into()),
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // As the operator's ServiceAccount, so that RBAC is checked here too.
+    let mut fresh = spawn_operator(
+        &kubeconfig(),
+        &log_path,
+        &["--health-addr", "", "--lease-namespace", "keelson-system"],
+        &[("RUST_LOG", &test_log("keelson=debug"))],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let (fresh_writes, reconciles) = loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();

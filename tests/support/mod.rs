@@ -475,6 +475,11 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The operator's log filter: `KEELSON_TEST_LOG`, else `default`.
+pub fn test_log(default: &str) -> String {
+    std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| default.into())
+}
+
 /// The real operator binary (`keelson run` with `args`) as its ServiceAccount (impersonated), its
 /// log (JSON lines) in `log`. `kubeconfig` picks the API server it talks to.
 pub fn spawn_operator(
@@ -487,17 +492,15 @@ pub fn spawn_operator(
     Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["--log-format", "json", "run"])
         .args(args)
-        .envs(env.iter().copied())
         .env("KUBECONFIG", kubeconfig)
         .env("KUBE_RS_DEBUG_IMPERSONATE_USER", OPERATOR_USER)
         .env(
             "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
             "system:serviceaccounts,system:serviceaccounts:keelson-system,system:authenticated",
         )
-        .env(
-            "RUST_LOG",
-            std::env::var("KEELSON_TEST_LOG").unwrap_or_else(|_| "keelson=info".into()),
-        )
+        .env("RUST_LOG", test_log("keelson=info"))
+        // Last, so that a caller's RUST_LOG wins.
+        .envs(env.iter().copied())
         .stdout(out.try_clone().expect("log file"))
         .stderr(out)
         .stdin(Stdio::null())
