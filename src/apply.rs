@@ -202,8 +202,20 @@ pub async fn apply<K: Object>(
 pub async fn create_once<K: Object>(
     client: &Client,
     counter: &WriteCounter,
-    mut desired: K,
+    desired: K,
 ) -> Result<Outcome> {
+    Ok(match create_returning(client, counter, desired).await? {
+        Some(_) => Outcome::Created,
+        None => Outcome::Unchanged,
+    })
+}
+
+/// [`create_once`] that returns the object as the API server stored it (`None`: it already existed).
+pub async fn create_returning<K: Object>(
+    client: &Client,
+    counter: &WriteCounter,
+    mut desired: K,
+) -> Result<Option<K>> {
     stamp(&mut desired)?;
     let api = api_for(client, &desired)?;
     let pp = PostParams {
@@ -212,8 +224,8 @@ pub async fn create_once<K: Object>(
     };
     counter.create.inc();
     match api.create(&pp, &desired).await {
-        Ok(_) => Ok(Outcome::Created),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Unchanged),
+        Ok(made) => Ok(Some(made)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

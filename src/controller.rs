@@ -22,6 +22,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Periodic resync of a settled object (a fallback: watches normally carry every change).
 pub const RESYNC: Duration = Duration::from_secs(3600);
 
+/// Events waiting to be recorded at most. Past it an Event is dropped and counted
+/// (`keelson_events_dropped_total`), as client-go's event broadcaster drops past its queue of 1,000:
+/// a burst of reconciles never piles up memory behind the API client's rate limit.
+const EVENT_QUEUE: usize = 1000;
+/// Events recorded at once.
+const EVENT_WORKERS: usize = 4;
+
+type QueuedEvent = (Event, ObjectReference);
+
 /// State shared by every reconcile of every kind.
 pub struct Shared {
     pub client: Client,
@@ -34,6 +43,8 @@ pub struct Shared {
     /// Reconciles finished (successfully or not), all kinds together.
     pub reconciled: std::sync::atomic::AtomicU64,
     failures: Mutex<HashMap<String, u32>>,
+    /// The queue of Events to record, drained by a task started with the first Event.
+    events: std::sync::OnceLock<tokio::sync::mpsc::Sender<QueuedEvent>>,
 }
 
 impl Shared {
@@ -51,11 +62,13 @@ impl Shared {
             synced: Mutex::new((0, Vec::new())),
             reconciled: std::sync::atomic::AtomicU64::new(0),
             failures: Mutex::new(HashMap::new()),
+            events: std::sync::OnceLock::new(),
         }
     }
 
     /// Records a Kubernetes Event on `obj`, in the background: a reconcile never waits for its
-    /// Events. A failure to record is logged, never fatal.
+    /// Events. A failure to record is logged, never fatal; past [`EVENT_QUEUE`] waiting, the Event
+    /// is dropped and counted.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -89,12 +102,39 @@ impl Shared {
             action: action.to_string(),
             secondary: None,
         };
-        let recorder = self.recorder.clone();
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, reason = ev.reason, "could not record event");
-            }
-        });
+        if let Err(e) = self.event_queue().try_send((ev, reference)) {
+            self.metrics.events_dropped.inc();
+            let (ev, r) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(x)
+                | tokio::sync::mpsc::error::TrySendError::Closed(x) => x,
+            };
+            tracing::debug!(
+                reason = ev.reason,
+                name = r.name.unwrap_or_default(),
+                "event queue full: event dropped"
+            );
+        }
+    }
+
+    fn event_queue(&self) -> &tokio::sync::mpsc::Sender<QueuedEvent> {
+        self.events.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<QueuedEvent>(EVENT_QUEUE);
+            let recorder = self.recorder.clone();
+            let queue =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+                );
+            tokio::spawn(queue.for_each_concurrent(EVENT_WORKERS, move |(ev, reference)| {
+                let recorder = recorder.clone();
+                async move {
+                    if let Err(e) = recorder.publish(&ev, &reference).await {
+                        tracing::warn!(error = %e, reason = ev.reason, "could not record event");
+                    }
+                }
+            }));
+            tx
+        })
     }
 
     /// Counts one finished reconcile; the controllers' result streams end in this.
@@ -237,8 +277,11 @@ pub fn child_cache_trimmed<C: Object>(
     });
     let index = OwnerIndex::default();
     let indexer = index.clone();
+    // The index takes each event before the store: once the store says it is listed, the index is
+    // complete too, so that a reconcile that waited for the caches never finds a job's pods missing
+    // (it would take the job for one that lost its pods).
+    let watch = watch.inspect_ok(move |ev| indexer.apply(ev));
     let events = reflector::reflector(writer, watch)
-        .inspect_ok(move |ev| indexer.apply(ev))
         .backoff(WatchBackoff::default())
         .touched_objects();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -286,12 +329,38 @@ impl<C: Object> std::ops::Deref for ChildStore<C> {
     }
 }
 
+impl<C: Object> ChildStore<C> {
+    /// Resolves once the store and the owner index have both been listed: a reconcile that waited
+    /// for this never finds a parent's children missing from the index while the store has them
+    /// (it would take a running job for one that lost its pods).
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await?;
+        let mut listed = self.index.listed.subscribe();
+        // The sender lives in `self.index`: it cannot be dropped while this waits.
+        let _ = listed.wait_for(|l| *l).await;
+        Ok(())
+    }
+}
+
 type OwnerKey = (String, String);
 
 /// Names of cached children by (namespace, owner name), kept from the watch events. A relist builds
-/// a new index and swaps it in when the list is complete, as the store does.
-#[derive(Clone, Default)]
-struct OwnerIndex(Arc<Mutex<IndexState>>);
+/// a new index and swaps it in when the list is complete, as the store does; `listed` turns true
+/// at the first complete list.
+#[derive(Clone)]
+struct OwnerIndex {
+    state: Arc<Mutex<IndexState>>,
+    listed: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for OwnerIndex {
+    fn default() -> Self {
+        OwnerIndex {
+            state: Arc::default(),
+            listed: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
 
 #[derive(Default)]
 struct IndexState {
@@ -306,7 +375,7 @@ impl OwnerIndex {
     }
 
     fn apply<C: Resource>(&self, ev: &watcher::Event<C>) {
-        let mut st = match self.0.lock() {
+        let mut st = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
@@ -336,12 +405,13 @@ impl OwnerIndex {
                 if let Some(r) = st.relist.take() {
                     st.live = r;
                 }
+                self.listed.send_replace(true);
             }
         }
     }
 
     fn names(&self, ns: &str, owner: &str) -> Vec<String> {
-        let st = match self.0.lock() {
+        let st = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
@@ -483,6 +553,46 @@ mod tests {
         idx.apply(&watcher::Event::<Pod>::InitDone);
         assert!(idx.names("ns", "a").is_empty());
         assert_eq!(idx.names("ns", "b"), ["b-0"]);
+    }
+
+    /// A store that says it is listed is not enough: the index must have its list too.
+    #[tokio::test]
+    async fn a_child_store_is_ready_once_store_and_index_are_listed() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, mut writer) = reflector::store::<Pod>();
+        let cache = ChildStore {
+            store: reader,
+            index: OwnerIndex::default(),
+        };
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("a-0".into());
+        pod.metadata.namespace = Some("ns".into());
+        pod.metadata.labels = Some([(LABEL_OWNER_NAME.to_string(), "a".to_string())].into());
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod.clone()),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&ev);
+        }
+        let short = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(short, cache.wait_until_ready())
+                .await
+                .is_err(),
+            "ready while the index has no list"
+        );
+        cache.index.apply(&watcher::Event::<Pod>::Init);
+        cache.index.apply(&watcher::Event::InitApply(pod));
+        assert!(tokio::time::timeout(short, cache.wait_until_ready())
+            .await
+            .is_err());
+        cache.index.apply(&watcher::Event::<Pod>::InitDone);
+        tokio::time::timeout(short, cache.wait_until_ready())
+            .await
+            .expect("ready")
+            .expect("writer alive");
+        assert_eq!(children_of(&cache, "ns", "a").len(), 1);
     }
 
     #[test]

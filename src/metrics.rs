@@ -45,6 +45,8 @@ pub struct Metrics {
     writes: Family<WriteLabels, Counter>,
     /// 1 while this replica is the leader.
     pub leader: Gauge,
+    /// Events dropped because the queue of Events waiting to be recorded was full.
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,7 @@ impl Default for Metrics {
         let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let writes = Family::<WriteLabels, Counter>::default();
         let leader = Gauge::default();
+        let events_dropped = Counter::default();
         registry.register("reconciles", "Reconciles finished", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -76,6 +79,11 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "events_dropped",
+            "Events not recorded because the queue of Events waiting to be recorded was full",
+            events_dropped.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -83,6 +91,7 @@ impl Default for Metrics {
             duration,
             writes,
             leader,
+            events_dropped,
         }
     }
 }
@@ -135,6 +144,7 @@ mod tests {
             "keelson_reconcile_duration_seconds_count{kind=\"Notebook\"} 2",
             "keelson_writes_total{op=\"apply\"} 1",
             "keelson_leader 1",
+            "keelson_events_dropped_total 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -9,12 +9,14 @@
 # process (the variant's nginx worker for direct, the router, the proxy nginx's worker) spent per
 # request, and the kernel's share of it. Every process is stopped on exit.
 #
-# Knobs (environment): DURATION (s per measurement, 10), WARMUP (s, 2), CONNS (wrk connections, 32),
-# PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary).
+# Knobs (environment): DURATION (s per measurement, 8), ROUNDS (3), WARMUP (s, 2), CONNS (wrk connections, 32),
+# PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary),
+# KEELSON (the binary to measure; default target/release/keelson).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-DURATION=${DURATION:-10}
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-32}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -68,7 +70,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "building the release binary"
   cargo build --release --bin keelson -q
 fi
-KEELSON=target/release/keelson
+KEELSON=${KEELSON:-target/release/keelson}
 
 nginx_conf() { # name body: a minimal nginx config under $work/name
   local d="$work/$1"
@@ -152,7 +154,7 @@ cpu_ticks() { # pid...: user and system clock ticks used so far, summed over the
 }
 
 measure() { # name port pid...: warm-up, then one measured run; prints
-  # "name rps p50 p99 p999 errors requests cpu-us-per-request kernel-share" (CPU of the given pids)
+  # "name rps p50 p99 p999 errors requests user0 sys0 user1 sys1" (CPU ticks of the given pids)
   local name=$1 url="http://127.0.0.1:$2/predict"
   shift 2
   timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
@@ -164,14 +166,21 @@ measure() { # name port pid...: warm-up, then one measured run; prints
   echo "$name $(grep '^RESULT' <<<"$out" | cut -d' ' -f2-) $before $after"
 }
 
-log "measuring: ${DURATION}s per target, $CONNS connections, proxy on CPU $PROXY_CPU, wrk and variants on CPU $LOAD_CPU"
+log "measuring: $ROUNDS rounds of ${DURATION}s per target, $CONNS connections, proxy on CPU $PROXY_CPU, wrk and variants on CPU $LOAD_CPU"
 # CPU is sampled from the process that does the work: the variants' nginx worker for direct, the
-# router, and the proxy nginx's worker.
+# router, and the proxy nginx's worker. The targets take turns, in a rotated order each round, so that
+# a slow spell of a shared machine weighs on all three rather than on whichever ran then.
 worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
+declare -A port=([direct]=$P_CHAMPION [keelson]=$P_ROUTER [nginx]=$P_NGINX)
+declare -A pid=([direct]="$(worker_of upstreams)" [keelson]=$router_pid [nginx]="$(worker_of proxy)")
+order=(direct keelson nginx)
 results=$(
-  measure direct "$P_CHAMPION" "$(worker_of upstreams)"
-  measure keelson "$P_ROUTER" "$router_pid"
-  measure nginx "$P_NGINX" "$(worker_of proxy)"
+  for ((r = 0; r < ROUNDS; r++)); do
+    for ((i = 0; i < 3; i++)); do
+      t=${order[$(((i + r) % 3))]}
+      echo "$r $(measure "$t" "${port[$t]}" "${pid[$t]}")"
+    done
+  done
 )
 
 shares=$(curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk -F'[ "]' '
@@ -180,26 +189,44 @@ shares=$(curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk -F'[ "]' '
 
 echo
 echo "Router benchmark, 127.0.0.1, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
-echo "wrk -t1 -c$CONNS -d${DURATION}s; keelson --workers 1 and nginx worker_processes 1, each pinned to CPU $PROXY_CPU"
+echo "wrk -t1 -c$CONNS, $ROUNDS rounds of ${DURATION}s per target taking turns; keelson --workers 1 and nginx"
+echo "worker_processes 1, each pinned to CPU $PROXY_CPU. Each figure is the median over the rounds."
 echo
 tck=$(getconf CLK_TCK)
-awk -v tck="$tck" '
+awk -v tck="$tck" -v rounds="$ROUNDS" '
+  function median(a, n,    i, j, v, s) { # a[1..n], sorted in place
+    for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  function med(t, col,    i, a) { for (i = 1; i <= rounds; i++) a[i] = v[t, col, i]; return median(a, rounds) }
   {
-    t = $1; rps[t] = $2; p50[t] = $3; p99[t] = $4; p999[t] = $5; err[t] = $6; order[NR] = t
-    ticks = ($10 - $8) + ($11 - $9)
-    cpu[t] = (ticks / tck) * 1e6 / $7; sys[t] = (ticks > 0) ? 100 * ($11 - $9) / ticks : 0
+    r = $1 + 1; t = $2
+    for (c = 3; c <= 7; c++) v[t, c, r] = $c
+    req[t] += $8; ut[t] += $11 - $9; kt[t] += $12 - $10
+    seen[t] = 1
+    round_rps[r, t] = $3
   }
   END {
+    split("direct keelson nginx", order, " ")
+    for (i = 1; i <= 3; i++) {
+      t = order[i]; rps[t] = med(t, 3); p50[t] = med(t, 4); p99[t] = med(t, 5); p999[t] = med(t, 6)
+      err[t] = 0; for (r = 1; r <= rounds; r++) err[t] += v[t, 7, r]
+    }
     printf "| %-8s | %10s | %7s | %7s | %8s | %12s | %8s | %6s | %13s |\n", "target", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "vs nginx", "errors", "CPU us/req (kernel)"
     printf "|----------|-----------:|--------:|--------:|---------:|-------------:|---------:|-------:|--------------------:|\n"
-    for (i = 1; i <= NR; i++) {
+    for (i = 1; i <= 3; i++) {
       t = order[i]
+      ticks = ut[t] + kt[t]
+      cpu = (ticks / tck) * 1e6 / req[t]; sys = (ticks > 0) ? 100 * kt[t] / ticks : 0
       added = (t == "direct") ? "-" : sprintf("%.3f", p99[t] - p99["direct"])
       ratio = (t == "direct") ? "-" : sprintf("%.2fx", rps[t] / rps["nginx"])
-      printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %8s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu[t], sys[t]
+      printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %8s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu, sys
     }
-    ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]; r = rps["keelson"] / rps["nginx"]
-    printf "\nkeelson added p99 %.3f ms vs nginx %.3f ms (target: no more): %s\n", ka, na, (ka <= na) ? "met" : "NOT met"
-    printf "keelson throughput %.2fx nginx (target: at least 1.20x): %s\n", r, (r >= 1.2) ? "met" : "NOT met"
+    printf "\nkeelson/nginx requests/s by round:"
+    for (r = 1; r <= rounds; r++) printf " %.2fx", round_rps[r, "keelson"] / round_rps[r, "nginx"]
+    printf "\n"
+    ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]; q = rps["keelson"] / rps["nginx"]
+    printf "keelson added p99 %.3f ms vs nginx %.3f ms (target: no more): %s\n", ka, na, (ka <= na) ? "met" : "NOT met"
+    printf "keelson throughput %.2fx nginx (target: at least 1.20x): %s\n", q, (q >= 1.2) ? "met" : "NOT met"
   }' <<<"$results"
 echo "keelson split observed: $shares"

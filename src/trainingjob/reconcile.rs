@@ -21,11 +21,13 @@
 //!
 //! # Stale caches
 //!
-//! The pod cache may still show a pod this process deleted, and the job cache may still show the
-//! status from before this process's last write. [`Ctx`] keeps both in memory per job: the uids of
-//! deleted pods (treated as gone, so a failure is never counted twice), and the last status written
-//! (used as the previous status until the cache shows it, so a restart count never goes back and a
-//! finished job never looks unfinished). The memory is dropped when the cache catches up or the job
+//! The pod cache may still show a pod this process deleted, may not show yet a pod it created, and
+//! the job cache may still show the status from before this process's last write. [`Ctx`] keeps all
+//! three in memory per job: the uids of deleted pods (treated as gone, so a failure is never counted
+//! twice), the pods created (as the API server returned them, counted as there until the cache lists
+//! them or [`CREATED_TTL`] passes, so a reconcile in between neither creates them again nor writes a
+//! status that misses them), and the last status written (used as the previous status until the
+//! cache shows it, so a restart count never goes back and a finished job never looks unfinished). The memory is dropped when the cache catches up or the job
 //! is gone; after a restart of the operator the caches are freshly listed, so nothing is lost.
 
 use std::collections::{HashMap, HashSet};
@@ -33,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -64,12 +66,46 @@ const MAX_BATCH: usize = 16;
 /// start together make one status write, not one each. A phase change is written at once.
 const STATUS_BATCH: Duration = Duration::from_secs(1);
 
+/// How long a pod this process created counts as there while the pod cache does not list it (the
+/// Job controller's expectations wait 5 minutes): past it, a pod deleted before the cache ever saw it
+/// is created again.
+const CREATED_TTL: Duration = Duration::from_secs(60);
+
+/// What the pod cache keeps of a pod: pods are created once and never compared with what is wanted,
+/// only their metadata and status are read, so the spec (most of a pod's memory at scale) is dropped,
+/// and of the status what [`crate::api::podstatus`] reads: the phase, its reason and message, the
+/// conditions, and each container's name and state.
+fn trim_pod(p: &mut Pod) {
+    p.spec = None;
+    p.metadata.managed_fields = None;
+    if let Some(s) = p.status.as_mut() {
+        *s = PodStatus {
+            phase: s.phase.take(),
+            reason: s.reason.take(),
+            message: s.message.take(),
+            conditions: s.conditions.take(),
+            container_statuses: s.container_statuses.take().map(|cs| {
+                cs.into_iter()
+                    .map(|c| ContainerStatus {
+                        name: c.name,
+                        state: c.state,
+                        ..ContainerStatus::default()
+                    })
+                    .collect()
+            }),
+            ..PodStatus::default()
+        };
+    }
+}
+
 /// What the reconciler remembers about one job between reconciles (see the module docs).
 #[derive(Debug, Default)]
 struct Memory {
     uid: String,
     /// Pods deleted by this process that the cache may still list.
     deleted: HashSet<String>,
+    /// Pods created by this process (trimmed as the cache trims them) that the cache may not list yet.
+    created: Vec<(Arc<Pod>, Instant)>,
     /// The last status written, until the job cache shows it.
     written: Option<TrainingJobStatus>,
     /// The resourceVersion of the job that status was written over. A cache that shows another
@@ -115,9 +151,15 @@ impl Memories {
         f(&mut guard)
     }
 
-    /// The status to decide from and the pods already deleted. Also drops the memory of jobs that
-    /// are gone and of pods the cache no longer lists.
-    fn recall(&self, job: &TrainingJob, pods: &[Arc<Pod>]) -> (TrainingJobStatus, HashSet<String>) {
+    /// The status to decide from, the pods already deleted, and the pods created that the cache does
+    /// not list yet. Also drops the memory of jobs that are gone, of deleted pods the cache no longer
+    /// lists, and of created pods it lists (or that outlived [`CREATED_TTL`]).
+    fn recall(
+        &self,
+        job: &TrainingJob,
+        pods: &[Arc<Pod>],
+        now: Instant,
+    ) -> (TrainingJobStatus, HashSet<String>, Vec<Arc<Pod>>) {
         let uid = job.uid().unwrap_or_default();
         let from_cache = job.status.clone().unwrap_or_default();
         let jobs = &self.jobs;
@@ -140,15 +182,31 @@ impl Memories {
                 mem.remove(&here);
             }
             let Some(m) = mem.get_mut(&here) else {
-                return (from_cache, HashSet::new());
+                return (from_cache, HashSet::new(), Vec::new());
             };
             let listed: HashSet<String> = pods.iter().filter_map(|p| p.uid()).collect();
             m.deleted.retain(|u| listed.contains(u));
+            if !m.created.is_empty() {
+                // Listed under its name (the pod, or a pod made in its place): the cache knows.
+                let names: HashSet<&str> = pods
+                    .iter()
+                    .filter_map(|p| p.metadata.name.as_deref())
+                    .collect();
+                m.created.retain(|(p, at)| {
+                    now.saturating_duration_since(*at) < CREATED_TTL
+                        && !p
+                            .metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| names.contains(n))
+                });
+            }
+            let created = m.created.iter().map(|(p, _)| p.clone()).collect();
             if m.written.as_ref() == Some(&from_cache) || job.resource_version() != m.written_over {
                 m.written = None;
             }
             let prev = m.written.clone().unwrap_or(from_cache);
-            (prev, m.deleted.clone())
+            (prev, m.deleted.clone(), created)
         })
     }
 
@@ -168,6 +226,12 @@ impl Memories {
 
     fn remember_deleted(&self, job: &TrainingJob, pod_uid: String) {
         self.entry(job, |m| m.deleted.insert(pod_uid));
+    }
+
+    fn remember_created(&self, job: &TrainingJob, pods: &[Arc<Pod>], at: Instant) {
+        self.entry(job, |m| {
+            m.created.extend(pods.iter().map(|p| (p.clone(), at)));
+        });
     }
 
     fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus, at: Instant) {
@@ -218,9 +282,7 @@ pub async fn run_with_api(
     let client = shared.client.clone();
     // Pods are created once and never compared with what is wanted: only their metadata and
     // status are read, so the cache drops their spec (most of a pod's memory at scale).
-    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", |p: &mut Pod| {
-        p.spec = None;
-    });
+    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", trim_pod);
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
     let controller = Controller::new(jobs, watcher::Config::default());
     let synced = {
@@ -319,13 +381,14 @@ async fn delete_pods(
 }
 
 /// Creates `pods` (rank, pod) with slow start, and records one Event that names every pod created.
-/// Returns how many were created and the first error.
+/// Returns the pods created, as the API server stored them (trimmed), and the first error.
 async fn create_pods(
     shared: &Shared,
     job: &TrainingJob,
     pods: Vec<(i32, Pod)>,
-) -> (usize, Option<Error>) {
+) -> (Vec<Arc<Pod>>, Option<Error>) {
     let mut created: Vec<String> = Vec::new();
+    let mut made: Vec<Arc<Pod>> = Vec::new();
     let mut first_err = None;
     let mut batch = 1;
     let mut rest = pods.into_iter();
@@ -336,14 +399,18 @@ async fn create_pods(
         }
         let results = futures::future::join_all(chunk.into_iter().map(|(rank, pod)| async move {
             let name = pod.name_any();
-            let r = apply::create_once(&shared.client, &shared.writes, pod).await;
+            let r = apply::create_returning(&shared.client, &shared.writes, pod).await;
             (format!("{name} (rank {rank})"), r)
         }))
         .await;
         for (what, r) in results {
             match r {
-                Ok(Outcome::Created) => created.push(what),
-                Ok(_) => {}
+                Ok(Some(mut pod)) => {
+                    trim_pod(&mut pod);
+                    made.push(Arc::new(pod));
+                    created.push(what);
+                }
+                Ok(None) => {}
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -359,7 +426,7 @@ async fn create_pods(
             .event(job, false, "PodCreated", created_note(&created))
             .await;
     }
-    (created.len(), first_err)
+    (made, first_err)
 }
 
 /// The note of a PodCreated Event, within the 1 kB an Event's note may hold.
@@ -429,8 +496,9 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         }
     }
 
-    let pods = children_of(&ctx.pods, ns, &owner.name);
-    let (prev, deleted) = ctx.memory.recall(&job, &pods);
+    let mut pods = children_of(&ctx.pods, ns, &owner.name);
+    let (prev, deleted, created) = ctx.memory.recall(&job, &pods, Instant::now());
+    pods.extend(created);
 
     let children = match build(&job, &owner) {
         Ok(c) => c,
@@ -461,7 +529,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         changed.push("applied Service".into());
     }
 
-    let observed = Observed { pods, deleted };
+    let mut observed = Observed { pods, deleted };
     let mut decision = decide(&job, &prev, &observed, &now);
 
     // Deletions first, then the status that counts them (see the module docs).
@@ -485,8 +553,11 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
             .map(|(p, rank)| (rank, p))
             .collect();
         let (created, err) = create_pods(shared, &job, to_create).await;
-        if created > 0 {
-            changed.push(format!("created {created} pod(s)"));
+        if !created.is_empty() {
+            changed.push(format!("created {} pod(s)", created.len()));
+            // The status below counts them, and the next reconciles too until the cache lists them.
+            ctx.memory.remember_created(&job, &created, Instant::now());
+            observed.pods.extend(created);
         }
         if let Some(e) = err {
             first_err.get_or_insert(e);
@@ -625,19 +696,22 @@ mod tests {
         let pods = vec![failed.clone()];
 
         // Nothing remembered: the cache is the truth.
-        assert_eq!(mem.recall(&stale, &pods), (restarts(1), HashSet::new()));
+        assert_eq!(
+            mem.recall(&stale, &pods, Instant::now()),
+            (restarts(1), HashSet::new(), Vec::new())
+        );
 
         // This process deleted the failed pod and wrote restarts 2; the caches lag behind.
         mem.remember_deleted(&stale, "uid-resnet-worker-0".into());
         mem.remember_written(&stale, restarts(2), Instant::now());
-        let (prev, deleted) = mem.recall(&stale, &pods);
+        let (prev, deleted, _) = mem.recall(&stale, &pods, Instant::now());
         assert_eq!(prev, restarts(2));
         assert!(deleted.contains("uid-resnet-worker-0"));
 
         // The pod is gone from the cache and the job cache shows the write: nothing left to remember.
         let fresh = job("u1", Some(restarts(2)));
         writer.apply_watcher_event(&watcher::Event::Apply(fresh.clone()));
-        let (prev, deleted) = mem.recall(&fresh, &[]);
+        let (prev, deleted, _) = mem.recall(&fresh, &[], Instant::now());
         assert_eq!(prev, restarts(2));
         assert!(deleted.is_empty());
         assert!(mem.with(|m| m
@@ -654,12 +728,12 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(seen.clone()));
         mem.remember_written(&seen, restarts(2), Instant::now());
         // Still version 10: the cache has not seen the write.
-        assert_eq!(mem.recall(&seen, &[]).0, restarts(2));
+        assert_eq!(mem.recall(&seen, &[], Instant::now()).0, restarts(2));
         // Version 12 with another manager's status: that is what the next decision starts from.
         let mut other = job("u1", Some(restarts(7)));
         other.metadata.resource_version = Some("12".into());
         writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
-        assert_eq!(mem.recall(&other, &[]).0, restarts(7));
+        assert_eq!(mem.recall(&other, &[], Instant::now()).0, restarts(7));
     }
 
     #[test]
@@ -674,7 +748,10 @@ mod tests {
         // Re-created under the same name: the old job's status is not carried over.
         let new = job("u2", None);
         writer.apply_watcher_event(&watcher::Event::Apply(new.clone()));
-        assert_eq!(mem.recall(&new, &[]).0, TrainingJobStatus::default());
+        assert_eq!(
+            mem.recall(&new, &[], Instant::now()).0,
+            TrainingJobStatus::default()
+        );
         assert_eq!(mem.len(), 0);
 
         mem.remember_written(&new, restarts(1), Instant::now());
@@ -683,10 +760,36 @@ mod tests {
         let mut other = other;
         other.metadata.name = Some("other".into());
         writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
-        mem.recall(&other, &[]);
+        mem.recall(&other, &[], Instant::now());
         assert_eq!(mem.len(), 0);
         mem.remember_written(&other, restarts(1), Instant::now());
         mem.forget(&other);
         assert_eq!(mem.len(), 0);
+    }
+
+    #[test]
+    fn created_pods_count_until_the_cache_lists_them() {
+        let (store, mut writer) = reflector::store::<TrainingJob>();
+        let mem = Memories::new(store);
+        let j = job("u1", None);
+        writer.apply_watcher_event(&watcher::Event::Apply(j.clone()));
+        let made = Arc::new(fixtures::finished("resnet-worker-0", 0));
+        let t0 = Instant::now();
+        mem.remember_created(&j, std::slice::from_ref(&made), t0);
+
+        // The cache does not list it yet: it counts as there.
+        let (_, _, created) = mem.recall(&j, &[], t0 + Duration::from_secs(1));
+        assert_eq!(created.len(), 1);
+        // Listed (under its name): the cache is the truth again.
+        let (_, _, created) =
+            mem.recall(&j, std::slice::from_ref(&made), t0 + Duration::from_secs(2));
+        assert!(created.is_empty());
+
+        // Never listed: forgotten after CREATED_TTL, so that a pod deleted unseen is made again.
+        mem.remember_created(&j, std::slice::from_ref(&made), t0);
+        let (_, _, created) = mem.recall(&j, &[], t0 + CREATED_TTL - Duration::from_secs(1));
+        assert_eq!(created.len(), 1);
+        let (_, _, created) = mem.recall(&j, &[], t0 + CREATED_TTL);
+        assert!(created.is_empty());
     }
 }
