@@ -9,11 +9,9 @@
 //! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
 //! - [`proxy`]: forwarding one request, mirroring, error responses;
 //! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
-//! - [`join`]: a client connection and its upstream connections, driven by one task;
 //! - [`metrics`]: per-variant counters and latency histograms.
 
 pub mod config;
-pub mod join;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

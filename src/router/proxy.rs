@@ -1,11 +1,5 @@
 //! Forwarding one request: choose the variant, copy to the mirror when asked, send upstream over a
-//! kept-alive HTTP/1.1 connection, stream the response back.
-//!
-//! A client's HTTP/1.1 connection sends one request at a time, so it keeps its own upstream connection
-//! to each variant it has used ([`Affinity`]), for as long as it stays open: no pool lookup and no lock
-//! on that path. An upstream that closed a kept connection gets a new one, and a request that was not
-//! sent on it is sent again. Requests that can run side by side (HTTP/2 streams) and mirror copies use
-//! a shared pool.
+//! pooled HTTP/1.1 connection, stream the response back.
 //!
 //! Bodies stream in both directions; nothing is buffered on the main path except for the requests
 //! that are mirrored. A mirror copy needs the body twice, so a request is mirrored only when its body
@@ -16,26 +10,23 @@
 //! task with its own timeout, and its outcome never reaches the caller.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{self, Authority, PathAndQuery, Scheme};
+use http::uri::{self, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 
 use super::config::{MirrorTarget, Route, Upstream};
-use super::join::Uplinks;
 use super::metrics::MirrorOutcome;
 use super::split::fast_random;
 
@@ -75,38 +66,6 @@ impl Default for Limits {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The upstream connections of one client connection: at most one per upstream address, kept while
-/// the client connection stays open. Only that connection's requests use them, one at a time, and
-/// the client connection's task drives them ([`Joined`](super::join::Joined)).
-#[derive(Default)]
-pub struct Affinity {
-    kept: Mutex<Vec<(Authority, http1::SendRequest<Body>)>>,
-    /// New upstream connections, for the client connection's task to drive.
-    pub uplinks: Arc<Uplinks>,
-}
-
-/// Upstream addresses an [`Affinity`] keeps a connection to at most (a reload that moves a variant
-/// to a new address leaves the old one behind until then).
-const AFFINITY_MAX: usize = 4;
-
-impl Affinity {
-    fn take(&self, to: &Authority) -> Option<http1::SendRequest<Body>> {
-        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        let i = kept.iter().position(|(a, _)| a == to)?;
-        Some(kept.swap_remove(i).1)
-    }
-
-    fn keep(&self, to: &Authority, sender: http1::SendRequest<Body>) {
-        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.len() >= AFFINITY_MAX {
-            kept.remove(0);
-        }
-        kept.push((to.clone(), sender));
-    }
-}
-
 /// The request path: the route in effect (swapped whole on reload) and the upstream connection pool
 /// (kept across reloads, so that a reload drops no connection).
 pub struct Proxy {
@@ -142,9 +101,7 @@ impl Proxy {
     }
 
     /// Routes one request and returns the response (the upstream's, or the router's own error).
-    /// `own` holds the upstream connections of the client connection the request came on, when its
-    /// requests come one at a time (HTTP/1.1).
-    pub async fn handle(&self, req: Request<Incoming>, own: Option<&Affinity>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let Some(route) = self.route.load_full() else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -163,21 +120,15 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         let body = match route.mirror.filter(|m| sampled(m.percent)) {
             None => Either::Left(body),
-            Some(m) => match Box::pin(self.mirror(&route, m, &parts, body)).await {
+            Some(m) => match self.mirror(&route, m, &parts, body).await {
                 Ok(b) => b,
                 Err(resp) => return resp,
             },
         };
-        self.forward(&route.variants[index], parts, body, own).await
+        self.forward(&route.variants[index], parts, body).await
     }
 
-    async fn forward(
-        &self,
-        up: &Upstream,
-        mut parts: Parts,
-        body: Body,
-        own: Option<&Affinity>,
-    ) -> Response<Body> {
+    async fn forward(&self, up: &Upstream, mut parts: Parts, body: Body) -> Response<Body> {
         let m = &up.metrics;
         m.requests.fetch_add(1, Relaxed);
         let Some(uri) = upstream_uri(up, &parts.uri) else {
@@ -186,15 +137,7 @@ impl Proxy {
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let start = Instant::now();
-        let req = Request::from_parts(parts, body);
-        let sent = async {
-            match own {
-                Some(own) => self.send_kept(own, &up.authority, req).await,
-                None => Box::pin(self.client.request(req))
-                    .await
-                    .map_err(BoxError::from),
-            }
-        };
+        let sent = self.client.request(Request::from_parts(parts, body));
         match tokio::time::timeout(self.limits.request_timeout, sent).await {
             Ok(Ok(resp)) => {
                 m.latency.observe(start.elapsed());
@@ -220,63 +163,6 @@ impl Proxy {
                 )
             }
         }
-    }
-
-    /// Sends a request over the client connection's own connection to `to`, made on first use or when
-    /// the upstream closed it. A request that a kept connection could not send goes out on a new one.
-    async fn send_kept(
-        &self,
-        own: &Affinity,
-        to: &Authority,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, BoxError> {
-        let mut kept = own.take(to);
-        loop {
-            let reused = kept.is_some();
-            let mut sender = match kept.take() {
-                Some(s) => s,
-                // Boxed: the cold path stays out of every request's future.
-                None => Box::pin(self.connect(to, &own.uplinks)).await?,
-            };
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    own.keep(to, sender);
-                    return Ok(resp);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(e.into_error().into()),
-                },
-            }
-        }
-    }
-
-    /// A new HTTP/1.1 connection to `to`, handed to `uplinks` to be driven until its sender is dropped.
-    async fn connect(
-        &self,
-        to: &Authority,
-        uplinks: &Uplinks,
-    ) -> Result<http1::SendRequest<Body>, BoxError> {
-        let stream =
-            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(to.as_str()))
-                .await
-                .map_err(|_| BoxError::from("connect timed out"))??;
-        stream.set_nodelay(true)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        uplinks.push(Box::pin(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        }));
-        Ok(sender)
     }
 
     /// Starts a mirror copy of the request when its body allows and a slot is free, and returns the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -17,9 +17,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::join::Joined;
 use super::metrics::Metrics;
-use super::proxy::{text, Affinity, Body, Proxy};
+use super::proxy::{text, Body, Proxy};
 
 /// Serves the data port until `shutdown` resolves, then lets open connections finish their
 /// requests for up to `grace`.
@@ -56,23 +55,14 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let p = proxy.clone();
-        let own = Arc::new(Affinity::default());
-        let uplinks = own.uplinks.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
-            let (p, own) = (p.clone(), own.clone());
-            async move {
-                // HTTP/2 streams run side by side: they share the pool.
-                let own = (req.version() != Version::HTTP_2).then_some(&*own);
-                Ok::<_, Infallible>(p.handle(req, own).await)
-            }
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(p.handle(req).await) }
         });
-        let conn = Joined::new(
-            graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .into_owned(),
-            ),
-            uplinks,
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
         );
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -40,8 +40,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
 
 use super::build::{build, LABEL_QUEUE};
@@ -284,7 +284,14 @@ pub async fn run_with_api(
     // status are read, so the cache drops their spec (most of a pod's memory at scale).
     let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", trim_pod);
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
-    let controller = Controller::new(jobs, watcher::Config::default());
+    // The job cache drops managedFields, never read here.
+    let (job_store, job_writer) = reflector::store();
+    let job_watch = watcher::watcher(jobs, watcher::Config::default())
+        .modify(|j: &mut TrainingJob| j.managed_fields_mut().clear());
+    let controller = Controller::for_stream(
+        reflector::reflector(job_writer, job_watch).applied_objects(),
+        job_store,
+    );
     let synced = {
         let (p, s) = (pods.clone(), services.clone());
         Synced::spawn(async move {
@@ -638,7 +645,6 @@ mod tests {
     use super::*;
     use crate::api::podstatus::fixtures;
     use crate::trainingjob::types::TrainingJobSpec;
-    use kube::runtime::reflector;
 
     #[test]
     fn one_created_event_names_every_pod_within_the_note_limit() {
