@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -15,6 +15,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use crate::api::meta::{kind_selector, LABEL_OWNER_NAME};
 use crate::apply::{Object, WriteCounter};
 use crate::error::Error;
+use crate::events::Recorder;
 use crate::metrics::Metrics;
 
 /// Longest wait between retries of a failing reconcile.

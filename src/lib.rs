@@ -9,6 +9,7 @@ pub mod apply;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod modeldeployment;

@@ -1,5 +1,6 @@
 //! Spec pieces and helpers shared by all three kinds.
 
+pub mod cachedpod;
 pub mod conditions;
 pub mod meta;
 pub mod pod;

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -47,6 +47,7 @@ use kube::{Api, Resource, ResourceExt};
 use super::build::{build, LABEL_QUEUE};
 use super::status::{decide, invalid, status, DeleteReason, Deletion, Observed};
 use super::types::{JobPhase, TrainingJob, TrainingJobStatus};
+use crate::api::cachedpod::CachedPod;
 use crate::api::conditions::{self, READY};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
@@ -71,41 +72,14 @@ const STATUS_BATCH: Duration = Duration::from_secs(1);
 /// is created again.
 const CREATED_TTL: Duration = Duration::from_secs(60);
 
-/// What the pod cache keeps of a pod: pods are created once and never compared with what is wanted,
-/// only their metadata and status are read, so the spec (most of a pod's memory at scale) is dropped,
-/// and of the status what [`crate::api::podstatus`] reads: the phase, its reason and message, the
-/// conditions, and each container's name and state.
-fn trim_pod(p: &mut Pod) {
-    p.spec = None;
-    p.metadata.managed_fields = None;
-    if let Some(s) = p.status.as_mut() {
-        *s = PodStatus {
-            phase: s.phase.take(),
-            reason: s.reason.take(),
-            message: s.message.take(),
-            conditions: s.conditions.take(),
-            container_statuses: s.container_statuses.take().map(|cs| {
-                cs.into_iter()
-                    .map(|c| ContainerStatus {
-                        name: c.name,
-                        state: c.state,
-                        ..ContainerStatus::default()
-                    })
-                    .collect()
-            }),
-            ..PodStatus::default()
-        };
-    }
-}
-
 /// What the reconciler remembers about one job between reconciles (see the module docs).
 #[derive(Debug, Default)]
 struct Memory {
     uid: String,
     /// Pods deleted by this process that the cache may still list.
     deleted: HashSet<String>,
-    /// Pods created by this process (trimmed as the cache trims them) that the cache may not list yet.
-    created: Vec<(Arc<Pod>, Instant)>,
+    /// Pods created by this process (as the cache keeps them) that the cache may not list yet.
+    created: Vec<(Arc<CachedPod>, Instant)>,
     /// The last status written, until the job cache shows it.
     written: Option<TrainingJobStatus>,
     /// The resourceVersion of the job that status was written over. A cache that shows another
@@ -119,7 +93,7 @@ struct Memory {
 /// the caches may not show yet.
 pub struct Ctx {
     pub shared: Arc<Shared>,
-    pub pods: ChildStore<Pod>,
+    pub pods: ChildStore<CachedPod>,
     pub services: ChildStore<Service>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
@@ -157,9 +131,9 @@ impl Memories {
     fn recall(
         &self,
         job: &TrainingJob,
-        pods: &[Arc<Pod>],
+        pods: &[Arc<CachedPod>],
         now: Instant,
-    ) -> (TrainingJobStatus, HashSet<String>, Vec<Arc<Pod>>) {
+    ) -> (TrainingJobStatus, HashSet<String>, Vec<Arc<CachedPod>>) {
         let uid = job.uid().unwrap_or_default();
         let from_cache = job.status.clone().unwrap_or_default();
         let jobs = &self.jobs;
@@ -228,7 +202,7 @@ impl Memories {
         self.entry(job, |m| m.deleted.insert(pod_uid));
     }
 
-    fn remember_created(&self, job: &TrainingJob, pods: &[Arc<Pod>], at: Instant) {
+    fn remember_created(&self, job: &TrainingJob, pods: &[Arc<CachedPod>], at: Instant) {
         self.entry(job, |m| {
             m.created.extend(pods.iter().map(|p| (p.clone(), at)));
         });
@@ -280,9 +254,11 @@ pub async fn run_with_api(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = shared.client.clone();
-    // Pods are created once and never compared with what is wanted: only their metadata and
-    // status are read, so the cache drops their spec (most of a pod's memory at scale).
-    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", trim_pod);
+    // Pods are created once and never compared with what is wanted: the cache keeps what is read
+    // of them (`CachedPod`: no spec), and no annotations.
+    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", |p: &mut CachedPod| {
+        p.metadata.annotations = None;
+    });
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
     // The job cache drops managedFields, never read here.
     let (job_store, job_writer) = reflector::store();
@@ -388,14 +364,15 @@ async fn delete_pods(
 }
 
 /// Creates `pods` (rank, pod) with slow start, and records one Event that names every pod created.
-/// Returns the pods created, as the API server stored them (trimmed), and the first error.
+/// Returns the pods created, as the API server stored them (as the cache keeps them), and the
+/// first error.
 async fn create_pods(
     shared: &Shared,
     job: &TrainingJob,
     pods: Vec<(i32, Pod)>,
-) -> (Vec<Arc<Pod>>, Option<Error>) {
+) -> (Vec<Arc<CachedPod>>, Option<Error>) {
     let mut created: Vec<String> = Vec::new();
-    let mut made: Vec<Arc<Pod>> = Vec::new();
+    let mut made: Vec<Arc<CachedPod>> = Vec::new();
     let mut first_err = None;
     let mut batch = 1;
     let mut rest = pods.into_iter();
@@ -412,9 +389,8 @@ async fn create_pods(
         .await;
         for (what, r) in results {
             match r {
-                Ok(Some(mut pod)) => {
-                    trim_pod(&mut pod);
-                    made.push(Arc::new(pod));
+                Ok(Some(pod)) => {
+                    made.push(Arc::new(CachedPod::from(pod)));
                     created.push(what);
                 }
                 Ok(None) => {}
@@ -503,9 +479,13 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         }
     }
 
-    let mut pods = children_of(&ctx.pods, ns, &owner.name);
-    let (prev, deleted, created) = ctx.memory.recall(&job, &pods, Instant::now());
-    pods.extend(created);
+    let listed = children_of(&ctx.pods, ns, &owner.name);
+    let (prev, deleted, created) = ctx.memory.recall(&job, &listed, Instant::now());
+    let pods: Vec<Arc<Pod>> = listed
+        .iter()
+        .chain(&created)
+        .map(|p| Arc::new(p.to_pod()))
+        .collect();
 
     let children = match build(&job, &owner) {
         Ok(c) => c,
@@ -564,7 +544,9 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
             changed.push(format!("created {} pod(s)", created.len()));
             // The status below counts them, and the next reconciles too until the cache lists them.
             ctx.memory.remember_created(&job, &created, Instant::now());
-            observed.pods.extend(created);
+            observed
+                .pods
+                .extend(created.iter().map(|p| Arc::new(p.to_pod())));
         }
         if let Some(e) = err {
             first_err.get_or_insert(e);
@@ -698,7 +680,7 @@ mod tests {
         let mem = Memories::new(store);
         let stale = job("u1", Some(restarts(1)));
         writer.apply_watcher_event(&watcher::Event::Apply(stale.clone()));
-        let failed = Arc::new(fixtures::finished("resnet-worker-0", 1));
+        let failed = Arc::new(CachedPod::from(fixtures::finished("resnet-worker-0", 1)));
         let pods = vec![failed.clone()];
 
         // Nothing remembered: the cache is the truth.
@@ -779,7 +761,7 @@ mod tests {
         let mem = Memories::new(store);
         let j = job("u1", None);
         writer.apply_watcher_event(&watcher::Event::Apply(j.clone()));
-        let made = Arc::new(fixtures::finished("resnet-worker-0", 0));
+        let made = Arc::new(CachedPod::from(fixtures::finished("resnet-worker-0", 0)));
         let t0 = Instant::now();
         mem.remember_created(&j, std::slice::from_ref(&made), t0);
 

@@ -107,3 +107,81 @@ async fn every_kind_records_children_failures_and_phases() {
     ]);
     wait_events(&ns, "ModelDeployment", "fraud", &[("Normal", "Deleted")]).await;
 }
+
+/// The recorder folds a repeat into its Event's `series` (one merge patch the API server accepts),
+/// keeps a different action apart, and starts a new Event when the series' Event is gone.
+#[tokio::test]
+async fn repeats_count_up_one_event_series() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use keelson::events::Recorder;
+    use kube::api::{Api, DeleteParams, ListParams};
+    use kube::runtime::events::{Event, EventType, Reporter};
+
+    let ns = Ns::new("series");
+    let client = client().await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "keelson".into(),
+            instance: None,
+        },
+    );
+    let regarding = ObjectReference {
+        api_version: Some("keelson.dev/v1alpha1".into()),
+        kind: Some("TrainingJob".into()),
+        namespace: Some(ns.name.clone()),
+        name: Some("job".into()),
+        uid: Some("0f3c1c2e-0000-4000-8000-000000000001".into()),
+        ..ObjectReference::default()
+    };
+    let ev = |action: &str| Event {
+        type_: EventType::Normal,
+        reason: "PhaseChanged".into(),
+        note: Some(format!("phase is now {action}")),
+        action: action.into(),
+        secondary: None,
+    };
+    let api: Api<K8sEvent> = Api::namespaced(client, &ns.name);
+    let listed = || async {
+        let mut l: Vec<(String, String, Option<i32>)> = api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.metadata.name.unwrap_or_default(),
+                    e.action.unwrap_or_default(),
+                    e.series.map(|s| s.count),
+                )
+            })
+            .collect();
+        l.sort_by(|a, b| a.1.cmp(&b.1));
+        l
+    };
+
+    for _ in 0..3 {
+        recorder.publish(&ev("Running"), &regarding).await.unwrap();
+    }
+    recorder.publish(&ev("Pending"), &regarding).await.unwrap();
+    let got = listed().await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!((got[0].1.as_str(), got[0].2), ("Pending", None), "{got:?}");
+    assert_eq!(
+        (got[1].1.as_str(), got[1].2),
+        ("Running", Some(3)),
+        "{got:?}"
+    );
+
+    // The Event deleted (as its TTL in etcd would): the next repeat makes a new one.
+    api.delete(&got[1].0, &DeleteParams::default())
+        .await
+        .unwrap();
+    recorder.publish(&ev("Running"), &regarding).await.unwrap();
+    let again = listed().await;
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert_ne!(again[1].0, got[1].0, "{again:?}");
+    assert_eq!(again[1].2, None, "{again:?}");
+}
