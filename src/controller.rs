@@ -32,6 +32,15 @@ const EVENT_WORKERS: usize = 4;
 
 type QueuedEvent = (Event, ObjectReference);
 
+/// Locks `m`. A poisoned lock only means that another task panicked while holding it; the data of
+/// every lock here stays consistent between statements, so it is used as it is.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// State shared by every reconcile of every kind.
 pub struct Shared {
     pub client: Client,
@@ -376,10 +385,7 @@ impl OwnerIndex {
     }
 
     fn apply<C: Resource>(&self, ev: &watcher::Event<C>) {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut st = lock(&self.state);
         match ev {
             watcher::Event::Apply(c) => {
                 if let Some((k, n)) = Self::key(c) {
@@ -412,10 +418,7 @@ impl OwnerIndex {
     }
 
     fn names(&self, ns: &str, owner: &str) -> Vec<String> {
-        let st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let st = lock(&self.state);
         st.live
             .get(&(ns.to_string(), owner.to_string()))
             .map(|n| n.iter().cloned().collect())

@@ -115,12 +115,7 @@ impl Recorder {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Memory) -> T) -> T {
-        // A poisoned lock only means a panic elsewhere; the memory is still usable.
-        let mut guard = match self.memory.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut guard)
+        f(&mut crate::controller::lock(&self.memory))
     }
 
     /// Records `ev` about `regarding`: a new Event, or one more count of its open series.

@@ -117,12 +117,7 @@ impl Memories {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ObjectRef<TrainingJob>, Memory>) -> T) -> T {
-        // A poisoned lock only means another reconcile panicked; the map is still usable.
-        let mut guard = match self.map.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut guard)
+        f(&mut crate::controller::lock(&self.map))
     }
 
     /// The status to decide from, the pods already deleted, and the pods created that the cache does
