@@ -2,12 +2,13 @@
 //! `<name>-router`), checked and compiled into the [`Route`] the request path reads.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::uri::Authority;
 use http::HeaderName;
 
 use super::metrics::{Metrics, VariantMetrics};
+use super::pool::HostPool;
 use super::split::Split;
 pub use crate::modeldeployment::traffic::RouterConfig;
 
@@ -39,6 +40,8 @@ pub struct Upstream {
     pub weight: u32,
     pub authority: Authority,
     pub metrics: Arc<VariantMetrics>,
+    /// The connection pool of `authority`, looked up on first use.
+    pub pool: OnceLock<Arc<HostPool>>,
 }
 
 /// Shadow traffic: a copy of `percent` percent of the requests goes to `variants[index]`.
@@ -92,6 +95,7 @@ impl Route {
                 weight: v.weight,
                 authority,
                 metrics: metrics.variant(&v.name),
+                pool: OnceLock::new(),
             });
         }
         let split = Split::new(c.variants.iter().map(|v| (v.name.as_str(), v.weight)))

@@ -7,12 +7,13 @@
 //!
 //! - [`config`]: the file format, checked and compiled into a [`config::Route`];
 //! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
-//! - [`proxy`]: forwarding one request, mirroring, error responses;
+//! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections;
 //! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
 //! - [`metrics`]: per-variant counters and latency histograms.
 
 pub mod config;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod server;

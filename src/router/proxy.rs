@@ -1,5 +1,5 @@
 //! Forwarding one request: choose the variant, copy to the mirror when asked, send upstream over a
-//! pooled HTTP/1.1 connection, stream the response back.
+//! pooled HTTP/1.1 connection ([`super::pool`]), stream the response back.
 //!
 //! Bodies stream in both directions; nothing is buffered on the main path except for the requests
 //! that are mirrored. A mirror copy needs the body twice, so a request is mirrored only when its body
@@ -17,21 +17,19 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{self, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 
 use super::config::{MirrorTarget, Route, Upstream};
 use super::metrics::MirrorOutcome;
+use super::pool::{HostPool, PoolLimits, Pools, ReqBody, UpstreamBody};
 use super::split::fast_random;
 
-/// A request or response body: streamed from the other side, or made by the router.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// A response body: the upstream's, streamed, or one made by the router.
+pub type Body = Either<UpstreamBody, Full<Bytes>>;
 
 /// The header that marks a mirror copy, so that a model server can tell shadow traffic apart.
 pub const MIRROR_HEADER: &str = "x-keelson-mirror";
@@ -66,33 +64,32 @@ impl Default for Limits {
     }
 }
 
-/// The request path: the route in effect (swapped whole on reload) and the upstream connection pool
+/// The request path: the route in effect (swapped whole on reload) and the upstream connection pools
 /// (kept across reloads, so that a reload drops no connection).
 pub struct Proxy {
     pub route: ArcSwapOption<Route>,
-    client: Client<HttpConnector, Body>,
+    pools: Pools,
     mirror_slots: Arc<Semaphore>,
     limits: Limits,
 }
 
 impl Proxy {
     pub fn new(limits: Limits) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(limits.pool_idle_per_host)
-            .build(connector);
         Proxy {
             route: ArcSwapOption::empty(),
-            client,
+            pools: Pools::new(PoolLimits {
+                connect_timeout: limits.connect_timeout,
+                idle_timeout: Duration::from_secs(60),
+                max_idle_per_host: limits.pool_idle_per_host,
+            }),
             mirror_slots: Arc::new(Semaphore::new(limits.mirror_slots)),
             limits,
         }
+    }
+
+    /// The connection pool of a variant's upstream.
+    fn pool<'a>(&self, up: &'a Upstream) -> &'a Arc<HostPool> {
+        up.pool.get_or_init(|| self.pools.host(&up.authority))
     }
 
     /// Whether a config has been loaded.
@@ -120,7 +117,8 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         let body = match route.mirror.filter(|m| sampled(m.percent)) {
             None => Either::Left(body),
-            Some(m) => match self.mirror(&route, m, &parts, body).await {
+            // Boxed: the mirror's state would otherwise widen every request's future.
+            Some(m) => match Box::pin(self.mirror(&route, m, &parts, body)).await {
                 Ok(b) => b,
                 Err(resp) => return resp,
             },
@@ -128,16 +126,13 @@ impl Proxy {
         self.forward(&route.variants[index], parts, body).await
     }
 
-    async fn forward(&self, up: &Upstream, mut parts: Parts, body: Body) -> Response<Body> {
+    async fn forward(&self, up: &Upstream, mut parts: Parts, body: ReqBody) -> Response<Body> {
         let m = &up.metrics;
         m.requests.fetch_add(1, Relaxed);
-        let Some(uri) = upstream_uri(up, &parts.uri) else {
-            return text(StatusCode::BAD_REQUEST, "keelson router: bad request URI\n");
-        };
-        parts.uri = uri;
+        to_upstream(up, &mut parts.uri, &mut parts.headers);
         parts.version = Version::HTTP_11;
         let start = Instant::now();
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = self.pool(up).send(Request::from_parts(parts, body));
         match tokio::time::timeout(self.limits.request_timeout, sent).await {
             Ok(Ok(resp)) => {
                 m.latency.observe(start.elapsed());
@@ -173,7 +168,7 @@ impl Proxy {
         m: MirrorTarget,
         parts: &Parts,
         body: Incoming,
-    ) -> Result<Body, Response<Body>> {
+    ) -> Result<ReqBody, Response<Body>> {
         let target = &route.variants[m.index];
         let metrics = target.metrics.clone();
         let Some(len) = body
@@ -186,9 +181,6 @@ impl Proxy {
         };
         let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
             metrics.mirror(MirrorOutcome::Dropped);
-            return Ok(Either::Left(body));
-        };
-        let Some(uri) = upstream_uri(target, &parts.uri) else {
             return Ok(Either::Left(body));
         };
         let (main, copy) = if len == 0 {
@@ -207,20 +199,22 @@ impl Proxy {
                 }
             }
         };
+        let (mut uri, mut headers) = (parts.uri.clone(), parts.headers.clone());
+        to_upstream(target, &mut uri, &mut headers);
         let mut req = Request::new(Either::Right(Full::new(copy)));
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers.clone();
+        *req.headers_mut() = headers;
         req.headers_mut().insert(
             HeaderName::from_static(MIRROR_HEADER),
             HeaderValue::from_static("1"),
         );
-        let client = self.client.clone();
+        let pool = self.pool(target).clone();
         let timeout = self.limits.mirror_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let run = async {
-                let resp = client.request(req).await.ok()?;
+                let resp = pool.send(req).await.ok()?;
                 // Read the body to its end so that the connection goes back to the pool.
                 let mut b = resp.into_body();
                 while let Some(frame) = b.frame().await {
@@ -243,17 +237,23 @@ fn sampled(percent: u32) -> bool {
     percent >= 100 || fast_random() % 100 < u64::from(percent)
 }
 
-/// `http://<upstream><path and query of the request>`.
-fn upstream_uri(up: &Upstream, from: &Uri) -> Option<Uri> {
-    let mut p = uri::Parts::default();
-    p.scheme = Some(Scheme::HTTP);
-    p.authority = Some(up.authority.clone());
-    p.path_and_query = Some(
-        from.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(p).ok()
+/// Readies a request's target for the variant's connection: the URI in origin form (its path and
+/// query), and a `Host` header when the request had none (HTTP/2 carries it in the URI): the
+/// authority the client asked for, else the variant's.
+fn to_upstream(up: &Upstream, uri: &mut Uri, headers: &mut HeaderMap) {
+    if !headers.contains_key(header::HOST) {
+        let host = uri.authority().unwrap_or(&up.authority);
+        if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        *uri = Uri::from(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+    }
 }
 
 /// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including those that
@@ -344,22 +344,41 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_path_and_query() {
+    fn the_upstream_target_is_origin_form_with_a_host() {
         let up = Upstream {
             name: "a".into(),
             weight: 1,
             authority: "10.0.0.1:8080".parse().unwrap(),
             metrics: Arc::default(),
+            pool: Default::default(),
         };
-        let u = upstream_uri(&up, &"/v1/models/fraud:predict?x=1".parse().unwrap()).unwrap();
+        let target = |uri: &str, host: Option<&str>| {
+            let mut uri: Uri = uri.parse().unwrap();
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            to_upstream(&up, &mut uri, &mut h);
+            (
+                uri.to_string(),
+                h[header::HOST].to_str().unwrap().to_string(),
+            )
+        };
+        // HTTP/1.1: origin form and the client's Host, both kept.
         assert_eq!(
-            u.to_string(),
-            "http://10.0.0.1:8080/v1/models/fraud:predict?x=1"
+            target("/v1/models/fraud:predict?x=1", Some("fraud.example")),
+            (
+                "/v1/models/fraud:predict?x=1".into(),
+                "fraud.example".into()
+            )
         );
-        let u = upstream_uri(&up, &"http://public.example/p".parse().unwrap()).unwrap();
-        assert_eq!(u.to_string(), "http://10.0.0.1:8080/p");
-        let u = upstream_uri(&up, &"*".parse().unwrap()).unwrap();
-        assert_eq!(u.authority().unwrap().as_str(), "10.0.0.1:8080");
+        // HTTP/2 (or absolute form): the authority becomes the Host.
+        assert_eq!(
+            target("http://public.example/p?q", None),
+            ("/p?q".into(), "public.example".into())
+        );
+        // No authority anywhere: the variant's.
+        assert_eq!(target("/p", None), ("/p".into(), "10.0.0.1:8080".into()));
     }
 
     #[test]

@@ -1,0 +1,412 @@
+//! Pooled HTTP/1.1 connections to the variants: one pool per upstream address, shared by every
+//! config that names that address, so that a reload keeps the warm connections.
+//!
+//! A request takes the most recently returned idle connection (or opens one) and gives it back
+//! when its response body has been read to the end; the connection is then ready for the next
+//! request at once. A connection whose response was not read to the end, or that failed, is not
+//! given back: hyper closes it. A request that a reused connection could not send (the upstream
+//! closed it while it was idle) is sent once more over a new connection; nothing of it had been
+//! written. Idle connections older than the idle timeout are dropped as they are met.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::controller::lock;
+
+/// A request body sent upstream: the client's, streamed, or one read whole (for a mirrored request).
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
+
+/// Why a request got no response from its upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect: no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// Limits of the pools.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolLimits {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+/// Every upstream address's pool.
+pub struct Pools {
+    hosts: Mutex<Vec<Arc<HostPool>>>,
+    limits: PoolLimits,
+}
+
+impl Pools {
+    pub fn new(limits: PoolLimits) -> Pools {
+        Pools {
+            hosts: Mutex::new(Vec::new()),
+            limits,
+        }
+    }
+
+    /// The pool of `authority`, made on first use. A config names a handful of variants, so the
+    /// list is short and scanned.
+    pub fn host(&self, authority: &Authority) -> Arc<HostPool> {
+        let mut hosts = lock(&self.hosts);
+        if let Some(h) = hosts.iter().find(|h| h.authority == *authority) {
+            return h.clone();
+        }
+        let h = Arc::new(HostPool {
+            authority: authority.clone(),
+            idle: Mutex::new(Vec::new()),
+            limits: self.limits,
+        });
+        hosts.push(h.clone());
+        h
+    }
+}
+
+/// The idle connections to one upstream address.
+pub struct HostPool {
+    authority: Authority,
+    idle: Mutex<Vec<Idle>>,
+    limits: PoolLimits,
+}
+
+impl std::fmt::Debug for HostPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPool")
+            .field("authority", &self.authority)
+            .field("idle", &lock(&self.idle).len())
+            .finish()
+    }
+}
+
+struct Idle {
+    tx: SendRequest<ReqBody>,
+    since: Instant,
+}
+
+impl HostPool {
+    /// Sends `req` (origin-form URI, `Host` set) over a pooled or new connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (mut tx, mut reused) = match self.checkout() {
+            Some(tx) => (tx, true),
+            None => (self.connect().await?, false),
+        };
+        let mut req = req;
+        loop {
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let lease = Lease {
+                        tx,
+                        pool: self.clone(),
+                    };
+                    return Ok(resp.map(|inner| UpstreamBody {
+                        inner,
+                        lease: Some(lease),
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if reused => {
+                        req = r;
+                        tx = self.connect().await?;
+                        reused = false;
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// The most recently returned connection that is still open and has not idled too long.
+    fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+        let mut idle = lock(&self.idle);
+        while let Some(c) = idle.pop() {
+            if c.tx.is_ready() && c.since.elapsed() < self.limits.idle_timeout {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ReqBody>, UpstreamError> {
+        let stream = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => return Err(UpstreamError::ConnectTimeout(self.limits.connect_timeout)),
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = Builder::new().handshake(TokioIo::new(stream)).await?;
+        let authority = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Takes a connection back after its response was read to the end.
+    fn put(self: &Arc<Self>, mut tx: SendRequest<ReqBody>) {
+        if tx.is_ready() {
+            self.push(tx);
+            return;
+        }
+        if tx.is_closed() {
+            return;
+        }
+        // The connection is still finishing the exchange: pool it once it is done, if it is soon.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.clone();
+        rt.spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(pool.limits.connect_timeout, tx.ready()).await
+            {
+                pool.push(tx);
+            }
+        });
+    }
+
+    fn push(&self, tx: SendRequest<ReqBody>) {
+        let now = Instant::now();
+        let mut idle = lock(&self.idle);
+        // The oldest idle connection sits at the bottom; drop it once it has idled too long.
+        if idle
+            .first()
+            .is_some_and(|c| now.duration_since(c.since) >= self.limits.idle_timeout)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < self.limits.max_idle_per_host {
+            idle.push(Idle { tx, since: now });
+        }
+    }
+}
+
+struct Lease {
+    tx: SendRequest<ReqBody>,
+    pool: Arc<HostPool>,
+}
+
+/// An upstream's response body, streamed. Its connection goes back to the pool when the body has
+/// been read to the end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(l) = self.lease.take() {
+            l.pool.put(l.tx);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            // A broken response: the connection is not reused.
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn limits() -> PoolLimits {
+        PoolLimits {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_host: 8,
+        }
+    }
+
+    fn get(path: &str) -> Request<ReqBody> {
+        Request::builder()
+            .uri(path)
+            .header(http::header::HOST, "upstream")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap()
+    }
+
+    /// A keep-alive HTTP/1.1 server that answers each request with its connection's number and
+    /// closes a connection after `per_conn` responses (0: never).
+    async fn upstream(per_conn: usize) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(r) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if r == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..r]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let body = format!("conn{n}");
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if s.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            served += 1;
+                            if per_conn > 0 && served == per_conn {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    async fn body(r: Response<UpstreamBody>) -> String {
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (addr, conns) = upstream(0).await;
+        let pools = Pools::new(limits());
+        let pool = pools.host(&addr.parse().unwrap());
+        for _ in 0..5 {
+            let r = pool.send(get("/")).await.unwrap();
+            assert_eq!(body(r).await, "conn1");
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        // Two at once need two connections; both are pooled afterwards.
+        let (a, b) = tokio::join!(pool.send(get("/")), pool.send(get("/")));
+        let (a, b) = (body(a.unwrap()).await, body(b.unwrap()).await);
+        assert_ne!(a, b);
+        assert_eq!(pool.idle(), 2);
+        // The same address gives the same pool.
+        assert!(Arc::ptr_eq(&pool, &pools.host(&addr.parse().unwrap())));
+    }
+
+    #[tokio::test]
+    async fn an_unread_response_does_not_go_back_to_the_pool() {
+        let (addr, _) = upstream(0).await;
+        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+        let r = pool.send(get("/")).await.unwrap();
+        drop(r);
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_replaced() {
+        // The upstream closes every connection after one response: each request finds its pooled
+        // connection closed (or closing) and goes over a new one, without an error.
+        let (addr, conns) = upstream(1).await;
+        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+        for i in 1..=4 {
+            let r = pool.send(get("/")).await.unwrap();
+            assert_eq!(body(r).await, format!("conn{i}"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_not_used() {
+        let (addr, conns) = upstream(0).await;
+        let pool = Pools::new(PoolLimits {
+            idle_timeout: Duration::from_millis(50),
+            ..limits()
+        })
+        .host(&addr.parse().unwrap());
+        body(pool.send(get("/")).await.unwrap()).await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(body(pool.send(get("/")).await.unwrap()).await, "conn2");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_address_nobody_listens_on_fails_at_once() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+        let Err(e) = pool.send(get("/")).await else {
+            panic!("a response from an address nobody listens on")
+        };
+        assert!(matches!(e, UpstreamError::Connect(_)), "{e}");
+    }
+}
