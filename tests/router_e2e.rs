@@ -2,8 +2,8 @@
 //! local cluster; the config is read back from the API server, its upstreams pointed at small HTTP
 //! servers standing in for the variants (each answers with its variant's name), and the real
 //! `keelson router` binary serves it. Then: the split over 100,000 requests, sticky keys, the mirror's
-//! share, a weight change and a bad config mid-run without a failed request, and a dead variant
-//! answered with 502 at once.
+//! share, the same keys over HTTP/2 (h2c), a weight change and a bad config mid-run without a failed
+//! request, and a dead variant answered with 502 at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,11 +65,11 @@ impl StandIn {
                     if req.headers().contains_key("x-keelson-mirror") {
                         m.fetch_add(1, Relaxed);
                     }
-                    async move {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            name.as_bytes(),
-                        ))))
+                    let mut resp = Response::new(Full::new(Bytes::from_static(name.as_bytes())));
+                    if let Some(host) = req.headers().get(hyper::header::HOST) {
+                        resp.headers_mut().insert("x-seen-host", host.clone());
                     }
+                    async move { Ok::<_, Infallible>(resp) }
                 });
                 conns.spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -456,6 +456,39 @@ spec:
         (pct - 20.0).abs() <= 3.0,
         "{pct:.1}% of the keys on challenger"
     );
+
+    // 3b. HTTP/2 over cleartext (prior knowledge): 200 streams multiplexed on one connection reach
+    // the same variants as the same keys over HTTP/1.1, and the variant sees the request's authority
+    // as its Host.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut streams = JoinSet::new();
+    for i in 0..200u64 {
+        let key = format!("user-{}", i % keys);
+        let req = Request::get("http://fraud.example/v1/predict")
+            .header("x-user-id", &key)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let mut h2 = h2.clone();
+        streams.spawn(async move {
+            let resp = h2.send_request(req).await.unwrap();
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["x-seen-host"], "fraud.example");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (key, String::from_utf8_lossy(&body).into_owned())
+        });
+    }
+    while let Some(r) = streams.join_next().await {
+        let (key, variant) = r.unwrap();
+        assert_eq!(variant, before[&key], "{key} over HTTP/2");
+    }
 
     // 4. A bad config, then a weight change, both mid-run: not a single failed request.
     let done = Arc::new(AtomicU64::new(0));
