@@ -6,7 +6,8 @@
 //! request at once. A connection whose response was not read to the end, or that failed, is not
 //! given back: hyper closes it. A request that a reused connection could not send (the upstream
 //! closed it while it was idle) is sent once more over a new connection; nothing of it had been
-//! written. Idle connections older than the idle timeout are dropped as they are met.
+//! written. Idle connections older than the idle timeout (counted from the start of their last
+//! request) are dropped as they are met.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -99,12 +100,15 @@ struct Idle {
 }
 
 impl HostPool {
-    /// Sends `req` (origin-form URI, `Host` set) over a pooled or new connection.
+    /// Sends `req` (origin-form URI, `Host` set) over a pooled or new connection. `now` is the time
+    /// the request started, also kept as the time its connection went idle: the clock is read once
+    /// per request.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ReqBody>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (mut tx, mut reused) = match self.checkout() {
+        let (mut tx, mut reused) = match self.checkout(now) {
             Some(tx) => (tx, true),
             None => (self.connect().await?, false),
         };
@@ -115,6 +119,7 @@ impl HostPool {
                     let lease = Lease {
                         tx,
                         pool: self.clone(),
+                        since: now,
                     };
                     return Ok(resp.map(|inner| UpstreamBody {
                         inner,
@@ -139,10 +144,11 @@ impl HostPool {
     }
 
     /// The most recently returned connection that is still open and has not idled too long.
-    fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self, now: Instant) -> Option<SendRequest<ReqBody>> {
         let mut idle = lock(&self.idle);
         while let Some(c) = idle.pop() {
-            if c.tx.is_ready() && c.since.elapsed() < self.limits.idle_timeout {
+            if c.tx.is_ready() && now.saturating_duration_since(c.since) < self.limits.idle_timeout
+            {
                 return Some(c.tx);
             }
         }
@@ -172,9 +178,9 @@ impl HostPool {
     }
 
     /// Takes a connection back after its response was read to the end.
-    fn put(self: &Arc<Self>, mut tx: SendRequest<ReqBody>) {
+    fn put(self: &Arc<Self>, mut tx: SendRequest<ReqBody>, since: Instant) {
         if tx.is_ready() {
-            self.push(tx);
+            self.push(tx, since);
             return;
         }
         if tx.is_closed() {
@@ -188,23 +194,22 @@ impl HostPool {
         rt.spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(pool.limits.connect_timeout, tx.ready()).await
             {
-                pool.push(tx);
+                pool.push(tx, since);
             }
         });
     }
 
-    fn push(&self, tx: SendRequest<ReqBody>) {
-        let now = Instant::now();
+    fn push(&self, tx: SendRequest<ReqBody>, since: Instant) {
         let mut idle = lock(&self.idle);
         // The oldest idle connection sits at the bottom; drop it once it has idled too long.
         if idle
             .first()
-            .is_some_and(|c| now.duration_since(c.since) >= self.limits.idle_timeout)
+            .is_some_and(|c| since.saturating_duration_since(c.since) >= self.limits.idle_timeout)
         {
             idle.remove(0);
         }
         if idle.len() < self.limits.max_idle_per_host {
-            idle.push(Idle { tx, since: now });
+            idle.push(Idle { tx, since });
         }
     }
 }
@@ -212,6 +217,7 @@ impl HostPool {
 struct Lease {
     tx: SendRequest<ReqBody>,
     pool: Arc<HostPool>,
+    since: Instant,
 }
 
 /// An upstream's response body, streamed. Its connection goes back to the pool when the body has
@@ -224,7 +230,7 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     fn release(&mut self) {
         if let Some(l) = self.lease.take() {
-            l.pool.put(l.tx);
+            l.pool.put(l.tx, l.since);
         }
     }
 }
@@ -347,13 +353,16 @@ mod tests {
         let pools = Pools::new(limits());
         let pool = pools.host(&addr.parse().unwrap());
         for _ in 0..5 {
-            let r = pool.send(get("/")).await.unwrap();
+            let r = pool.send(get("/"), Instant::now()).await.unwrap();
             assert_eq!(body(r).await, "conn1");
             assert_eq!(pool.idle(), 1);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
         // Two at once need two connections; both are pooled afterwards.
-        let (a, b) = tokio::join!(pool.send(get("/")), pool.send(get("/")));
+        let (a, b) = tokio::join!(
+            pool.send(get("/"), Instant::now()),
+            pool.send(get("/"), Instant::now())
+        );
         let (a, b) = (body(a.unwrap()).await, body(b.unwrap()).await);
         assert_ne!(a, b);
         assert_eq!(pool.idle(), 2);
@@ -365,7 +374,7 @@ mod tests {
     async fn an_unread_response_does_not_go_back_to_the_pool() {
         let (addr, _) = upstream(0).await;
         let pool = Pools::new(limits()).host(&addr.parse().unwrap());
-        let r = pool.send(get("/")).await.unwrap();
+        let r = pool.send(get("/"), Instant::now()).await.unwrap();
         drop(r);
         assert_eq!(pool.idle(), 0);
     }
@@ -377,7 +386,7 @@ mod tests {
         let (addr, conns) = upstream(1).await;
         let pool = Pools::new(limits()).host(&addr.parse().unwrap());
         for i in 1..=4 {
-            let r = pool.send(get("/")).await.unwrap();
+            let r = pool.send(get("/"), Instant::now()).await.unwrap();
             assert_eq!(body(r).await, format!("conn{i}"));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -392,9 +401,12 @@ mod tests {
             ..limits()
         })
         .host(&addr.parse().unwrap());
-        body(pool.send(get("/")).await.unwrap()).await;
+        body(pool.send(get("/"), Instant::now()).await.unwrap()).await;
         tokio::time::sleep(Duration::from_millis(80)).await;
-        assert_eq!(body(pool.send(get("/")).await.unwrap()).await, "conn2");
+        assert_eq!(
+            body(pool.send(get("/"), Instant::now()).await.unwrap()).await,
+            "conn2"
+        );
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
@@ -404,7 +416,7 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
         let pool = Pools::new(limits()).host(&addr.parse().unwrap());
-        let Err(e) = pool.send(get("/")).await else {
+        let Err(e) = pool.send(get("/"), Instant::now()).await else {
             panic!("a response from an address nobody listens on")
         };
         assert!(matches!(e, UpstreamError::Connect(_)), "{e}");

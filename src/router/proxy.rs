@@ -132,8 +132,9 @@ impl Proxy {
         to_upstream(up, &mut parts.uri, &mut parts.headers);
         parts.version = Version::HTTP_11;
         let start = Instant::now();
-        let sent = self.pool(up).send(Request::from_parts(parts, body));
-        match tokio::time::timeout(self.limits.request_timeout, sent).await {
+        let sent = self.pool(up).send(Request::from_parts(parts, body), start);
+        let deadline = tokio::time::Instant::from_std(start) + self.limits.request_timeout;
+        match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(resp)) => {
                 m.latency.observe(start.elapsed());
                 m.response(resp.status().as_u16());
@@ -214,7 +215,7 @@ impl Proxy {
         tokio::spawn(async move {
             let _permit = permit;
             let run = async {
-                let resp = pool.send(req).await.ok()?;
+                let resp = pool.send(req, Instant::now()).await.ok()?;
                 // Read the body to its end so that the connection goes back to the pool.
                 let mut b = resp.into_body();
                 while let Some(frame) = b.frame().await {
@@ -287,14 +288,23 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
+    // Runs over every header of every message: the standard names compare as enum values, the two
+    // others only when the length matches.
+    if name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    {
+        return true;
+    }
+    let s = name.as_str();
+    match s.len() {
+        10 => s == "keep-alive",
+        16 => s == "proxy-connection",
+        _ => false,
+    }
 }
 
 /// A short plain-text response made by the router.
