@@ -260,7 +260,8 @@ fn to_upstream(up: &Upstream, uri: &mut Uri, headers: &mut HeaderMap) {
 /// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including those that
 /// `Connection` names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the few names present is cheaper than the removals.
+    // Most messages carry none, or only `Connection: keep-alive`: scan the few names present and
+    // remove only what is there.
     if !h.keys().any(is_hop_by_hop) {
         return;
     }
@@ -274,17 +275,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    let rest: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for name in rest {
         h.remove(name);
     }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
