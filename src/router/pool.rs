@@ -108,9 +108,10 @@ impl HostPool {
         req: Request<ReqBody>,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        // Connecting is boxed: its state would otherwise widen every request's future.
         let (mut tx, mut reused) = match self.checkout(now) {
             Some(tx) => (tx, true),
-            None => (self.connect().await?, false),
+            None => (Box::pin(self.connect()).await?, false),
         };
         let mut req = req;
         loop {
@@ -129,7 +130,7 @@ impl HostPool {
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => {
                         req = r;
-                        tx = self.connect().await?;
+                        tx = Box::pin(self.connect()).await?;
                         reused = false;
                     }
                     _ => return Err(e.into_error().into()),
