@@ -7,7 +7,8 @@
 //! given back: hyper closes it. A request that a reused connection could not send (the upstream
 //! closed it while it was idle) is sent once more over a new connection; nothing of it had been
 //! written. Idle connections older than the idle timeout (counted from the start of their last
-//! request) are dropped as they are met.
+//! request) are closed by [`Pools::sweep`], which the router runs every second; it also forgets the
+//! pools of addresses that the config no longer names.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,19 @@ impl Pools {
         });
         hosts.push(h.clone());
         h
+    }
+
+    /// Closes the idle connections that have idled past the timeout, and forgets the pools of the
+    /// addresses for which `named` is false (requests routed before still hold theirs).
+    pub fn sweep(&self, now: Instant, named: impl Fn(&Authority) -> bool) {
+        let mut hosts = lock(&self.hosts);
+        hosts.retain(|h| named(&h.authority));
+        for h in hosts.iter() {
+            lock(&h.idle).retain(|c| {
+                !c.tx.is_closed()
+                    && now.saturating_duration_since(c.since) < self.limits.idle_timeout
+            });
+        }
     }
 }
 
@@ -187,7 +201,8 @@ impl HostPool {
         if tx.is_closed() {
             return;
         }
-        // The connection is still finishing the exchange: pool it once it is done, if it is soon.
+        // The connection is still finishing the exchange: pool it once it is done, if that is within
+        // the time a new connection would be given.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -202,13 +217,6 @@ impl HostPool {
 
     fn push(&self, tx: SendRequest<ReqBody>, since: Instant) {
         let mut idle = lock(&self.idle);
-        // The oldest idle connection sits at the bottom; drop it once it has idled too long.
-        if idle
-            .first()
-            .is_some_and(|c| since.saturating_duration_since(c.since) >= self.limits.idle_timeout)
-        {
-            idle.remove(0);
-        }
         if idle.len() < self.limits.max_idle_per_host {
             idle.push(Idle { tx, since });
         }
@@ -409,6 +417,28 @@ mod tests {
             "conn2"
         );
         assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_stale_connections_and_forgets_unnamed_addresses() {
+        let (addr, conns) = upstream(0).await;
+        let authority: Authority = addr.parse().unwrap();
+        let pools = Pools::new(PoolLimits {
+            idle_timeout: Duration::from_millis(50),
+            ..limits()
+        });
+        let pool = pools.host(&authority);
+        body(pool.send(get("/"), Instant::now()).await.unwrap()).await;
+        // Fresh and named: kept.
+        pools.sweep(Instant::now(), |_| true);
+        assert_eq!(pool.idle(), 1);
+        // Past the idle timeout: closed, without any request coming.
+        pools.sweep(Instant::now() + Duration::from_millis(60), |_| true);
+        assert_eq!(pool.idle(), 0);
+        // No longer named by the config: the address gets a new pool next time.
+        pools.sweep(Instant::now(), |a| *a != authority);
+        assert!(!Arc::ptr_eq(&pool, &pools.host(&authority)));
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

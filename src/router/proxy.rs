@@ -92,6 +92,18 @@ impl Proxy {
         up.pool.get_or_init(|| self.pools.host(&up.authority))
     }
 
+    /// Closes idle upstream connections past their timeout and forgets the pools of addresses the
+    /// config in effect does not name.
+    pub fn sweep(&self) {
+        let route = self.route.load();
+        let named = |a: &http::uri::Authority| {
+            route
+                .as_ref()
+                .is_some_and(|r| r.variants.iter().any(|v| v.authority == *a))
+        };
+        self.pools.sweep(Instant::now(), named);
+    }
+
     /// Whether a config has been loaded.
     pub fn ready(&self) -> bool {
         self.route.load().is_some()

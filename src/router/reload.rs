@@ -1,7 +1,8 @@
 //! Config reload: the config file is read every `interval` and, when its content changed, checked
 //! and swapped in whole. A Kubernetes ConfigMap volume updates by swapping a `..data` symlink, so
-//! the file's content is compared rather than its inode or mtime. Connections and the upstream pool
-//! are untouched by a reload; requests already routed finish on the route they started with.
+//! the file's content is compared rather than its inode or mtime. Connections are untouched by a
+//! reload, and the upstream pools of the addresses still named are kept; requests already routed
+//! finish on the route they started with. The same tick sweeps the pools ([`Proxy::sweep`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -83,13 +84,14 @@ impl Reloader {
         }
     }
 
-    /// Checks the file every `interval`, forever.
+    /// Checks the file and sweeps the upstream pools every `interval`, forever.
     pub async fn run(mut self, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.check().await;
+            self.proxy.sweep();
         }
     }
 }
