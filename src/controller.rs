@@ -291,22 +291,38 @@ pub fn child_cache_trimmed<C: Object>(
     // complete too, so that a reconcile that waited for the caches never finds a job's pods missing
     // (it would take the job for one that lost its pods).
     let watch = watch.inspect_ok(move |ev| indexer.apply(ev));
-    let events = reflector::reflector(writer, watch)
-        .backoff(WatchBackoff::default())
-        .touched_objects();
+    let events = reflector::reflector(writer, watch).backoff(WatchBackoff::default());
+    let cache = reader.clone();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         futures::pin_mut!(events);
+        // The cache as it was when a relist began (the store swaps in the new list at its end).
+        let mut before: Option<Vec<Arc<C>>> = None;
         while let Some(ev) = events.next().await {
-            // A failed watch is retried here, after this cache's own backoff (a watch that
-            // expired, 410 Gone, relists). It is not passed on: the controller would hold back
-            // every trigger for its own backoff.
-            if let Err(e) = &ev {
-                tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
-                continue;
-            }
-            if tx.send(ev).is_err() {
-                break; // the controller stopped
+            let woken = match ev {
+                // A failed watch is retried here, after this cache's own backoff (a watch that
+                // expired, 410 Gone, relists). It is not passed on: the controller would hold
+                // back every trigger for its own backoff.
+                Err(e) => {
+                    tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
+                    continue;
+                }
+                Ok(watcher::Event::Apply(c) | watcher::Event::Delete(c)) => vec![c],
+                Ok(watcher::Event::Init) => {
+                    before = Some(cache.state());
+                    continue;
+                }
+                // Woken at the end of the list, once the store holds it: a reconcile woken by
+                // one listed object would still read the cache from before the relist.
+                Ok(watcher::Event::InitApply(_)) => continue,
+                Ok(watcher::Event::InitDone) => {
+                    relist_changes(&before.take().unwrap_or_default(), &cache.state())
+                }
+            };
+            for c in woken {
+                if tx.send(Ok(c)).is_err() {
+                    return; // the controller stopped
+                }
             }
         }
     });
@@ -321,6 +337,33 @@ pub fn child_cache_trimmed<C: Object>(
         },
         stream,
     )
+}
+
+/// The objects whose owners a completed relist must wake: the new and the changed ones, and the
+/// ones that are gone. A relist (after 410 Gone) replaces the cache without a Delete event for
+/// what was deleted while the watch was down, so a job whose pod was deleted then would otherwise
+/// never learn of it. Unchanged objects (same resourceVersion) wake nobody.
+fn relist_changes<C: Resource<DynamicType = ()> + Clone>(
+    before: &[Arc<C>],
+    after: &[Arc<C>],
+) -> Vec<C> {
+    let mut gone: HashMap<ObjectRef<C>, &Arc<C>> = before
+        .iter()
+        .map(|c| (ObjectRef::from_obj(c.as_ref()), c))
+        .collect();
+    let mut woken = Vec::new();
+    for c in after {
+        let same = gone
+            .remove(&ObjectRef::from_obj(c.as_ref()))
+            .is_some_and(|b| {
+                b.resource_version().is_some() && b.resource_version() == c.resource_version()
+            });
+        if !same {
+            woken.push(c.as_ref().clone());
+        }
+    }
+    woken.extend(gone.into_values().map(|c| c.as_ref().clone()));
+    woken
 }
 
 /// A child cache with an index of its objects by owner, so that finding one parent's children
@@ -531,6 +574,39 @@ pub fn children_of<C: Object>(cache: &ChildStore<C>, ns: &str, owner: &str) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relist_wakes_the_owners_of_new_changed_and_vanished_children_only() {
+        use k8s_openapi::api::core::v1::Pod;
+        let pod = |name: &str, rv: Option<&str>| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("ns".into());
+            p.metadata.resource_version = rv.map(Into::into);
+            Arc::new(p)
+        };
+        let before = [
+            pod("same", Some("1")),
+            pod("changed", Some("2")),
+            pod("deleted", Some("3")),
+            pod("unversioned", None),
+        ];
+        let after = [
+            pod("same", Some("1")),
+            pod("changed", Some("7")),
+            pod("new", Some("8")),
+            pod("unversioned", None),
+        ];
+        let mut woken: Vec<String> = relist_changes(&before, &after)
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        woken.sort();
+        assert_eq!(woken, ["changed", "deleted", "new", "unversioned"]);
+        // The first list wakes everything; a relist that finds the world unchanged wakes nobody.
+        assert_eq!(relist_changes(&[], &after).len(), 4);
+        assert!(relist_changes(&before[..2], &before[..2]).is_empty());
+    }
 
     #[test]
     fn the_owner_index_follows_the_watch_and_swaps_on_relist() {
