@@ -291,38 +291,24 @@ pub fn child_cache_trimmed<C: Object>(
     // complete too, so that a reconcile that waited for the caches never finds a job's pods missing
     // (it would take the job for one that lost its pods).
     let watch = watch.inspect_ok(move |ev| indexer.apply(ev));
-    let events = reflector::reflector(writer, watch).backoff(WatchBackoff::default());
-    let cache = reader.clone();
+    let events = woken(
+        reflector::reflector(writer, watch).backoff(WatchBackoff::default()),
+        reader.clone(),
+        Gone::Wake,
+    );
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         futures::pin_mut!(events);
-        // The cache as it was when a relist began (the store swaps in the new list at its end).
-        let mut before: Option<Vec<Arc<C>>> = None;
         while let Some(ev) = events.next().await {
-            let woken = match ev {
-                // A failed watch is retried here, after this cache's own backoff (a watch that
-                // expired, 410 Gone, relists). It is not passed on: the controller would hold
-                // back every trigger for its own backoff.
-                Err(e) => {
-                    tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
-                    continue;
-                }
-                Ok(watcher::Event::Apply(c) | watcher::Event::Delete(c)) => vec![c],
-                Ok(watcher::Event::Init) => {
-                    before = Some(cache.state());
-                    continue;
-                }
-                // Woken at the end of the list, once the store holds it: a reconcile woken by
-                // one listed object would still read the cache from before the relist.
-                Ok(watcher::Event::InitApply(_)) => continue,
-                Ok(watcher::Event::InitDone) => {
-                    relist_changes(&before.take().unwrap_or_default(), &cache.state())
-                }
-            };
-            for c in woken {
-                if tx.send(Ok(c)).is_err() {
-                    return; // the controller stopped
-                }
+            // A failed watch is retried here, after this cache's own backoff (a watch that
+            // expired, 410 Gone, relists). It is not passed on: the controller would hold back
+            // every trigger for its own backoff.
+            if let Err(e) = &ev {
+                tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
+                continue;
+            }
+            if tx.send(ev).is_err() {
+                break; // the controller stopped
             }
         }
     });
@@ -339,31 +325,90 @@ pub fn child_cache_trimmed<C: Object>(
     )
 }
 
-/// The objects whose owners a completed relist must wake: the new and the changed ones, and the
-/// ones that are gone. A relist (after 410 Gone) replaces the cache without a Delete event for
-/// what was deleted while the watch was down, so a job whose pod was deleted then would otherwise
-/// never learn of it. Unchanged objects (same resourceVersion) wake nobody.
-fn relist_changes<C: Resource<DynamicType = ()> + Clone>(
-    before: &[Arc<C>],
-    after: &[Arc<C>],
-) -> Vec<C> {
-    let mut gone: HashMap<ObjectRef<C>, &Arc<C>> = before
+/// Whether [`woken`] passes on the objects that were deleted.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Gone {
+    /// Children: their owner must learn that they are gone.
+    Wake,
+    /// Parents: a deleted parent has nothing left to reconcile.
+    Skip,
+}
+
+/// The objects of a reflector's events that must wake a controller: each applied (and, with
+/// [`Gone::Wake`], deleted) object as it comes, and at the end of a relist, once `store` holds the
+/// new list, those it found new, changed or gone. Watch errors pass through.
+///
+/// A relist (after 410 Gone) swaps the new list into the store only at its end, and sends no
+/// Delete for what was deleted while the watch was down. Woken by each listed object as it came, a
+/// reconcile would read the store from before the relist, and the owner of a pod deleted during
+/// an API server restart would never learn of it.
+pub fn woken<K: Resource<DynamicType = ()> + Clone>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    store: Store<K>,
+    gone: Gone,
+) -> impl Stream<Item = Result<K, watcher::Error>> {
+    // The store as it was when a relist began.
+    let mut before: Option<Vec<Arc<K>>> = None;
+    events
+        .map(move |ev| {
+            let out: Vec<Result<K, watcher::Error>> = match ev {
+                Err(e) => vec![Err(e)],
+                Ok(watcher::Event::Apply(k)) => vec![Ok(k)],
+                Ok(watcher::Event::Delete(k)) if gone == Gone::Wake => vec![Ok(k)],
+                Ok(watcher::Event::Delete(_) | watcher::Event::InitApply(_)) => Vec::new(),
+                Ok(watcher::Event::Init) => {
+                    before = Some(store.state());
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let (changed, deleted) =
+                        relist_changes(&before.take().unwrap_or_default(), &store.state());
+                    let deleted = deleted.into_iter().filter(|_| gone == Gone::Wake);
+                    changed.into_iter().chain(deleted).map(Ok).collect()
+                }
+            };
+            futures::stream::iter(out)
+        })
+        .flatten()
+}
+
+/// What a relist changed: the objects it found new or changed, and those that are gone. An
+/// unchanged object (same resourceVersion) is in neither.
+fn relist_changes<K: Resource<DynamicType = ()> + Clone>(
+    before: &[Arc<K>],
+    after: &[Arc<K>],
+) -> (Vec<K>, Vec<K>) {
+    let mut gone: HashMap<ObjectRef<K>, &Arc<K>> = before
         .iter()
-        .map(|c| (ObjectRef::from_obj(c.as_ref()), c))
+        .map(|k| (ObjectRef::from_obj(k.as_ref()), k))
         .collect();
-    let mut woken = Vec::new();
-    for c in after {
+    let mut changed = Vec::new();
+    for k in after {
         let same = gone
-            .remove(&ObjectRef::from_obj(c.as_ref()))
+            .remove(&ObjectRef::from_obj(k.as_ref()))
             .is_some_and(|b| {
-                b.resource_version().is_some() && b.resource_version() == c.resource_version()
+                b.resource_version().is_some() && b.resource_version() == k.resource_version()
             });
         if !same {
-            woken.push(c.as_ref().clone());
+            changed.push(k.as_ref().clone());
         }
     }
-    woken.extend(gone.into_values().map(|c| c.as_ref().clone()));
-    woken
+    let gone = gone.into_values().map(|k| k.as_ref().clone()).collect();
+    (changed, gone)
+}
+
+/// The controller of a parent kind, over its own cache (without managedFields, which no
+/// reconcile reads), woken as [`woken`] says.
+pub fn parent_controller<K: Object>(api: Api<K>) -> kube::runtime::Controller<K> {
+    let (store, writer) = reflector::store();
+    let watch =
+        watcher(api, watcher::Config::default()).modify(|k: &mut K| k.managed_fields_mut().clear());
+    let events = woken(
+        reflector::reflector(writer, watch),
+        store.clone(),
+        Gone::Skip,
+    );
+    kube::runtime::Controller::for_stream(events, store)
 }
 
 /// A child cache with an index of its objects by owner, so that finding one parent's children
@@ -575,37 +620,88 @@ pub fn children_of<C: Object>(cache: &ChildStore<C>, ns: &str, owner: &str) -> V
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_relist_wakes_the_owners_of_new_changed_and_vanished_children_only() {
+    #[tokio::test]
+    async fn a_relist_wakes_for_what_it_changed_once_the_store_holds_it() {
         use k8s_openapi::api::core::v1::Pod;
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let pod = |name: &str, rv: Option<&str>| {
             let mut p = Pod::default();
             p.metadata.name = Some(name.into());
             p.metadata.namespace = Some("ns".into());
             p.metadata.resource_version = rv.map(Into::into);
-            Arc::new(p)
+            p
         };
-        let before = [
-            pod("same", Some("1")),
-            pod("changed", Some("2")),
-            pod("deleted", Some("3")),
-            pod("unversioned", None),
-        ];
-        let after = [
-            pod("same", Some("1")),
-            pod("changed", Some("7")),
-            pod("new", Some("8")),
-            pod("unversioned", None),
-        ];
-        let mut woken: Vec<String> = relist_changes(&before, &after)
-            .iter()
-            .map(|p| p.name_any())
-            .collect();
-        woken.sort();
-        assert_eq!(woken, ["changed", "deleted", "new", "unversioned"]);
-        // The first list wakes everything; a relist that finds the world unchanged wakes nobody.
-        assert_eq!(relist_changes(&[], &after).len(), 4);
-        assert!(relist_changes(&before[..2], &before[..2]).is_empty());
+        let events = |gone| {
+            let (store, writer) = reflector::store();
+            let evs = [
+                // The first list wakes for everything.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("2"))),
+                InitApply(pod("deleted", Some("3"))),
+                InitApply(pod("unversioned", None)),
+                InitDone,
+                Apply(pod("applied", Some("4"))),
+                Delete(pod("applied", Some("5"))),
+                // A relist: only what it changed, with what went while the watch was down.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("7"))),
+                InitApply(pod("new", Some("8"))),
+                InitApply(pod("unversioned", None)),
+                InitDone,
+                // A relist that finds the world unchanged wakes nobody.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("7"))),
+                InitApply(pod("new", Some("8"))),
+                InitApply(pod("unversioned", Some("9"))),
+                InitDone,
+            ];
+            let raw = futures::stream::iter(evs.map(Ok));
+            let stream = woken(reflector::reflector(writer, raw), store.clone(), gone);
+            async move {
+                let mut seen = Vec::new();
+                futures::pin_mut!(stream);
+                while let Some(p) = stream.next().await {
+                    let p = p.unwrap();
+                    // What wakes a reconcile is what the store holds (or no longer holds).
+                    if let Some(held) = store.get(&ObjectRef::from_obj(&p)) {
+                        let rv = &held.metadata.resource_version;
+                        assert_eq!(rv, &p.metadata.resource_version, "{}", p.name_any());
+                    }
+                    seen.push(p.name_any());
+                }
+                seen
+            }
+        };
+        let mut first = events(Gone::Wake).await;
+        let relist = first.split_off(6);
+        first.sort();
+        assert_eq!(
+            first,
+            [
+                "applied",
+                "applied",
+                "changed",
+                "deleted",
+                "same",
+                "unversioned"
+            ]
+        );
+        let mut relist = relist;
+        let unchanged = relist.split_off(4);
+        relist.sort();
+        assert_eq!(relist, ["changed", "deleted", "new", "unversioned"]);
+        assert_eq!(unchanged, ["unversioned"]);
+        // Parents: nothing that is gone.
+        let parents = events(Gone::Skip).await;
+        assert_eq!(
+            parents.iter().filter(|n| *n == "deleted").count(),
+            1,
+            "{parents:?}"
+        );
+        assert_eq!(parents.iter().filter(|n| *n == "applied").count(), 1);
     }
 
     #[test]

@@ -17,10 +17,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::Status;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::build::{build, router_kind, router_kind_name, Children, ANNOTATION_ROUTER};
@@ -31,8 +30,8 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{is_controlled_by, Owner};
 use crate::apply::{self, Object, Outcome};
 use crate::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, timed, ChildStore, Shared,
-    Synced, RESYNC,
+    cached, child_cache, children_of, error_policy, key, owner_of, parent_controller, timed,
+    ChildStore, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result};
 
@@ -100,23 +99,20 @@ pub async fn run(
         synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
     });
-    Controller::new(
-        Api::<ModelDeployment>::all(client),
-        watcher::Config::default(),
-    )
-    .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-    .trigger_backoff(crate::controller::WatchBackoff::default())
-    .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
-    .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
-    .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
-    .graceful_shutdown_on(shutdown)
-    .run(
-        move |o, c| timed(metrics.clone(), "ModelDeployment", reconcile(o, c)),
-        |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
-        ctx,
-    )
-    .for_each(|r| shared.finished(r))
-    .await;
+    parent_controller(Api::<ModelDeployment>::all(client))
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(crate::controller::WatchBackoff::default())
+        .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |o, c| timed(metrics.clone(), "ModelDeployment", reconcile(o, c)),
+            |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
+            ctx,
+        )
+        .for_each(|r| shared.finished(r))
+        .await;
 }
 
 fn now() -> Time {

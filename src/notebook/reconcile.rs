@@ -7,8 +7,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
 
@@ -18,7 +17,8 @@ use super::types::Notebook;
 use crate::api::meta::Owner;
 use crate::apply::{self, applied_hash, stamp, Outcome};
 use crate::controller::{
-    cached, child_cache, error_policy, key, owner_of, timed, ChildStore, Shared, Synced, RESYNC,
+    cached, child_cache, error_policy, key, owner_of, parent_controller, timed, ChildStore, Shared,
+    Synced, RESYNC,
 };
 use crate::error::{BuildError, Error, Result};
 
@@ -83,7 +83,7 @@ pub async fn run(
         pvcs,
         synced,
     });
-    Controller::new(Api::<Notebook>::all(client), watcher::Config::default())
+    parent_controller(Api::<Notebook>::all(client))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .trigger_backoff(crate::controller::WatchBackoff::default())
         .watches_stream(pod_events, |c| owner_of::<Notebook, _>(&c))

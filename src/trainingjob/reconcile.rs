@@ -39,9 +39,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use super::build::{build, LABEL_QUEUE};
@@ -52,8 +51,8 @@ use crate::api::conditions::{self, READY};
 use crate::api::meta::{Owner, FIELD_MANAGER};
 use crate::apply::{self, Outcome};
 use crate::controller::{
-    cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of, timed,
-    ChildStore, Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of,
+    parent_controller, timed, ChildStore, Shared, Synced, RESYNC,
 };
 use crate::error::{Error, Result, CHILD_REFUSED};
 
@@ -255,14 +254,7 @@ pub async fn run_with_api(
         p.metadata.annotations = None;
     });
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
-    // The job cache drops managedFields, never read here.
-    let (job_store, job_writer) = reflector::store();
-    let job_watch = watcher::watcher(jobs, watcher::Config::default())
-        .modify(|j: &mut TrainingJob| j.managed_fields_mut().clear());
-    let controller = Controller::for_stream(
-        reflector::reflector(job_writer, job_watch).applied_objects(),
-        job_store,
-    );
+    let controller = parent_controller(jobs);
     let synced = {
         let (p, s) = (pods.clone(), services.clone());
         Synced::spawn(async move {
@@ -622,6 +614,7 @@ mod tests {
     use super::*;
     use crate::api::podstatus::fixtures;
     use crate::trainingjob::types::TrainingJobSpec;
+    use kube::runtime::{reflector, watcher};
 
     #[test]
     fn one_created_event_names_every_pod_within_the_note_limit() {
