@@ -397,9 +397,10 @@ fn relist_changes<K: Resource<DynamicType = ()> + Clone>(
     (changed, gone)
 }
 
-/// The controller of a parent kind, over its own cache (without managedFields, which no
-/// reconcile reads), woken as [`woken`] says.
-pub fn parent_controller<K: Object>(api: Api<K>) -> kube::runtime::Controller<K> {
+/// The controller of a parent kind, running at most `concurrency` reconciles at once, over its
+/// own cache (without managedFields, which no reconcile reads), woken as [`woken`] says. A failed
+/// watch retries after [`WatchBackoff`].
+pub fn parent_controller<K: Object>(api: Api<K>, concurrency: u16) -> kube::runtime::Controller<K> {
     let (store, writer) = reflector::store();
     let watch =
         watcher(api, watcher::Config::default()).modify(|k: &mut K| k.managed_fields_mut().clear());
@@ -409,6 +410,8 @@ pub fn parent_controller<K: Object>(api: Api<K>) -> kube::runtime::Controller<K>
         Gone::Skip,
     );
     kube::runtime::Controller::for_stream(events, store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(WatchBackoff::default())
 }
 
 /// A child cache with an index of its objects by owner, so that finding one parent's children

@@ -99,9 +99,7 @@ pub async fn run(
         synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
     });
-    parent_controller(Api::<ModelDeployment>::all(client))
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .trigger_backoff(crate::controller::WatchBackoff::default())
+    parent_controller(Api::<ModelDeployment>::all(client), concurrency)
         .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))

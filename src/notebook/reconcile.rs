@@ -83,9 +83,7 @@ pub async fn run(
         pvcs,
         synced,
     });
-    parent_controller(Api::<Notebook>::all(client))
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .trigger_backoff(crate::controller::WatchBackoff::default())
+    parent_controller(Api::<Notebook>::all(client), concurrency)
         .watches_stream(pod_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(secret_events, |c| owner_of::<Notebook, _>(&c))

@@ -254,7 +254,7 @@ pub async fn run_with_api(
         p.metadata.annotations = None;
     });
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
-    let controller = parent_controller(jobs);
+    let controller = parent_controller(jobs, concurrency);
     let synced = {
         let (p, s) = (pods.clone(), services.clone());
         Synced::spawn(async move {
@@ -271,8 +271,6 @@ pub async fn run_with_api(
         memory: Memories::new(controller.store()),
     });
     controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .trigger_backoff(crate::controller::WatchBackoff::default())
         .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
         .graceful_shutdown_on(shutdown)
