@@ -58,6 +58,10 @@ pub struct RouterOptions {
     /// Time for a variant to send its response headers, in milliseconds; past it the request gets a 504.
     #[arg(long, default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+    /// Time a client connection may go without a request in progress, in milliseconds: an idle
+    /// keep-alive connection, or one sending its request headers too slowly, is then closed.
+    #[arg(long, default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
     /// Mirror copies in flight at most; further copies are dropped and counted.
     #[arg(long, default_value_t = 256)]
     pub mirror_max_in_flight: usize,
@@ -151,6 +155,7 @@ async fn run_async(opts: RouterOptions) -> ExitCode {
         proxy,
         wait(stopped),
         Duration::from_millis(opts.shutdown_grace_ms),
+        Duration::from_millis(opts.idle_timeout_ms.max(1)),
     )
     .await;
     reload.abort();

@@ -9,9 +9,16 @@
 //! written. Idle connections older than the idle timeout (counted from the start of their last
 //! request) are closed by [`Pools::sweep`], which the router runs every second; it also forgets the
 //! pools of addresses that the config no longer names.
+//!
+//! A connection whose request has waited longer than the request timeout for its response head is
+//! closed, and the request fails with [`UpstreamError::Timeout`]. The connection's own task keeps
+//! that deadline with one timer, armed when a request starts to wait and moved only when it fires:
+//! a request costs two stores, not a timer of its own.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,6 +43,8 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect: no connection within {0:?}")]
     ConnectTimeout(Duration),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -44,6 +53,8 @@ pub enum UpstreamError {
 #[derive(Clone, Copy, Debug)]
 pub struct PoolLimits {
     pub connect_timeout: Duration,
+    /// Time from sending a request to its response head.
+    pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
 }
@@ -85,7 +96,7 @@ impl Pools {
         hosts.retain(|h| named(&h.authority));
         for h in hosts.iter() {
             lock(&h.idle).retain(|c| {
-                !c.tx.is_closed()
+                !c.conn.tx.is_closed()
                     && now.saturating_duration_since(c.since) < self.limits.idle_timeout
             });
         }
@@ -109,8 +120,89 @@ impl std::fmt::Debug for HostPool {
 }
 
 struct Idle {
-    tx: SendRequest<ReqBody>,
+    conn: Conn,
     since: Instant,
+}
+
+/// One upstream connection: its request sender and what its task watches.
+struct Conn {
+    tx: SendRequest<ReqBody>,
+    exchange: Arc<Exchange>,
+}
+
+/// The times of this process, as nanoseconds since its first request (an `Instant` in an atomic).
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// The state of a connection's exchange that its task reads to keep the request timeout.
+#[derive(Default)]
+struct Exchange {
+    /// A request waits for its response head.
+    waiting: AtomicBool,
+    /// When that request started (nanoseconds since [`EPOCH`]).
+    started: AtomicU64,
+    /// The connection was closed because the request waited too long.
+    expired: AtomicBool,
+}
+
+impl Exchange {
+    fn begin(&self, now: Instant) {
+        let nanos = now.saturating_duration_since(*EPOCH).as_nanos();
+        self.started
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.waiting.store(true, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+    }
+
+    /// The start of the request that waits, if one does.
+    fn waiting_since(&self) -> Option<Instant> {
+        self.waiting
+            .load(Ordering::Acquire)
+            .then(|| *EPOCH + Duration::from_nanos(self.started.load(Ordering::Relaxed)))
+    }
+}
+
+/// Drives one connection until it ends, or until a request on it has waited `timeout` for its
+/// response head: then the connection is dropped (closed), and that request fails.
+async fn drive(
+    conn: impl Future<Output = hyper::Result<()>>,
+    exchange: Arc<Exchange>,
+    timeout: Duration,
+) -> hyper::Result<()> {
+    let mut conn = std::pin::pin!(conn);
+    // Made at the first wait and kept: a fired timer is moved to the next deadline, never rebuilt.
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // The timer will wake this task: until it has fired, there is nothing to look at.
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if armed && timer.as_ref().is_some_and(|t| !t.is_elapsed()) {
+            return Poll::Pending;
+        }
+        armed = false;
+        let Some(started) = exchange.waiting_since() else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if t.as_mut().poll(cx).is_pending() {
+                armed = true;
+                return Poll::Pending;
+            }
+            // Fired: the waiting request's deadline, or that of an earlier request.
+            if t.deadline() >= deadline {
+                exchange.expired.store(true, Ordering::Relaxed);
+                return Poll::Ready(Ok(()));
+            }
+            t.as_mut().reset(deadline);
+        }
+    })
+    .await
 }
 
 impl HostPool {
@@ -123,16 +215,19 @@ impl HostPool {
         now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         // Connecting is boxed: its state would otherwise widen every request's future.
-        let (mut tx, mut reused) = match self.checkout(now) {
-            Some(tx) => (tx, true),
+        let (mut conn, mut reused) = match self.checkout(now) {
+            Some(c) => (c, true),
             None => (Box::pin(self.connect()).await?, false),
         };
         let mut req = req;
         loop {
-            match tx.try_send_request(req).await {
+            conn.exchange.begin(now);
+            let sent = conn.tx.try_send_request(req).await;
+            conn.exchange.end();
+            match sent {
                 Ok(resp) => {
                     let lease = Lease {
-                        tx,
+                        conn,
                         pool: self.clone(),
                         since: now,
                     };
@@ -141,10 +236,13 @@ impl HostPool {
                         lease: Some(lease),
                     }));
                 }
+                Err(_) if conn.exchange.expired.load(Ordering::Relaxed) => {
+                    return Err(UpstreamError::Timeout(self.limits.request_timeout))
+                }
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => {
                         req = r;
-                        tx = Box::pin(self.connect()).await?;
+                        conn = Box::pin(self.connect()).await?;
                         reused = false;
                     }
                     _ => return Err(e.into_error().into()),
@@ -159,18 +257,19 @@ impl HostPool {
     }
 
     /// The most recently returned connection that is still open and has not idled too long.
-    fn checkout(&self, now: Instant) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut idle = lock(&self.idle);
         while let Some(c) = idle.pop() {
-            if c.tx.is_ready() && now.saturating_duration_since(c.since) < self.limits.idle_timeout
+            if c.conn.tx.is_ready()
+                && now.saturating_duration_since(c.since) < self.limits.idle_timeout
             {
-                return Some(c.tx);
+                return Some(c.conn);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<SendRequest<ReqBody>, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let stream = match tokio::time::timeout(
             self.limits.connect_timeout,
             TcpStream::connect(self.authority.as_str()),
@@ -184,21 +283,23 @@ impl HostPool {
         let _ = stream.set_nodelay(true);
         let (tx, conn) = Builder::new().handshake(TokioIo::new(stream)).await?;
         let authority = self.authority.clone();
+        let exchange = Arc::new(Exchange::default());
+        let driven = drive(conn, exchange.clone(), self.limits.request_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = driven.await {
                 tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(tx)
+        Ok(Conn { tx, exchange })
     }
 
     /// Takes a connection back after its response was read to the end.
-    fn put(self: &Arc<Self>, mut tx: SendRequest<ReqBody>, since: Instant) {
-        if tx.is_ready() {
-            self.push(tx, since);
+    fn put(self: &Arc<Self>, mut conn: Conn, since: Instant) {
+        if conn.tx.is_ready() {
+            self.push(conn, since);
             return;
         }
-        if tx.is_closed() {
+        if conn.tx.is_closed() {
             return;
         }
         // The connection is still finishing the exchange: pool it once it is done, if that is within
@@ -208,23 +309,24 @@ impl HostPool {
         };
         let pool = self.clone();
         rt.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(pool.limits.connect_timeout, tx.ready()).await
+            if let Ok(Ok(())) =
+                tokio::time::timeout(pool.limits.connect_timeout, conn.tx.ready()).await
             {
-                pool.push(tx, since);
+                pool.push(conn, since);
             }
         });
     }
 
-    fn push(&self, tx: SendRequest<ReqBody>, since: Instant) {
+    fn push(&self, conn: Conn, since: Instant) {
         let mut idle = lock(&self.idle);
         if idle.len() < self.limits.max_idle_per_host {
-            idle.push(Idle { tx, since });
+            idle.push(Idle { conn, since });
         }
     }
 }
 
 struct Lease {
-    tx: SendRequest<ReqBody>,
+    conn: Conn,
     pool: Arc<HostPool>,
     since: Instant,
 }
@@ -239,7 +341,7 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     fn release(&mut self) {
         if let Some(l) = self.lease.take() {
-            l.pool.put(l.tx, l.since);
+            l.pool.put(l.conn, l.since);
         }
     }
 }
@@ -293,6 +395,7 @@ mod tests {
     fn limits() -> PoolLimits {
         PoolLimits {
             connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_idle_per_host: 8,
         }
@@ -307,7 +410,7 @@ mod tests {
     }
 
     /// A keep-alive HTTP/1.1 server that answers each request with its connection's number and
-    /// closes a connection after `per_conn` responses (0: never).
+    /// closes a connection after `per_conn` responses (0: never). `GET /slow` is never answered.
     async fn upstream(per_conn: usize) -> (String, Arc<AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -330,7 +433,10 @@ mod tests {
                         }
                         buf.extend_from_slice(&chunk[..r]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            if head.starts_with(b"GET /slow ") {
+                                continue;
+                            }
                             let body = format!("conn{n}");
                             let resp = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
@@ -354,6 +460,39 @@ mod tests {
     async fn body(r: Response<UpstreamBody>) -> String {
         let b = r.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_response_head_in_time_fails_and_its_connection_closes() {
+        let (addr, conns) = upstream(0).await;
+        let timeout = Duration::from_millis(300);
+        let pools = Pools::new(PoolLimits {
+            request_timeout: timeout,
+            ..limits()
+        });
+        let pool = pools.host(&addr.parse().unwrap());
+        // Answered requests spread over more than the timeout: the connection's timer fires
+        // between them and is moved on, and the connection stays.
+        for _ in 0..4 {
+            let r = pool.send(get("/"), Instant::now()).await.unwrap();
+            assert_eq!(body(r).await, "conn1");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let start = Instant::now();
+        let Err(e) = pool.send(get("/slow"), start).await else {
+            panic!("/slow was answered");
+        };
+        let took = start.elapsed();
+        assert!(
+            matches!(e, UpstreamError::Timeout(t) if t == timeout),
+            "{e}"
+        );
+        assert!(took >= timeout && took < timeout * 4, "{took:?}");
+        // That connection is closed; the next request gets a new one.
+        assert_eq!(pool.idle(), 0);
+        let r = pool.send(get("/"), Instant::now()).await.unwrap();
+        assert_eq!(body(r).await, "conn2");
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

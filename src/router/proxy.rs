@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use super::config::{MirrorTarget, Route, Upstream};
 use super::metrics::MirrorOutcome;
-use super::pool::{HostPool, PoolLimits, Pools, ReqBody, UpstreamBody};
+use super::pool::{HostPool, PoolLimits, Pools, ReqBody, UpstreamBody, UpstreamError};
 use super::split::fast_random;
 
 /// A response body: the upstream's, streamed, or one made by the router.
@@ -79,6 +79,7 @@ impl Proxy {
             route: ArcSwapOption::empty(),
             pools: Pools::new(PoolLimits {
                 connect_timeout: limits.connect_timeout,
+                request_timeout: limits.request_timeout,
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_host: limits.pool_idle_per_host,
             }),
@@ -144,30 +145,33 @@ impl Proxy {
         to_upstream(up, &mut parts.uri, &mut parts.headers);
         parts.version = Version::HTTP_11;
         let start = Instant::now();
-        let sent = self.pool(up).send(Request::from_parts(parts, body), start);
-        let deadline = tokio::time::Instant::from_std(start) + self.limits.request_timeout;
-        match tokio::time::timeout_at(deadline, sent).await {
-            Ok(Ok(resp)) => {
+        // The pool keeps the connect and request timeouts: no timer per request.
+        match self
+            .pool(up)
+            .send(Request::from_parts(parts, body), start)
+            .await
+        {
+            Ok(resp) => {
                 m.latency.observe(start.elapsed());
                 m.response(resp.status().as_u16());
                 let (mut p, b) = resp.into_parts();
                 strip_hop_by_hop(&mut p.headers);
                 Response::from_parts(p, Either::Left(b))
             }
-            Ok(Err(e)) => {
-                m.errors.fetch_add(1, Relaxed);
-                tracing::debug!(variant = %up.name, upstream = %up.authority, error = %e, "upstream request failed");
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    "keelson router: the variant's upstream is unreachable\n",
-                )
-            }
-            Err(_) => {
+            Err(UpstreamError::Timeout(_)) => {
                 m.errors.fetch_add(1, Relaxed);
                 tracing::debug!(variant = %up.name, upstream = %up.authority, "upstream request timed out");
                 text(
                     StatusCode::GATEWAY_TIMEOUT,
                     "keelson router: the variant's upstream did not answer in time\n",
+                )
+            }
+            Err(e) => {
+                m.errors.fetch_add(1, Relaxed);
+                tracing::debug!(variant = %up.name, upstream = %up.authority, error = %e, "upstream request failed");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "keelson router: the variant's upstream is unreachable\n",
                 )
             }
         }
@@ -281,7 +285,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         if let Ok(list) = c.to_str() {
             for name in list.split(',') {
                 let name = name.trim();
-                if !name.is_empty() {
+                // `keep-alive` and `close` are the usual values: the first goes with the standard
+                // names below, the second names no header.
+                if !name.is_empty()
+                    && !name.eq_ignore_ascii_case("keep-alive")
+                    && !name.eq_ignore_ascii_case("close")
+                {
                     h.remove(name);
                 }
             }
