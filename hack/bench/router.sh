@@ -13,9 +13,13 @@
 # measurements over many rounds, and the keelson/nginx ratio is read per round (the two measured back
 # to back) and summarised by its median.
 #
+# A second table counts the instructions each proxy runs in user space per request, under valgrind's
+# callgrind: a count that does not depend on the VM's speed (the kernel's part is not counted).
+#
 # Knobs (environment): DURATION (s per measurement, 3), ROUNDS (9), WARMUP (s, 1), CONNS (wrk connections, 32),
 # PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary),
-# KEELSON (the binary to measure; default target/release/keelson).
+# KEELSON (the binary to measure; default target/release/keelson), CALLGRIND (0: skip the instruction
+# count), CALLGRIND_DURATION (s of load under callgrind, 5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,6 +35,9 @@ P_CHALLENGER=$((PORT_BASE + 2))
 P_ROUTER=$((PORT_BASE + 3))
 P_ADMIN=$((PORT_BASE + 4))
 P_NGINX=$((PORT_BASE + 5))
+P_CG_ROUTER=$((PORT_BASE + 6))
+P_CG_ADMIN=$((PORT_BASE + 7))
+P_CG_NGINX=$((PORT_BASE + 8))
 
 log() { printf '[bench-router] %s\n' "$*" >&2; }
 
@@ -39,6 +46,9 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX ]] || missing+=(nginx-light)
 command -v taskset >/dev/null || missing+=(util-linux)
+CALLGRIND=${CALLGRIND:-1}
+CALLGRIND_DURATION=${CALLGRIND_DURATION:-5}
+[[ $CALLGRIND == 0 ]] || command -v valgrind >/dev/null || missing+=(valgrind)
 if ((${#missing[@]})); then
   # On a fresh Debian machine, install what is missing (as root, or with sudo when it needs no password).
   SUDO=()
@@ -61,8 +71,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # port: waits up to 10 s for a listener
-  for _ in $(seq 100); do
+wait_port() { # port [tenths of a second]: waits up to 10 s (or as given) for a listener
+  for _ in $(seq "${2:-100}"); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -76,12 +86,13 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
 fi
 KEELSON=${KEELSON:-target/release/keelson}
 
-nginx_conf() { # name body: a minimal nginx config under $work/name
+nginx_conf() { # name body [main]: a minimal nginx config under $work/name
   local d="$work/$1"
   mkdir -p "$d/tmp"
   cat >"$d/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
+${3:-}
 pid $d/nginx.pid;
 error_log $d/error.log warn;
 events { worker_connections 4096; }
@@ -108,18 +119,21 @@ taskset -c "$LOAD_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
 pids+=($!)
 
 # nginx as the split proxy: split_clients on a per-request random id, keep-alive upstreams.
-d=$(nginx_conf proxy "
+split_proxy() { # port
+  echo "
   upstream champion { server 127.0.0.1:$P_CHAMPION; keepalive 128; }
   upstream challenger { server 127.0.0.1:$P_CHALLENGER; keepalive 128; }
   split_clients \"\${request_id}\" \$variant { 90% champion; * challenger; }
   server {
-    listen 127.0.0.1:$P_NGINX;
+    listen 127.0.0.1:$1;
     location / {
       proxy_pass http://\$variant;
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
     }
-  }")
+  }"
+}
+d=$(nginx_conf proxy "$(split_proxy "$P_NGINX")")
 taskset -c "$PROXY_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
 pids+=($!)
 
@@ -236,3 +250,48 @@ awk -v tck="$tck" -v rounds="$ROUNDS" '
     printf "keelson throughput %.2fx nginx, median of the rounds (ratio of the medians %.2fx; target: at least 1.20x): %s\n", q, rps["keelson"] / rps["nginx"], (q >= 1.2) ? "met" : "NOT met"
   }' <<<"$results"
 echo "keelson split observed: $shares"
+
+# Instructions per request in user space, under callgrind: each proxy alone, started under valgrind
+# on ports of its own, warmed up, its counters zeroed, then CALLGRIND_DURATION s of the same load.
+if [[ $CALLGRIND != 0 ]]; then
+  count() { # name port pid: user-space instructions per request of the valgrind-run process pid
+    local url="http://127.0.0.1:$2/predict" out n before
+    timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
+    callgrind_control -z "$3" >/dev/null
+    out=$(timeout $((CALLGRIND_DURATION + 60)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${CALLGRIND_DURATION}s" -s "$work/report.lua" "$url")
+    before=$(ls "$work/cg.$1".* 2>/dev/null | wc -l)
+    callgrind_control -d "$3" >/dev/null
+    for _ in $(seq 100); do (($(ls "$work/cg.$1".* 2>/dev/null | wc -l) > before)) && break; sleep 0.1; done
+    n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
+    awk -v n="$n" -v name="$1" '/^(summary|totals):/ { printf "%s %d %d\n", name, $2 / n, n; exit }' \
+      "$(ls -t "$work/cg.$1".* | head -1)"
+  }
+  log "counting instructions per request under callgrind (${CALLGRIND_DURATION}s of load per proxy)"
+  RUST_LOG=warn taskset -c "$PROXY_CPU" valgrind -q --tool=callgrind --callgrind-out-file="$work/cg.keelson" \
+    "$KEELSON" router --workers 1 --config "$work/router.json" \
+    --listen "127.0.0.1:$P_CG_ROUTER" --admin-listen "127.0.0.1:$P_CG_ADMIN" >"$work/cg-router.log" 2>&1 &
+  cg_router=$!
+  pids+=($!)
+  wait_port "$P_CG_ROUTER" 600
+  counts=$(count keelson "$P_CG_ROUTER" "$cg_router")
+  kill "$cg_router"
+  d=$(nginx_conf cg-proxy "$(split_proxy "$P_CG_NGINX")" "master_process off;")
+  taskset -c "$PROXY_CPU" valgrind -q --tool=callgrind --callgrind-out-file="$work/cg.nginx" \
+    "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
+  cg_nginx=$!
+  pids+=($!)
+  wait_port "$P_CG_NGINX" 600
+  counts+=$'\n'$(count nginx "$P_CG_NGINX" "$cg_nginx")
+  kill "$cg_nginx"
+  echo
+  echo "User-space instructions per proxied request (valgrind callgrind, ${CALLGRIND_DURATION}s of wrk -t1 -c$CONNS"
+  echo "through each proxy alone; the same for any speed of the machine; the kernel's part is not counted):"
+  echo
+  awk '{ ir[$1] = $2; n[$1] = $3 }
+    END {
+      printf "| %-8s | %20s | %8s | %8s |\n", "proxy", "instructions/request", "vs nginx", "requests"
+      printf "|----------|---------------------:|---------:|---------:|\n"
+      split("keelson nginx", order, " ")
+      for (i = 1; i <= 2; i++) { t = order[i]; printf "| %-8s | %20d | %7.2fx | %8d |\n", t, ir[t], ir[t] / ir["nginx"], n[t] }
+    }' <<<"$counts"
+fi
