@@ -126,37 +126,37 @@ impl Proxy {
             Some(key) => route.split.sticky(key.as_bytes()),
             None => route.split.random(),
         };
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let body = match route.mirror.filter(|m| sampled(m.percent)) {
-            None => Either::Left(body),
+        // The request is changed in place: taking it apart and back together copies it.
+        let mut req = req;
+        strip_hop_by_hop(req.headers_mut());
+        let req = match route.mirror.filter(|m| sampled(m.percent)) {
+            None => req.map(Either::Left),
             // Boxed: the mirror's state would otherwise widen every request's future.
-            Some(m) => match Box::pin(self.mirror(&route, m, &parts, body)).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            },
+            Some(m) => {
+                let (parts, body) = req.into_parts();
+                match Box::pin(self.mirror(&route, m, &parts, body)).await {
+                    Ok(b) => Request::from_parts(parts, b),
+                    Err(resp) => return resp,
+                }
+            }
         };
-        self.forward(&route.variants[index], parts, body).await
+        self.forward(&route.variants[index], req).await
     }
 
-    async fn forward(&self, up: &Upstream, mut parts: Parts, body: ReqBody) -> Response<Body> {
+    async fn forward(&self, up: &Upstream, mut req: Request<ReqBody>) -> Response<Body> {
         let m = &up.metrics;
         m.requests.fetch_add(1, Relaxed);
-        to_upstream(up, &mut parts.uri, &mut parts.headers);
-        parts.version = Version::HTTP_11;
+        to_upstream(up, &mut req);
+        *req.version_mut() = Version::HTTP_11;
         let start = Instant::now();
         // The pool keeps the connect and request timeouts: no timer per request.
-        match self
-            .pool(up)
-            .send(Request::from_parts(parts, body), start)
-            .await
-        {
+        match self.pool(up).send(req, start).await {
             Ok(resp) => {
                 m.latency.observe(start.elapsed());
                 m.response(resp.status().as_u16());
-                let (mut p, b) = resp.into_parts();
-                strip_hop_by_hop(&mut p.headers);
-                Response::from_parts(p, Either::Left(b))
+                let mut resp = resp.map(Either::Left);
+                strip_hop_by_hop(resp.headers_mut());
+                resp
             }
             Err(UpstreamError::Timeout(_)) => {
                 m.errors.fetch_add(1, Relaxed);
@@ -216,12 +216,11 @@ impl Proxy {
                 }
             }
         };
-        let (mut uri, mut headers) = (parts.uri.clone(), parts.headers.clone());
-        to_upstream(target, &mut uri, &mut headers);
         let mut req = Request::new(Either::Right(Full::new(copy)));
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = headers;
+        *req.uri_mut() = parts.uri.clone();
+        *req.headers_mut() = parts.headers.clone();
+        to_upstream(target, &mut req);
         req.headers_mut().insert(
             HeaderName::from_static(MIRROR_HEADER),
             HeaderValue::from_static("1"),
@@ -257,19 +256,21 @@ fn sampled(percent: u32) -> bool {
 /// Readies a request's target for the variant's connection: the URI in origin form (its path and
 /// query), and a `Host` header when the request had none (HTTP/2 carries it in the URI): the
 /// authority the client asked for, else the variant's.
-fn to_upstream(up: &Upstream, uri: &mut Uri, headers: &mut HeaderMap) {
-    if !headers.contains_key(header::HOST) {
-        let host = uri.authority().unwrap_or(&up.authority);
+fn to_upstream<B>(up: &Upstream, req: &mut Request<B>) {
+    if !req.headers().contains_key(header::HOST) {
+        let host = req.uri().authority().unwrap_or(&up.authority);
         if let Ok(v) = HeaderValue::from_str(host.as_str()) {
-            headers.insert(header::HOST, v);
+            req.headers_mut().insert(header::HOST, v);
         }
     }
+    let uri = req.uri();
     if uri.scheme().is_some() || uri.authority().is_some() {
-        *uri = Uri::from(
+        let origin = Uri::from(
             uri.path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
+        *req.uri_mut() = origin;
     }
 }
 
@@ -378,15 +379,16 @@ mod tests {
             pool: Default::default(),
         };
         let target = |uri: &str, host: Option<&str>| {
-            let mut uri: Uri = uri.parse().unwrap();
-            let mut h = HeaderMap::new();
+            let mut req = Request::new(());
+            *req.uri_mut() = uri.parse().unwrap();
             if let Some(host) = host {
-                h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+                let v = HeaderValue::from_str(host).unwrap();
+                req.headers_mut().insert(header::HOST, v);
             }
-            to_upstream(&up, &mut uri, &mut h);
+            to_upstream(&up, &mut req);
             (
-                uri.to_string(),
-                h[header::HOST].to_str().unwrap().to_string(),
+                req.uri().to_string(),
+                req.headers()[header::HOST].to_str().unwrap().to_string(),
             )
         };
         // HTTP/1.1: origin form and the client's Host, both kept.
