@@ -46,7 +46,8 @@ demo-down:
 ## bench: every benchmark; each prints a table and asserts nothing
 bench: bench-router bench-scale
 
-## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1 (needs wrk and nginx)
+## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1, and instructions per
+## request under callgrind (needs wrk, nginx and valgrind; installed from Debian when missing)
 bench-router:
 	hack/bench/router.sh
 

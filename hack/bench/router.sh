@@ -257,10 +257,10 @@ if [[ $CALLGRIND != 0 ]]; then
   count() { # name port pid: user-space instructions per request of the valgrind-run process pid
     local url="http://127.0.0.1:$2/predict" out n before
     timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
-    callgrind_control -z "$3" >/dev/null
+    callgrind_control -z "$3" >/dev/null 2>&1
     out=$(timeout $((CALLGRIND_DURATION + 60)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${CALLGRIND_DURATION}s" -s "$work/report.lua" "$url")
     before=$(ls "$work/cg.$1".* 2>/dev/null | wc -l)
-    callgrind_control -d "$3" >/dev/null
+    callgrind_control -d "$3" >/dev/null 2>&1
     for _ in $(seq 100); do (($(ls "$work/cg.$1".* 2>/dev/null | wc -l) > before)) && break; sleep 0.1; done
     n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
     awk -v n="$n" -v name="$1" '/^(summary|totals):/ { printf "%s %d %d\n", name, $2 / n, n; exit }' \
