@@ -277,25 +277,48 @@ fn to_upstream<B>(up: &Upstream, req: &mut Request<B>) {
 /// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including those that
 /// `Connection` names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: scan the few names present and
-    // remove only what is there.
-    if !h.keys().any(is_hop_by_hop) {
+    // Most messages carry none, or only `Connection: keep-alive`: one scan of the few names present
+    // counts them, and only what is there is removed.
+    let (mut found, mut connection) = (0, false);
+    for name in h.keys() {
+        if is_hop_by_hop(name) {
+            found += 1;
+            connection |= name == header::CONNECTION;
+        }
+    }
+    if found == 0 {
         return;
     }
-    if let Some(c) = h.remove(header::CONNECTION) {
-        if let Ok(list) = c.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                // `keep-alive` and `close` are the usual values: the first goes with the standard
-                // names below, the second names no header.
-                if !name.is_empty()
-                    && !name.eq_ignore_ascii_case("keep-alive")
-                    && !name.eq_ignore_ascii_case("close")
-                {
-                    h.remove(name);
-                }
+    if connection {
+        found -= 1;
+        // Headers that `Connection` names. `keep-alive` and `close` are the usual values: the first
+        // goes with the standard names below, the second names no header.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for c in h.get_all(header::CONNECTION) {
+            let v = c.as_bytes();
+            if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
+                continue;
             }
+            named.extend(
+                c.to_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| {
+                        !n.is_empty()
+                            && !n.eq_ignore_ascii_case("keep-alive")
+                            && !n.eq_ignore_ascii_case("close")
+                    })
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+            );
         }
+        h.remove(header::CONNECTION);
+        for name in named {
+            h.remove(name);
+        }
+    }
+    if found == 0 {
+        return;
     }
     let rest: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
     for name in rest {
@@ -360,6 +383,15 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["content-length", "x-user-id"]);
+        // Several `Connection` values, in any case; `close` names nothing.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("close, X-A"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
         // A header that `Connection` names is removed even when nothing else is hop-by-hop.
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("x-a"));
