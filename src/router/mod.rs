@@ -7,11 +7,13 @@
 //!
 //! - [`config`]: the file format, checked and compiled into a [`config::Route`];
 //! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
-//! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections;
+//! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections,
+//!   and [`h1`]: the HTTP/1.1 messages on them;
 //! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
 //! - [`metrics`]: per-variant counters and latency histograms.
 
 pub mod config;
+pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

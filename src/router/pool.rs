@@ -1,42 +1,48 @@
 //! Pooled HTTP/1.1 connections to the variants: one pool per upstream address, shared by every
 //! config that names that address, so that a reload keeps the warm connections.
 //!
-//! A request takes the most recently returned idle connection (or opens one) and gives it back
-//! when its response body has been read to the end; the connection is then ready for the next
-//! request at once. A connection whose response was not read to the end, or that failed, is not
-//! given back: hyper closes it. A request that a reused connection could not send (the upstream
-//! closed it while it was idle) is sent once more over a new connection; nothing of it had been
-//! written. Idle connections older than the idle timeout (counted from the start of their last
-//! request) are closed by [`Pools::sweep`], which the router runs every second; it also forgets the
-//! pools of addresses that the config no longer names.
+//! A request takes the most recently returned idle connection (or opens one), writes its head and
+//! body, and reads the response head, all in the task that serves the request: no task of the
+//! connection's own stands between them. The messages are [`super::h1`]'s. The connection goes
+//! back to the pool when its response body has been read to the end, if the response allows
+//! another request after it; a connection whose response was not read to the end, or that failed,
+//! is closed.
 //!
-//! A connection whose request has waited longer than the request timeout for its response head is
-//! closed, and the request fails with [`UpstreamError::Timeout`]. The connection's own task keeps
-//! that deadline with one timer, armed when a request starts to wait and moved only when it fires:
-//! a request costs two stores, not a timer of its own.
+//! An idle connection that the upstream has closed is seen at checkout (its socket has turned
+//! readable while idle) and replaced, so that no request is sent over it. When the upstream closes
+//! a reused connection just as a request goes out, and no byte of a response came back, the request
+//! is sent once more over a new connection if that cannot repeat an effect: its method is
+//! idempotent (RFC 9110 §9.2.2) and it has no body. Idle connections older than the idle timeout
+//! (counted from the start of their last request) are closed by [`Pools::sweep`], which the router
+//! runs every second; it also forgets the pools of addresses that the config no longer names.
+//!
+//! A request whose response head has not come within the request timeout fails with
+//! [`UpstreamError::Timeout`], and its connection is closed. Each connection keeps that deadline
+//! with one timer, made at its first wait and moved only when it fires: a request arms no timer of
+//! its own.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Request, Response};
-use http_body_util::{Either, Full};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
+use super::h1::{self, Decoded, Decoder, ProtocolError, RequestFraming, ResponseHead};
 use crate::controller::lock;
 
 /// A request body sent upstream: the client's, streamed, or one read whole (for a mirrored request).
 pub type ReqBody = Either<Incoming, Full<Bytes>>;
 
-/// Why a request got no response from its upstream.
+/// Why a request got no response from its upstream, or its response body broke off.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect: {0}")]
@@ -45,8 +51,14 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     #[error("no response within {0:?}")]
     Timeout(Duration),
+    #[error("upstream connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the upstream closed the connection before the end of the response")]
+    Closed,
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Protocol(#[from] ProtocolError),
+    #[error("reading the request body: {0}")]
+    RequestBody(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Limits of the pools.
@@ -89,15 +101,15 @@ impl Pools {
         h
     }
 
-    /// Closes the idle connections that have idled past the timeout, and forgets the pools of the
-    /// addresses for which `named` is false (requests routed before still hold theirs).
+    /// Closes the idle connections that have idled past the timeout or that their upstream closed,
+    /// and forgets the pools of the addresses for which `named` is false (requests routed before
+    /// still hold theirs).
     pub fn sweep(&self, now: Instant, named: impl Fn(&Authority) -> bool) {
         let mut hosts = lock(&self.hosts);
         hosts.retain(|h| named(&h.authority));
         for h in hosts.iter() {
-            lock(&h.idle).retain(|c| {
-                !c.conn.tx.is_closed()
-                    && now.saturating_duration_since(c.since) < self.limits.idle_timeout
+            lock(&h.idle).retain_mut(|c| {
+                now.saturating_duration_since(c.since) < self.limits.idle_timeout && c.conn.usable()
             });
         }
     }
@@ -120,89 +132,261 @@ impl std::fmt::Debug for HostPool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
-/// One upstream connection: its request sender and what its task watches.
+/// Bytes read from a connection at a time, at most.
+const READ_BUF: usize = 8 * 1024;
+/// A read goes into the same buffer while this much room is left in it.
+const MIN_READ_ROOM: usize = 2 * 1024;
+/// Request body bytes gathered before they are written.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// One upstream connection.
 struct Conn {
-    tx: SendRequest<ReqBody>,
-    exchange: Arc<Exchange>,
+    stream: TcpStream,
+    /// Bytes read and not yet taken: a response head, then its body.
+    buf: BytesMut,
+    /// The request head, and the small body pieces written with it.
+    out: Vec<u8>,
+    /// The request timeout's timer: made at the first wait, moved when it fires.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-/// The times of this process, as nanoseconds since its first request (an `Instant` in an atomic).
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// The state of a connection's exchange that its task reads to keep the request timeout.
-#[derive(Default)]
-struct Exchange {
-    /// A request waits for its response head.
-    waiting: AtomicBool,
-    /// When that request started (nanoseconds since [`EPOCH`]).
-    started: AtomicU64,
-    /// The connection was closed because the request waited too long.
-    expired: AtomicBool,
+/// A failed exchange, and whether the request may go again over a new connection: the upstream
+/// closed the connection and no byte of a response came back.
+struct Failed {
+    error: UpstreamError,
+    closed_before_response: bool,
 }
 
-impl Exchange {
-    fn begin(&self, now: Instant) {
-        let nanos = now.saturating_duration_since(*EPOCH).as_nanos();
-        self.started
-            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.waiting.store(true, Ordering::Release);
-    }
-
-    fn end(&self) {
-        self.waiting.store(false, Ordering::Relaxed);
-    }
-
-    /// The start of the request that waits, if one does.
-    fn waiting_since(&self) -> Option<Instant> {
-        self.waiting
-            .load(Ordering::Acquire)
-            .then(|| *EPOCH + Duration::from_nanos(self.started.load(Ordering::Relaxed)))
-    }
-}
-
-/// Drives one connection until it ends, or until a request on it has waited `timeout` for its
-/// response head: then the connection is dropped (closed), and that request fails.
-async fn drive(
-    conn: impl Future<Output = hyper::Result<()>>,
-    exchange: Arc<Exchange>,
-    timeout: Duration,
-) -> hyper::Result<()> {
-    let mut conn = std::pin::pin!(conn);
-    // Made at the first wait and kept: a fired timer is moved to the next deadline, never rebuilt.
-    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    // The timer will wake this task: until it has fired, there is nothing to look at.
-    let mut armed = false;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-            return Poll::Ready(r);
+impl From<UpstreamError> for Failed {
+    fn from(error: UpstreamError) -> Failed {
+        Failed {
+            error,
+            closed_before_response: false,
         }
-        if armed && timer.as_ref().is_some_and(|t| !t.is_elapsed()) {
-            return Poll::Pending;
+    }
+}
+
+/// An I/O error on a connection before any response byte; one that says the upstream closed it
+/// may be retried.
+fn io_failed(e: std::io::Error) -> Failed {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    Failed {
+        closed_before_response: matches!(
+            e.kind(),
+            BrokenPipe | ConnectionAborted | ConnectionReset
+        ),
+        error: UpstreamError::Io(e),
+    }
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Box<Conn> {
+        Box::new(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUF),
+            out: Vec::with_capacity(1024),
+            timer: None,
+        })
+    }
+
+    /// Whether an idle connection can carry a request: its socket has not turned readable (the
+    /// upstream closed it, or sent something unasked). A readiness left from the last response is
+    /// checked with one read.
+    fn usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                self.buf.reserve(1);
+                matches!(self.stream.try_read_buf(&mut self.buf),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
         }
-        armed = false;
-        let Some(started) = exchange.waiting_since() else {
-            return Poll::Pending;
+    }
+
+    /// Reads what has arrived into `buf`; `Ok(0)` at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
+            // Reuses the same allocation when the bytes taken from it are no longer held.
+            self.buf.reserve(READ_BUF);
+        }
+        std::pin::pin!(self.stream.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    /// Sends `req` and reads its response head, all within `timeout` of `started`.
+    async fn exchange(
+        &mut self,
+        req: &mut Request<ReqBody>,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<ResponseHead, Failed> {
+        self.out.clear();
+        let body = req.body();
+        let (empty, exact) = (body.is_end_stream(), body.size_hint().exact());
+        let framing = h1::encode_request(req, empty, exact, &mut self.out);
+        let deadline = Deadline {
+            at: tokio::time::Instant::from_std(started + timeout),
+            timeout,
         };
-        let deadline = tokio::time::Instant::from_std(started + timeout);
-        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        loop {
-            if t.as_mut().poll(cx).is_pending() {
-                armed = true;
-                return Poll::Pending;
+        self.write_request(req.body_mut(), framing, deadline)
+            .await?;
+        let head_request = req.method() == Method::HEAD;
+        let mut received = false;
+        std::future::poll_fn(|cx| loop {
+            match h1::parse_response(&mut self.buf, head_request) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(Failed::from(UpstreamError::from(e)))),
             }
-            // Fired: the waiting request's deadline, or that of an earlier request.
-            if t.deadline() >= deadline {
-                exchange.expired.store(true, Ordering::Relaxed);
-                return Poll::Ready(Ok(()));
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Failed {
+                        error: UpstreamError::Closed,
+                        closed_before_response: !received,
+                    }))
+                }
+                Poll::Ready(Ok(_)) => received = true,
+                Poll::Ready(Err(e)) if !received => return Poll::Ready(Err(io_failed(e))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::from(UpstreamError::Io(e)))),
+                Poll::Pending => return deadline.poll(&mut self.timer, cx).map(Err),
             }
-            t.as_mut().reset(deadline);
+        })
+        .await
+    }
+
+    /// Writes the request head in `out` and the body after it. Body pieces that are ready go out
+    /// with the head in one write; when the body has to be waited for, what is gathered goes first.
+    ///
+    /// The whole request body is written before the response is read: a response that the upstream
+    /// sends before it has read the body is read after.
+    async fn write_request(
+        &mut self,
+        body: &mut ReqBody,
+        framing: RequestFraming,
+        deadline: Deadline,
+    ) -> Result<(), Failed> {
+        if framing != RequestFraming::Empty {
+            let chunked = framing == RequestFraming::Chunked;
+            loop {
+                let ready = std::future::poll_fn(|cx| {
+                    Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Ready(frame) => Some(frame),
+                        Poll::Pending => None,
+                    })
+                })
+                .await;
+                let frame = match ready {
+                    Some(frame) => frame,
+                    None => {
+                        self.flush_out(deadline).await?;
+                        let mut next = body.frame();
+                        std::future::poll_fn(|cx| match Pin::new(&mut next).poll(cx) {
+                            Poll::Ready(frame) => Poll::Ready(Ok(frame)),
+                            Poll::Pending => deadline.poll(&mut self.timer, cx).map(Err),
+                        })
+                        .await?
+                    }
+                };
+                let data = match frame {
+                    None => break,
+                    Some(Err(e)) => return Err(Failed::from(UpstreamError::RequestBody(e))),
+                    // Trailers are not forwarded.
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(data) => data,
+                        Err(_) => continue,
+                    },
+                };
+                if data.len() >= WRITE_BATCH {
+                    // Large pieces are written as they are, not copied.
+                    if chunked {
+                        h1::encode_chunk_size(data.len(), &mut self.out);
+                    }
+                    self.flush_out(deadline).await?;
+                    write_all(&mut self.stream, &mut self.timer, &data, deadline).await?;
+                    if chunked {
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                    continue;
+                }
+                if chunked {
+                    h1::encode_chunk(&data, &mut self.out);
+                } else {
+                    self.out.extend_from_slice(&data);
+                }
+                if self.out.len() >= WRITE_BATCH {
+                    self.flush_out(deadline).await?;
+                }
+            }
+            if chunked {
+                self.out.extend_from_slice(h1::LAST_CHUNK);
+            }
         }
+        self.flush_out(deadline).await
+    }
+
+    async fn flush_out(&mut self, deadline: Deadline) -> Result<(), Failed> {
+        if !self.out.is_empty() {
+            write_all(&mut self.stream, &mut self.timer, &self.out, deadline).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Writes all of `bytes`, failing at the deadline.
+async fn write_all(
+    stream: &mut TcpStream,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    bytes: &[u8],
+    deadline: Deadline,
+) -> Result<(), Failed> {
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < bytes.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &bytes[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Poll::Ready(Err(io_failed(e)));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_failed(e))),
+                Poll::Pending => return deadline.poll(timer, cx).map(Err),
+            }
+        }
+        Poll::Ready(Ok(()))
     })
     .await
+}
+
+/// When a request must have its response head.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    /// Ready, with the timeout's failure, once the connection's timer has passed the deadline.
+    /// The timer is made at the connection's first wait and only moved on when it fires: a request
+    /// arms no timer of its own.
+    fn poll(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<Failed> {
+        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
+        loop {
+            if t.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired: this request's deadline, or an earlier request's.
+            if t.deadline() >= self.at {
+                return Poll::Ready(Failed::from(UpstreamError::Timeout(self.timeout)));
+            }
+            t.as_mut().reset(self.at);
+        }
+    }
 }
 
 impl HostPool {
@@ -220,35 +404,42 @@ impl HostPool {
             None => (Box::pin(self.connect()).await?, false),
         };
         let mut req = req;
+        let repeatable = req.method().is_idempotent() && req.body().is_end_stream();
         loop {
-            conn.exchange.begin(now);
-            let sent = conn.tx.try_send_request(req).await;
-            conn.exchange.end();
-            match sent {
-                Ok(resp) => {
-                    let lease = Lease {
-                        conn,
-                        pool: self.clone(),
-                        since: now,
-                    };
-                    return Ok(resp.map(|inner| UpstreamBody {
-                        inner,
-                        lease: Some(lease),
-                    }));
+            match conn
+                .exchange(&mut req, now, self.limits.request_timeout)
+                .await
+            {
+                Ok(head) => return Ok(self.response(conn, head, now)),
+                Err(f) if f.closed_before_response && reused && repeatable => {
+                    conn = Box::pin(self.connect()).await?;
+                    reused = false;
                 }
-                Err(_) if conn.exchange.expired.load(Ordering::Relaxed) => {
-                    return Err(UpstreamError::Timeout(self.limits.request_timeout))
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(r) if reused => {
-                        req = r;
-                        conn = Box::pin(self.connect()).await?;
-                        reused = false;
-                    }
-                    _ => return Err(e.into_error().into()),
-                },
+                Err(f) => return Err(f.error),
             }
         }
+    }
+
+    fn response(
+        self: &Arc<Self>,
+        conn: Box<Conn>,
+        head: ResponseHead,
+        since: Instant,
+    ) -> Response<UpstreamBody> {
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            pool: self.clone(),
+            since,
+            decoder: head.body,
+            keep_alive: head.keep_alive,
+        };
+        if body.decoder.is_done() {
+            body.release();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        resp
     }
 
     /// Idle connections held now.
@@ -257,19 +448,17 @@ impl HostPool {
     }
 
     /// The most recently returned connection that is still open and has not idled too long.
-    fn checkout(&self, now: Instant) -> Option<Conn> {
-        let mut idle = lock(&self.idle);
-        while let Some(c) = idle.pop() {
-            if c.conn.tx.is_ready()
-                && now.saturating_duration_since(c.since) < self.limits.idle_timeout
+    fn checkout(&self, now: Instant) -> Option<Box<Conn>> {
+        loop {
+            let mut c = lock(&self.idle).pop()?;
+            if now.saturating_duration_since(c.since) < self.limits.idle_timeout && c.conn.usable()
             {
                 return Some(c.conn);
             }
         }
-        None
     }
 
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    async fn connect(&self) -> Result<Box<Conn>, UpstreamError> {
         let stream = match tokio::time::timeout(
             self.limits.connect_timeout,
             TcpStream::connect(self.authority.as_str()),
@@ -281,43 +470,10 @@ impl HostPool {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.limits.connect_timeout)),
         };
         let _ = stream.set_nodelay(true);
-        let (tx, conn) = Builder::new().handshake(TokioIo::new(stream)).await?;
-        let authority = self.authority.clone();
-        let exchange = Arc::new(Exchange::default());
-        let driven = drive(conn, exchange.clone(), self.limits.request_timeout);
-        tokio::spawn(async move {
-            if let Err(e) = driven.await {
-                tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(Conn { tx, exchange })
+        Ok(Conn::new(stream))
     }
 
-    /// Takes a connection back after its response was read to the end.
-    fn put(self: &Arc<Self>, mut conn: Conn, since: Instant) {
-        if conn.tx.is_ready() {
-            self.push(conn, since);
-            return;
-        }
-        if conn.tx.is_closed() {
-            return;
-        }
-        // The connection is still finishing the exchange: pool it once it is done, if that is within
-        // the time a new connection would be given.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let pool = self.clone();
-        rt.spawn(async move {
-            if let Ok(Ok(())) =
-                tokio::time::timeout(pool.limits.connect_timeout, conn.tx.ready()).await
-            {
-                pool.push(conn, since);
-            }
-        });
-    }
-
-    fn push(&self, conn: Conn, since: Instant) {
+    fn push(&self, conn: Box<Conn>, since: Instant) {
         let mut idle = lock(&self.idle);
         if idle.len() < self.limits.max_idle_per_host {
             idle.push(Idle { conn, since });
@@ -325,60 +481,86 @@ impl HostPool {
     }
 }
 
-struct Lease {
-    conn: Conn,
+/// An upstream's response body, streamed from its connection. The connection goes back to the pool
+/// when the body has been read to the end and the response allows another request; otherwise it is
+/// closed with the body.
+pub struct UpstreamBody {
+    conn: Option<Box<Conn>>,
     pool: Arc<HostPool>,
     since: Instant,
-}
-
-/// An upstream's response body, streamed. Its connection goes back to the pool when the body has
-/// been read to the end.
-pub struct UpstreamBody {
-    inner: Incoming,
-    lease: Option<Lease>,
+    decoder: Decoder,
+    keep_alive: bool,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some(l) = self.lease.take() {
-            l.pool.put(l.conn, l.since);
+        if let Some(c) = self.conn.take() {
+            // Bytes after the body were not asked for: the connection is not in step.
+            if self.keep_alive && c.buf.is_empty() {
+                self.pool.push(c, self.since);
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            // A broken response: the connection is not reused.
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            _ => {}
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::End) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            match conn.poll_read(cx) {
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    if this.decoder == Decoder::Close {
+                        this.decoder = Decoder::Done;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(UpstreamError::Closed)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.release();
+        match self.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
         }
     }
 }
@@ -530,15 +712,21 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_replaced() {
         // The upstream closes every connection after one response: each request finds its pooled
-        // connection closed (or closing) and goes over a new one, without an error.
-        let (addr, conns) = upstream(1).await;
-        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
-        for i in 1..=4 {
-            let r = pool.send(get("/"), Instant::now()).await.unwrap();
-            assert_eq!(body(r).await, format!("conn{i}"));
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // connection closed and goes over a new one, without an error. A POST is never sent twice,
+        // so it too must find the closed connection at checkout, not by failing on it.
+        for method in [Method::GET, Method::POST] {
+            let (addr, conns) = upstream(1).await;
+            let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+            for i in 1..=4 {
+                let mut req = get("/");
+                *req.method_mut() = method.clone();
+                let r = pool.send(req, Instant::now()).await.unwrap();
+                assert_eq!(body(r).await, format!("conn{i}"));
+                assert_eq!(pool.idle(), 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(conns.load(Ordering::SeqCst), 4);
         }
-        assert_eq!(conns.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
@@ -590,5 +778,242 @@ mod tests {
             panic!("a response from an address nobody listens on")
         };
         assert!(matches!(e, UpstreamError::Connect(_)), "{e}");
+    }
+
+    /// A body of the given pieces with no length known ahead: hyper sends it chunked.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn pieces(parts: &[&'static [u8]]) -> Pieces {
+        Pieces(parts.iter().map(|p| Bytes::from_static(p)).collect())
+    }
+
+    /// An upstream served by hyper. It answers `<method> <framing> <body>` (the framing is
+    /// `chunked` or the Content-Length), except:
+    /// - `/pieces`: a chunked body of many pieces, 100 KiB in all;
+    /// - `/until-close`: a body without a length, ended by closing the connection;
+    /// - `/close`: a short body with `Connection: close`.
+    async fn hyper_upstream() -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let framing = match req.headers().get(http::header::CONTENT_LENGTH) {
+                        Some(n) => n.to_str().unwrap().to_string(),
+                        None if req.headers().contains_key(http::header::TRANSFER_ENCODING) => {
+                            "chunked".to_string()
+                        }
+                        None => "none".to_string(),
+                    };
+                    let method = req.method().clone();
+                    let path = req.uri().path().to_string();
+                    let got = req.into_body().collect().await.unwrap().to_bytes();
+                    let resp = match path.as_str() {
+                        "/pieces" => {
+                            let piece: &'static [u8] = &[b'x'; 1024];
+                            Response::new(Either::Left(pieces(&[piece; 100])))
+                        }
+                        "/close" => Response::builder()
+                            .header(http::header::CONNECTION, "close")
+                            .body(Either::Right(Full::new(Bytes::from_static(b"bye"))))
+                            .unwrap(),
+                        _ => {
+                            let mut text = format!("{method} {framing} ").into_bytes();
+                            text.extend_from_slice(&got);
+                            Response::new(Either::Right(Full::new(Bytes::from(text))))
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                tokio::spawn(async move {
+                    let mut s = s;
+                    // `/until-close` is answered by hand: hyper frames every body it sends.
+                    let mut peek = [0u8; 32];
+                    let n = s.peek(&mut peek).await.unwrap_or(0);
+                    if peek[..n].starts_with(b"GET /until-close ") {
+                        let _ = s.read(&mut [0u8; 4096]).await;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it, until the end")
+                            .await;
+                        return;
+                    }
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    /// A front server like the router's: each request, its body as hyper gives it, goes to `pool`.
+    async fn front(pool: Arc<HostPool>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let pool = pool.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let pool = pool.clone();
+                    async move {
+                        let mut req = req.map(Either::Left);
+                        req.headers_mut().remove(http::header::TRANSFER_ENCODING);
+                        pool.send(req, Instant::now()).await
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    /// Sends one request to `addr` over a new connection and returns the status and body.
+    async fn call<B>(addr: &str, req: Request<B>) -> (u16, Bytes)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn request_bodies_go_with_their_framing_and_responses_of_every_framing_come_back() {
+        let (addr, conns) = hyper_upstream().await;
+        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+        let front = front(pool.clone()).await;
+        let req = |method: Method, uri: &str| {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(http::header::HOST, "up")
+        };
+        let bodiless = |method: Method, uri: &str| {
+            let r = req(method, uri).body(http_body_util::Empty::<Bytes>::new());
+            call(&front, r.unwrap())
+        };
+        let with = |b: Bytes| req(Method::POST, "/").body(Full::new(b)).unwrap();
+
+        // A body with a length, one with none (chunked on both sides), and none at all.
+        let (_, b) = call(&front, with(Bytes::from_static(b"abc"))).await;
+        assert_eq!(b, "POST 3 abc");
+        let streamed = pieces(&[b"one ", b"two ", b"three"]);
+        let (_, b) = call(&front, req(Method::POST, "/").body(streamed).unwrap()).await;
+        assert_eq!(b, "POST chunked one two three");
+        assert_eq!(bodiless(Method::POST, "/").await.1, "POST 0 ");
+        assert_eq!(bodiless(Method::GET, "/").await.1, "GET none ");
+        // A large body, over many writes and reads.
+        let big = Bytes::from(vec![b'y'; 300 * 1024]);
+        let (_, b) = call(&front, with(big.clone())).await;
+        assert_eq!(b.len(), "POST 307200 ".len() + big.len());
+        // A large streamed body: its big pieces are written as they are, in chunks.
+        let big_pieces =
+            Pieces(vec![Bytes::from(vec![b'z'; 40_000]), Bytes::from_static(b"end")].into());
+        let (_, b) = call(&front, req(Method::POST, "/").body(big_pieces).unwrap()).await;
+        assert_eq!(b.len(), "POST chunked ".len() + 40_003);
+        assert!(b.ends_with(b"zzzend"));
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection carried them all"
+        );
+
+        // A chunked response of 100 pieces, streamed; the connection is reused after it.
+        let (status, b) = bodiless(Method::GET, "/pieces").await;
+        assert_eq!((status, b.len()), (200, 100 * 1024));
+        assert!(b.iter().all(|&c| c == b'x'));
+        assert_eq!(pool.idle(), 1);
+        // HEAD: no body, whatever the length says.
+        assert_eq!(bodiless(Method::HEAD, "/").await, (200, Bytes::new()));
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+
+        // `Connection: close` and a body ended by closing: read whole, and not pooled.
+        assert_eq!(bodiless(Method::GET, "/close").await.1, "bye");
+        assert_eq!(pool.idle(), 0);
+        let (_, b) = bodiless(Method::GET, "/until-close").await;
+        assert_eq!(b, "all of it, until the end");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// An upstream that reads a little of each request and writes `answer` then closes, or with
+    /// `None` reads nothing and holds the connection for a minute.
+    async fn raw_upstream(answer: Option<&'static [u8]>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    match answer {
+                        Some(answer) => {
+                            let _ = s.read(&mut [0u8; 4096]).await;
+                            let _ = s.write_all(answer).await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(60)).await,
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_response_that_breaks_off_is_an_error_and_its_connection_is_not_reused() {
+        let addr = raw_upstream(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")).await;
+        let pool = Pools::new(limits()).host(&addr.parse().unwrap());
+        let r = pool.send(get("/"), Instant::now()).await.unwrap();
+        let e = r.into_body().collect().await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Closed), "{e}");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_does_not_read_the_request_body_times_out() {
+        let addr = raw_upstream(None).await;
+        let timeout = Duration::from_millis(300);
+        let pool = Pools::new(PoolLimits {
+            request_timeout: timeout,
+            ..limits()
+        })
+        .host(&addr.parse().unwrap());
+        // More than the sockets' buffers hold.
+        let body = Bytes::from(vec![0u8; 64 << 20]);
+        let mut req = get("/");
+        *req.method_mut() = Method::POST;
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, body.len().into());
+        *req.body_mut() = Either::Right(Full::new(body));
+        let start = Instant::now();
+        let Err(e) = pool.send(req, start).await else {
+            panic!("a response from an upstream that reads nothing");
+        };
+        assert!(matches!(e, UpstreamError::Timeout(_)), "{e}");
+        assert!(start.elapsed() < timeout * 4, "{:?}", start.elapsed());
+        assert_eq!(pool.idle(), 0);
     }
 }
