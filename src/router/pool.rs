@@ -136,10 +136,10 @@ struct Idle {
     since: Instant,
 }
 
-/// Bytes read from a connection at a time, at most.
+/// Bytes read from a connection at a time, at first: enough for a usual response whole.
 const READ_BUF: usize = 8 * 1024;
-/// A read goes into the same buffer while this much room is left in it.
-const MIN_READ_ROOM: usize = 2 * 1024;
+/// Bytes read at a time at most: reads that fill their room double it up to this, for large bodies.
+const MAX_READ_BUF: usize = 256 * 1024;
 /// Request body bytes gathered before they are written.
 const WRITE_BATCH: usize = 16 * 1024;
 
@@ -152,6 +152,8 @@ struct Conn {
     out: Vec<u8>,
     /// The request timeout's timer: made at the first wait, moved when it fires.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes to make room for when the buffer runs low.
+    read_size: usize,
 }
 
 /// A failed exchange, and whether the request may go again over a new connection: the upstream
@@ -190,6 +192,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_BUF),
             out: Vec::with_capacity(1024),
             timer: None,
+            read_size: READ_BUF,
         })
     }
 
@@ -211,11 +214,17 @@ impl Conn {
 
     /// Reads what has arrived into `buf`; `Ok(0)` at the end of the stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
+        // A read goes into the same buffer while a quarter of the read size is left in it.
+        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
             // Reuses the same allocation when the bytes taken from it are no longer held.
-            self.buf.reserve(READ_BUF);
+            self.buf.reserve(self.read_size);
         }
-        std::pin::pin!(self.stream.read_buf(&mut self.buf)).poll(cx)
+        let room = self.buf.capacity() - self.buf.len();
+        let read = std::pin::pin!(self.stream.read_buf(&mut self.buf)).poll(cx);
+        if matches!(read, Poll::Ready(Ok(n)) if n == room) {
+            self.read_size = (self.read_size * 2).min(MAX_READ_BUF);
+        }
+        read
     }
 
     /// Sends `req` and reads its response head, all within `timeout` of `started`.
