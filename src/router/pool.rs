@@ -108,9 +108,7 @@ impl Pools {
         let mut hosts = lock(&self.hosts);
         hosts.retain(|h| named(&h.authority));
         for h in hosts.iter() {
-            lock(&h.idle).retain_mut(|c| {
-                now.saturating_duration_since(c.since) < self.limits.idle_timeout && c.conn.usable()
-            });
+            lock(&h.idle).retain_mut(|c| c.fresh(now, self.limits.idle_timeout));
         }
     }
 }
@@ -134,6 +132,14 @@ impl std::fmt::Debug for HostPool {
 struct Idle {
     conn: Box<Conn>,
     since: Instant,
+}
+
+impl Idle {
+    /// Whether the connection may carry a request at `now`: it has not idled past `timeout`, and
+    /// its upstream has not closed it.
+    fn fresh(&mut self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) < timeout && self.conn.usable()
+    }
 }
 
 /// Bytes read from a connection at a time, at first: enough for a usual response whole.
@@ -460,8 +466,7 @@ impl HostPool {
     fn checkout(&self, now: Instant) -> Option<Box<Conn>> {
         loop {
             let mut c = lock(&self.idle).pop()?;
-            if now.saturating_duration_since(c.since) < self.limits.idle_timeout && c.conn.usable()
-            {
+            if c.fresh(now, self.limits.idle_timeout) {
                 return Some(c.conn);
             }
         }
@@ -600,11 +605,17 @@ mod tests {
             .unwrap()
     }
 
+    /// A listener on a free loopback port, and its address.
+    async fn listen() -> (TcpListener, String) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        (l, addr)
+    }
+
     /// A keep-alive HTTP/1.1 server that answers each request with its connection's number and
     /// closes a connection after `per_conn` responses (0: never). `GET /slow` is never answered.
     async fn upstream(per_conn: usize) -> (String, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
+        let (l, addr) = listen().await;
         let conns = Arc::new(AtomicUsize::new(0));
         let c = conns.clone();
         tokio::spawn(async move {
@@ -813,8 +824,7 @@ mod tests {
     /// - `/until-close`: a body without a length, ended by closing the connection;
     /// - `/close`: a short body with `Connection: close`.
     async fn hyper_upstream() -> (String, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
+        let (l, addr) = listen().await;
         let conns = Arc::new(AtomicUsize::new(0));
         let c = conns.clone();
         tokio::spawn(async move {
@@ -872,8 +882,7 @@ mod tests {
 
     /// A front server like the router's: each request, its body as hyper gives it, goes to `pool`.
     async fn front(pool: Arc<HostPool>) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
+        let (l, addr) = listen().await;
         tokio::spawn(async move {
             loop {
                 let (s, _) = l.accept().await.unwrap();
@@ -972,8 +981,7 @@ mod tests {
     /// An upstream that reads a little of each request and writes `answer` then closes, or with
     /// `None` reads nothing and holds the connection for a minute.
     async fn raw_upstream(answer: Option<&'static [u8]>) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
+        let (l, addr) = listen().await;
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
