@@ -4,6 +4,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY src ./src
+COPY crates ./crates
+COPY benches ./benches
 COPY crds ./crds
 COPY examples ./examples
 RUN cargo build --release --locked --bin keelson && strip target/release/keelson

@@ -16,14 +16,14 @@ crds:
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt
 
 ## test: lint, unit tests, then the integration tests against the local cluster (started if needed)
 test: lint cluster
-	$(CARGO) test --no-fail-fast --lib --bins --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
+	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
 
 ## test-idempotence: a forced resync of settled resources makes zero writes, read from the API
 ## server's counters (also part of `make test`, where cargo runs it before the other cluster tests).
@@ -31,7 +31,7 @@ test-idempotence: cluster
 	$(CARGO) test --test idempotence
 
 unit:
-	$(CARGO) test --lib
+	$(CARGO) test --workspace --lib --test crds_offline --test proptests --test docs_paths
 
 integration: cluster
 	$(CARGO) test --test '*'

@@ -1,11 +1,13 @@
 //! The `keelson` binary: `run` (the operator), `crds` (the CRDs from the types) and `router` (the A/B router).
 
+mod telemetry;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keelson::operator::RunOptions;
-use keelson::telemetry::{self, LogFormat};
+use keelson_operator::operator::RunOptions;
+use telemetry::LogFormat;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,7 +34,7 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Run the A/B traffic router of a ModelDeployment (`traffic.router: Builtin`).
-    Router(keelson::router::RouterOptions),
+    Router(keelson_router::RouterOptions),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +43,7 @@ fn main() -> ExitCode {
         Command::Crds { out } => crds(out),
         Command::Router(opts) => {
             telemetry::init(cli.log_format);
-            keelson::router::run(opts)
+            keelson_router::run(opts)
         }
         Command::Run(opts) => {
             telemetry::init(cli.log_format);
@@ -62,11 +64,11 @@ fn main() -> ExitCode {
 
 fn crds(out: Option<PathBuf>) -> ExitCode {
     let result = match out {
-        None => keelson::crd::all_yaml()
+        None => keelson_api::crd::all_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
-        Some(dir) => keelson::crd::all().iter().try_for_each(|(file, crd)| {
-            let yaml = keelson::crd::to_yaml(crd).map_err(|e| e.to_string())?;
+        Some(dir) => keelson_api::crd::all().iter().try_for_each(|(file, crd)| {
+            let yaml = keelson_api::crd::to_yaml(crd).map_err(|e| e.to_string())?;
             std::fs::write(dir.join(file), yaml)
                 .map_err(|e| format!("{}: {e}", dir.join(file).display()))
         }),
@@ -81,12 +83,12 @@ fn crds(out: Option<PathBuf>) -> ExitCode {
 }
 
 async fn run(opts: RunOptions) -> ExitCode {
-    match keelson::operator::serve(opts).await {
-        Ok(keelson::operator::Exit::Stopped) => {
+    match keelson_operator::operator::serve(opts).await {
+        Ok(keelson_operator::operator::Exit::Stopped) => {
             tracing::info!("keelson operator stopped");
             ExitCode::SUCCESS
         }
-        Ok(keelson::operator::Exit::LostLease) => ExitCode::FAILURE,
+        Ok(keelson_operator::operator::Exit::LostLease) => ExitCode::FAILURE,
         Err(e) => {
             tracing::error!(error = %e, "keelson operator failed");
             ExitCode::FAILURE

@@ -27,8 +27,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -46,9 +45,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use keelson::modeldeployment::ModelDeployment;
-use keelson::notebook::Notebook;
-use keelson::trainingjob::TrainingJob;
+use keelson_api::modeldeployment::ModelDeployment;
+use keelson_api::notebook::Notebook;
+use keelson_api::trainingjob::TrainingJob;
 use support::proxy::{Proxy, Write};
 use support::*;
 

@@ -16,15 +16,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use keelson::trainingjob::TrainingJob;
+use keelson_api::trainingjob::TrainingJob;
 use kube::api::{Api, ListParams};
 use support::*;
 

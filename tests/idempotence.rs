@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,9 +14,9 @@ use kube::api::ListParams;
 use kube::Api;
 use support::*;
 
-use keelson::modeldeployment::ModelDeployment;
-use keelson::notebook::Notebook;
-use keelson::trainingjob::TrainingJob;
+use keelson_api::modeldeployment::ModelDeployment;
+use keelson_api::notebook::Notebook;
+use keelson_api::trainingjob::TrainingJob;
 
 /// Resources Keelson reads or writes; writes to anything else (node heartbeats, leases) are not ours.
 const OURS: &[&str] = &[
@@ -51,7 +50,7 @@ fn our_writes() -> std::collections::BTreeMap<String, f64> {
 }
 
 fn ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
-    keelson::api::conditions::is_true(conds, "Ready")
+    keelson_api::conditions::is_true(conds, "Ready")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! 1,000 random specs, applied as the API server accepts them: the operator never panics, and a
 //! refused spec never reaches it.
 //!
-//! The objects come from the proptest generators of `keelson::testgen` (the ones the unit property
+//! The objects come from the proptest generators of `keelson_testkit::testgen` (the ones the unit property
 //! tests use) with a fixed seed, so a failure reproduces; a third of each kind. Each is named after
 //! the offline schema check's verdict (`a-` accepted, `r-` refused: `a-tj-0001`), created through
 //! the API server, and the API server's verdict must agree. The real `keelson` binary runs as its
@@ -17,8 +17,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -32,11 +31,11 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};
 use support::*;
 
-use keelson::modeldeployment::ModelDeployment;
-use keelson::notebook::Notebook;
-use keelson::schema_check;
-use keelson::testgen;
-use keelson::trainingjob::TrainingJob;
+use keelson_api::modeldeployment::ModelDeployment;
+use keelson_api::notebook::Notebook;
+use keelson_api::trainingjob::TrainingJob;
+use keelson_testkit::schema_check;
+use keelson_testkit::testgen;
 
 /// Objects created at once.
 const PARALLEL: usize = 8;

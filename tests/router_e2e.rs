@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;

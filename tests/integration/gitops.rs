@@ -1,6 +1,6 @@
 //! GitOps fidelity on the local cluster: examples applied server-side the way Argo CD does, then
 //! applied again, change nothing and show no `kubectl diff`; Flux's reading of status (kstatus, see
-//! tests/support/kstatus.rs) follows observedGeneration and Ready; and the real `kubectl wait
+//! crates/keelson-testkit/src/kstatus.rs) follows observedGeneration and Ready; and the real `kubectl wait
 //! --for=condition=Ready` returns for every kind.
 
 use std::collections::BTreeMap;

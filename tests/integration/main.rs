@@ -1,8 +1,7 @@
-//! Integration tests: the real operator against the real local API server (see tests/support).
+//! Integration tests: the real operator against the real local API server (see the keelson-testkit crate).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../support/mod.rs"]
-mod support;
+use keelson_testkit as support;
 
 mod argocd;
 mod crds;

@@ -12,8 +12,8 @@ use kube::{Api, CustomResourceExt};
 use serde_json::json;
 
 use crate::support::*;
-use keelson::api::conditions;
-use keelson::modeldeployment::ModelDeployment;
+use keelson_api::conditions;
+use keelson_api::modeldeployment::ModelDeployment;
 
 async fn ready(api: &Api<ModelDeployment>, name: &str) -> ModelDeployment {
     wait_for(

@@ -5,14 +5,14 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
 
 use crate::support::*;
-use keelson::notebook::Notebook;
+use keelson_api::notebook::Notebook;
 
 async fn ready(api: &Api<Notebook>, name: &str) -> Notebook {
     wait_for(&format!("notebook {name} Ready"), TIMEOUT, || async {
         let nb = api.get(name).await.ok()?;
         let st = nb.status.as_ref()?;
         (st.observed_generation == nb.metadata.generation
-            && keelson::api::conditions::is_true(&st.conditions, "Ready"))
+            && keelson_api::conditions::is_true(&st.conditions, "Ready"))
         .then_some(nb.clone())
     })
     .await
@@ -163,7 +163,7 @@ async fn notebook_lifecycle_with_gpu_data_fabric_and_retained_workspace() {
         let gone = pods.get_opt("alice-0").await.ok()?.is_none();
         let phase = nb.status.as_ref()?.phase;
         (gone
-            && phase == Some(keelson::notebook::NotebookPhase::Suspended)
+            && phase == Some(keelson_api::notebook::NotebookPhase::Suspended)
             && nb.status.as_ref()?.observed_generation == nb.metadata.generation)
             .then_some(())
     })
@@ -220,7 +220,7 @@ async fn delete_policy_workspace_is_collected_and_bad_image_is_reported() {
     ns.apply("apiVersion: keelson.dev/v1alpha1\nkind: Notebook\nmetadata: {name: nopv}\nspec:\n  image: i\n  workspace: {size: 1Gi}\n").unwrap();
     wait_for("WorkspacePending", TIMEOUT, || async {
         let nb = nbs.get("nopv").await.ok()?;
-        let c = keelson::api::conditions::find(&nb.status.as_ref()?.conditions, "Ready")?.clone();
+        let c = keelson_api::conditions::find(&nb.status.as_ref()?.conditions, "Ready")?.clone();
         (c.reason == "WorkspacePending" && c.message.contains("nopv-workspace")).then_some(())
     })
     .await;

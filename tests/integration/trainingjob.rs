@@ -9,8 +9,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::support::*;
-use keelson::api::conditions;
-use keelson::trainingjob::{JobPhase, TrainingJob};
+use keelson_api::conditions;
+use keelson_api::trainingjob::{JobPhase, TrainingJob};
 
 struct Job {
     ns: Ns,

@@ -26,7 +26,7 @@ local function describe(c, default)
   return c.reason
 end
 
--- Container waiting reasons that need a person (src/api/podstatus.rs).
+-- Container waiting reasons that need a person (crates/keelson-operator/src/podstatus.rs).
 local stuck = {
   ImagePullBackOff = true,
   ErrImagePull = true,

@@ -1,0 +1,206 @@
+//! The ModelDeployment kind: models served as microservices, with A/B traffic splits between variants.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::workload::WorkloadSpec;
+
+/// Default port of the model server.
+pub const DEFAULT_PORT: i32 = 8080;
+/// Where a `pvc://` model is mounted in the model container.
+pub const MODEL_MOUNT: &str = "/mnt/models";
+
+/// Models served behind one entry Service `<name>`, split between variants by weight.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "keelson.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    plural = "modeldeployments",
+    shortname = "mdep",
+    category = "keelson",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    doc = "Models served as microservices, with A/B traffic splits between variants.",
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"TRAFFIC","type":"string","jsonPath":".status.traffic"}"#,
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS-1035 label of at most 40 characters (it prefixes every variant's Service)"),
+    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.mirror) || self.spec.variants.exists(v, v.name == self.spec.traffic.mirror.variant)").message("spec.traffic.mirror.variant must name one of spec.variants"),
+    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.gateway) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.gateway is only used with spec.traffic.router: GatewayAPI")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// Port the model servers listen on. Default 8080.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+
+    /// 1 to 10 variants with unique names (server-side apply merges the list by name); their weights
+    /// sum to 100.
+    #[schemars(length(min = 1, max = 10))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.map(v, v.weight).sum() == 100").message("variants[].weight must sum to 100")
+    )]
+    pub variants: Vec<Variant>,
+
+    /// How traffic reaches the variants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
+}
+
+/// One model server variant: a Deployment and a Service `<name>-<variant>`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Variant {
+    /// Variant name, a DNS-1123 label of at most 22 characters, unique among the variants.
+    #[schemars(
+        length(min = 1, max = 22),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Model server pods of this variant. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+
+    /// Share of the traffic in percent, 0 to 100; the weights of all variants sum to 100.
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: i32,
+
+    /// The model this variant serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSource>,
+
+    #[serde(flatten)]
+    pub workload: WorkloadSpec,
+}
+
+/// Where the model files are.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// `pvc://<claim>/<path>`: the claim is mounted read-only at /mnt/models and `MODEL_PATH` points at
+    /// the path inside it, e.g. `pvc://models/fraud/v7`.
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new("self.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$')").message("model.uri must start with pvc://<claim>"))]
+    pub uri: String,
+}
+
+/// How traffic reaches the variants.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Traffic {
+    /// Builtin (default): Keelson's own router `<name>-router`. GatewayAPI: an HTTPRoute `<name>`.
+    /// None: the Service `<name>` selects every variant's pods (the split follows replica counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterKind>,
+
+    /// Request header whose value pins a caller to one variant, e.g. `x-user-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub sticky_header: Option<String>,
+
+    /// Shadow traffic: a copy of requests goes to a variant and its responses are discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+
+    /// Gateway API attachment, for `router: GatewayAPI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayAttachment>,
+}
+
+/// How the entry point splits traffic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RouterKind {
+    #[default]
+    Builtin,
+    #[serde(rename = "GatewayAPI")]
+    GatewayApi,
+    None,
+}
+
+/// Shadow traffic to one variant.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    /// Variant that receives the copies; one of `variants[].name`.
+    pub variant: String,
+    /// Percent of requests copied, 0 to 100. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<i32>,
+}
+
+/// Gateways the HTTPRoute attaches to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAttachment {
+    /// Gateways (or other parents) of the HTTPRoute, e.g. `[{name: public, namespace: infra}]`.
+    #[schemars(length(min = 1, max = 32))]
+    pub parent_refs: Vec<ParentRef>,
+}
+
+/// A Gateway API parent reference.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// Name of the parent, e.g. the Gateway `public`.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Namespace of the parent (the ModelDeployment's when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Listener section of the parent, e.g. `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    /// Group of the parent. Default `gateway.networking.k8s.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind of the parent. Default `Gateway`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// Observed state of one variant.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VariantStatus {
+    /// Variant name.
+    pub name: String,
+    /// Desired model server pods.
+    pub replicas: i32,
+    /// Model server pods ready.
+    pub ready_replicas: i32,
+    /// Traffic share in effect, in percent.
+    pub weight: i32,
+}
+
+/// Observed state of a ModelDeployment.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// In-cluster URL of the entry Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Per-variant replicas and the weight in effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantStatus>,
+    /// Ready model pods over desired, e.g. `3/3` (the READY column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Traffic split in effect, e.g. `champion=90,challenger=10` (the TRAFFIC column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready and Progressing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

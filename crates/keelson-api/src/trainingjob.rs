@@ -1,0 +1,220 @@
+//! The TrainingJob kind: distributed training on GPUs, one pod per rank, data mounted in place.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::workload::WorkloadSpec;
+
+/// Port of the rendezvous on rank 0 (`MASTER_PORT`).
+pub const MASTER_PORT: i32 = 29500;
+/// Port of each TensorFlow worker in `TF_CONFIG`.
+pub const TF_PORT: i32 = 2222;
+/// Port of the JAX coordinator on rank 0.
+pub const JAX_PORT: i32 = 1234;
+/// Default job-level restarts before the job fails.
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
+/// Largest number of workers (ranks) a job may ask for.
+pub const MAX_WORKERS: i32 = 1000;
+
+/// A distributed training job: `workers` pods `<name>-worker-<rank>` behind the headless Service
+/// `<name>`, with the rendezvous environment of the chosen framework injected.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "keelson.dev",
+    version = "v1alpha1",
+    kind = "TrainingJob",
+    plural = "trainingjobs",
+    shortname = "tj",
+    category = "keelson",
+    namespaced,
+    status = "TrainingJobStatus",
+    doc = "Distributed training on GPUs (PyTorch, TensorFlow, JAX), with compute kept apart from storage.",
+    printcolumn = r#"{"name":"STATE","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"WORKERS","type":"string","jsonPath":".status.workersReady"}"#,
+    printcolumn = r#"{"name":"GPUS","type":"integer","jsonPath":".status.gpus"}"#,
+    printcolumn = r#"{"name":"RESTARTS","type":"integer","jsonPath":".status.restarts"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 51").message("metadata.name must be a DNS-1035 label of at most 51 characters (each rank's hostname is <name>-worker-<rank>)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobSpec {
+    /// PyTorch, TensorFlow, JAX or Generic: which rendezvous environment is injected. Default Generic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub framework: Option<Framework>,
+
+    /// Number of worker pods (the world size in nodes), from 1 to 1000.
+    #[schemars(range(min = 1, max = 1000))]
+    pub workers: i32,
+
+    #[serde(flatten)]
+    pub workload: WorkloadSpec,
+
+    /// Restarts, deadlines and clean-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_policy: Option<RunPolicy>,
+
+    /// AllWorkers (default): the job succeeds when every worker succeeded. RankZero: when rank 0 did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_policy: Option<SuccessPolicy>,
+
+    /// `true`: no pods (running ones are deleted, the job stays resumable); `false` again resumes.
+    /// Queue systems such as Kueue flip this field. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+
+    /// Scheduler, priority and queue of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Scheduling>,
+}
+
+/// Framework whose rendezvous environment is injected.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Framework {
+    PyTorch,
+    TensorFlow,
+    #[serde(rename = "JAX")]
+    Jax,
+    #[default]
+    Generic,
+}
+
+/// How failures, deadlines and the end of a job are handled.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    /// Worker restarts allowed before the job is Failed. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub backoff_limit: Option<i32>,
+
+    /// OnFailure (default): a failed worker is re-created. Never: the first failure fails the job.
+    /// ExitCode: exit codes 128 and above (signals, OOM kills, evictions) are retried, 1-127 fail fast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
+
+    /// Seconds from the start after which a job still running is Failed (reason DeadlineExceeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Seconds after the job finished after which the TrainingJob itself is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Which pods are deleted when the job ends: Running (default, the ones still running), All, or None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_pod_policy: Option<CleanPodPolicy>,
+}
+
+/// Which worker failures are retried.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    #[default]
+    OnFailure,
+    Never,
+    ExitCode,
+}
+
+/// Which pods are deleted when the job ends.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CleanPodPolicy {
+    #[default]
+    Running,
+    All,
+    None,
+}
+
+/// When the job counts as succeeded.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SuccessPolicy {
+    #[default]
+    AllWorkers,
+    RankZero,
+}
+
+/// Scheduler, priority and queue.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Scheduler of the pods, e.g. `volcano` (the default scheduler when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+    /// PriorityClass of the pods, e.g. `high`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Queue name, e.g. `team-a`: copied to the `kueue.x-k8s.io/queue-name` label of the TrainingJob
+    /// (added once, when the label is missing) and of its pods, so that a queue system finds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+/// Phase of a TrainingJob.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JobPhase {
+    #[default]
+    Pending,
+    Running,
+    Restarting,
+    Succeeded,
+    Failed,
+    Suspended,
+}
+
+impl JobPhase {
+    /// Succeeded or Failed: the job never runs again.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed)
+    }
+}
+
+/// Counts of the job's worker pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCounts {
+    /// Pods that exist and have not finished.
+    pub active: i32,
+    /// Pods running and ready.
+    pub ready: i32,
+    /// Pods that exited 0.
+    pub succeeded: i32,
+    /// Pods that failed.
+    pub failed: i32,
+}
+
+/// Observed state of a TrainingJob.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobStatus {
+    /// Pending, Running, Restarting, Succeeded, Failed or Suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+    /// Worker pod counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkerCounts>,
+    /// Ready workers over total, e.g. `3/4` (the WORKERS column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_ready: Option<String>,
+    /// GPUs of the whole job: workers x gpus.count (the GPUS column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<i32>,
+    /// Worker restarts so far: each failed worker pod that was re-created counts one (counted
+    /// against backoffLimit, kept across a suspension).
+    #[serde(default)]
+    pub restarts: i32,
+    /// When the job's pods were first created. Cleared while the job is suspended and set again when
+    /// it resumes, so that activeDeadlineSeconds counts from the resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job succeeded or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Created, Running, Restarting, Succeeded, Failed, Suspended and Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

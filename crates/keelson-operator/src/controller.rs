@@ -1,0 +1,860 @@
+//! Wiring shared by the three controllers: the context, the child caches, events and the error policy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::apply::{Object, WriteCounter};
+use crate::error::Error;
+use crate::events::Recorder;
+use crate::metrics::Metrics;
+use keelson_api::meta::{kind_selector, LABEL_OWNER_NAME};
+
+/// Longest wait between retries of a failing reconcile.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Periodic resync of a settled object (a fallback: watches normally carry every change).
+pub const RESYNC: Duration = Duration::from_secs(3600);
+
+/// Events waiting to be recorded at most. Past it an Event is dropped and counted
+/// (`keelson_events_dropped_total`), as client-go's event broadcaster drops past its queue of 1,000:
+/// a burst of reconciles never piles up memory behind the API client's rate limit.
+const EVENT_QUEUE: usize = 1000;
+/// Events recorded at once.
+const EVENT_WORKERS: usize = 4;
+
+type QueuedEvent = (Event, ObjectReference);
+
+/// Locks `m`. A poisoned lock only means that another task panicked while holding it; the data of
+/// every lock here stays consistent between statements, so it is used as it is.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// State shared by every reconcile of every kind.
+pub struct Shared {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub writes: WriteCounter,
+    /// Prometheus metrics of this process.
+    pub metrics: Arc<Metrics>,
+    /// Readiness of every controller's child caches, and how many controllers there will be.
+    synced: Mutex<(usize, Vec<Synced>)>,
+    /// Reconciles finished (successfully or not), all kinds together.
+    pub reconciled: std::sync::atomic::AtomicU64,
+    failures: Mutex<HashMap<String, u32>>,
+    /// The queue of Events to record, drained by a task started with the first Event.
+    events: std::sync::OnceLock<tokio::sync::mpsc::Sender<QueuedEvent>>,
+}
+
+impl Shared {
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: "keelson".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let metrics = Arc::new(Metrics::default());
+        Shared {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            writes: WriteCounter::registered(&metrics),
+            metrics,
+            synced: Mutex::new((0, Vec::new())),
+            reconciled: std::sync::atomic::AtomicU64::new(0),
+            failures: Mutex::new(HashMap::new()),
+            events: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Records a Kubernetes Event on `obj`, in the background: a reconcile never waits for its
+    /// Events. A failure to record is logged, never fatal; past [`EVENT_QUEUE`] waiting, the Event
+    /// is dropped and counted.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        self.event_as(obj, warning, reason, reason, note).await;
+    }
+
+    /// [`Shared::event`] with its own `action`. Events of one object that share type, reason and
+    /// action are one series (a repeat only counts up, its note is not kept): a phase change names
+    /// the new phase as its action, so that "phase is now Running" is not folded into "Pending".
+    pub async fn event_as<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let reference: ObjectReference = obj.object_ref(&());
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.event_queue().try_send((ev, reference)) {
+            self.metrics.events_dropped.inc();
+            let (ev, r) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(x)
+                | tokio::sync::mpsc::error::TrySendError::Closed(x) => x,
+            };
+            tracing::debug!(
+                reason = ev.reason,
+                name = r.name.unwrap_or_default(),
+                "event queue full: event dropped"
+            );
+        }
+    }
+
+    fn event_queue(&self) -> &tokio::sync::mpsc::Sender<QueuedEvent> {
+        self.events.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<QueuedEvent>(EVENT_QUEUE);
+            let recorder = self.recorder.clone();
+            let queue =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+                );
+            tokio::spawn(queue.for_each_concurrent(EVENT_WORKERS, move |(ev, reference)| {
+                let recorder = recorder.clone();
+                async move {
+                    if let Err(e) = recorder.publish(&ev, &reference).await {
+                        tracing::warn!(error = %e, reason = ev.reason, "could not record event");
+                    }
+                }
+            }));
+            tx
+        })
+    }
+
+    /// Counts one finished reconcile; the controllers' result streams end in this.
+    pub fn finished<K, E: std::fmt::Debug>(
+        &self,
+        result: Result<(ObjectRef<K>, Action), E>,
+    ) -> std::future::Ready<()>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        tracing::trace!(?result, "reconcile result");
+        self.reconciled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok((obj, _)) = &result {
+            tracing::debug!(
+                kind = %K::kind(&()),
+                namespace = obj.namespace.as_deref().unwrap_or_default(),
+                name = %obj.name,
+                "reconcile finished"
+            );
+        }
+        std::future::ready(())
+    }
+
+    /// Says how many controllers will register their caches (see [`Shared::caches_synced`]).
+    pub fn expect_controllers(&self, n: usize) {
+        if let Ok(mut s) = self.synced.lock() {
+            s.0 = n;
+        }
+    }
+
+    /// Registers the cache readiness of one controller.
+    pub fn track(&self, synced: Synced) {
+        if let Ok(mut s) = self.synced.lock() {
+            s.1.push(synced);
+        }
+    }
+
+    /// Whether every expected controller has registered its caches and all have been listed.
+    pub fn caches_synced(&self) -> bool {
+        self.synced
+            .lock()
+            .map(|s| s.1.len() >= s.0.max(1) && s.1.iter().all(Synced::is_ready))
+            .unwrap_or(false)
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// The next retry delay of `key`: 1 s doubling up to 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        backoff_delay(n)
+    }
+}
+
+/// Wraps one reconcile of `kind` to record its duration and outcome in `metrics`.
+pub async fn timed<T, E>(
+    metrics: Arc<Metrics>,
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    let r = reconcile.await;
+    metrics.reconciled(kind, start.elapsed(), r.is_err());
+    r
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s, ... capped at [`MAX_BACKOFF`].
+pub fn backoff_delay(failures: u32) -> Duration {
+    let secs = 1u64
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// The key used for per-object backoff.
+pub fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Error policy of every controller: spec errors never reach here (they become conditions); API
+/// errors retry with exponential backoff per object.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: &K,
+    err: &Error,
+    shared: &Shared,
+) -> Action {
+    let delay = shared.backoff(&key(obj));
+    tracing::warn!(error = %err, kind = %K::kind(&()), namespace = obj.namespace().unwrap_or_default(), name = %obj.name_any(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A cache of one child kind, limited to the children of one parent kind (by label), and the stream
+/// that wakes the parent's controller. The cache is filled by its own task, not by the controller's
+/// polling, so a reconcile that waits for the cache to be listed can never hold up that listing.
+pub fn child_cache<C: Object>(
+    client: &Client,
+    parent_kind: &str,
+) -> (
+    ChildStore<C>,
+    impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
+) {
+    child_cache_trimmed(client, parent_kind, |_: &mut C| {})
+}
+
+/// [`child_cache`] whose objects are trimmed by `trim` before they are cached: the caches hold
+/// what the reconciler reads and no more.
+pub fn child_cache_trimmed<C: Object>(
+    client: &Client,
+    parent_kind: &str,
+    trim: impl Fn(&mut C) + Send + Sync + 'static,
+) -> (
+    ChildStore<C>,
+    impl Stream<Item = Result<C, watcher::Error>> + Send + 'static,
+) {
+    let api: Api<C> = Api::all(client.clone());
+    let cfg = watcher::Config::default().labels(&kind_selector(parent_kind));
+    let (reader, writer) = reflector::store();
+    // managedFields are never read from the cache and are most of a small object's size.
+    let watch = watcher(api, cfg).modify(move |c: &mut C| {
+        c.managed_fields_mut().clear();
+        trim(c);
+    });
+    let index = OwnerIndex::default();
+    let indexer = index.clone();
+    // The index takes each event before the store: once the store says it is listed, the index is
+    // complete too, so that a reconcile that waited for the caches never finds a job's pods missing
+    // (it would take the job for one that lost its pods).
+    let watch = watch.inspect_ok(move |ev| indexer.apply(ev));
+    let events = woken(
+        reflector::reflector(writer, watch).backoff(WatchBackoff::default()),
+        reader.clone(),
+        Gone::Wake,
+    );
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        futures::pin_mut!(events);
+        while let Some(ev) = events.next().await {
+            // A failed watch is retried here, after this cache's own backoff (a watch that
+            // expired, 410 Gone, relists). It is not passed on: the controller would hold back
+            // every trigger for its own backoff.
+            if let Err(e) = &ev {
+                tracing::warn!(kind = %C::kind(&()), error = %e, "watch failed; retrying");
+                continue;
+            }
+            if tx.send(ev).is_err() {
+                break; // the controller stopped
+            }
+        }
+    });
+    let stream = futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+    );
+    (
+        ChildStore {
+            store: reader,
+            index,
+        },
+        stream,
+    )
+}
+
+/// Whether [`woken`] passes on the objects that were deleted.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Gone {
+    /// Children: their owner must learn that they are gone.
+    Wake,
+    /// Parents: a deleted parent has nothing left to reconcile.
+    Skip,
+}
+
+/// The objects of a reflector's events that must wake a controller: each applied (and, with
+/// [`Gone::Wake`], deleted) object as it comes, and at the end of a relist, once `store` holds the
+/// new list, those it found new, changed or gone. Watch errors pass through.
+///
+/// A relist (after 410 Gone) swaps the new list into the store only at its end, and sends no
+/// Delete for what was deleted while the watch was down. Woken by each listed object as it came, a
+/// reconcile would read the store from before the relist, and the owner of a pod deleted during
+/// an API server restart would never learn of it.
+pub fn woken<K: Resource<DynamicType = ()> + Clone>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    store: Store<K>,
+    gone: Gone,
+) -> impl Stream<Item = Result<K, watcher::Error>> {
+    // The store as it was when a relist began.
+    let mut before: Option<Vec<Arc<K>>> = None;
+    events
+        .map(move |ev| {
+            let out: Vec<Result<K, watcher::Error>> = match ev {
+                Err(e) => vec![Err(e)],
+                Ok(watcher::Event::Apply(k)) => vec![Ok(k)],
+                Ok(watcher::Event::Delete(k)) if gone == Gone::Wake => vec![Ok(k)],
+                Ok(watcher::Event::Delete(_) | watcher::Event::InitApply(_)) => Vec::new(),
+                Ok(watcher::Event::Init) => {
+                    before = Some(store.state());
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let (changed, deleted) =
+                        relist_changes(&before.take().unwrap_or_default(), &store.state());
+                    let deleted = deleted.into_iter().filter(|_| gone == Gone::Wake);
+                    changed.into_iter().chain(deleted).map(Ok).collect()
+                }
+            };
+            futures::stream::iter(out)
+        })
+        .flatten()
+}
+
+/// What a relist changed: the objects it found new or changed, and those that are gone. An
+/// unchanged object (same resourceVersion) is in neither.
+fn relist_changes<K: Resource<DynamicType = ()> + Clone>(
+    before: &[Arc<K>],
+    after: &[Arc<K>],
+) -> (Vec<K>, Vec<K>) {
+    let mut gone: HashMap<ObjectRef<K>, &Arc<K>> = before
+        .iter()
+        .map(|k| (ObjectRef::from_obj(k.as_ref()), k))
+        .collect();
+    let mut changed = Vec::new();
+    for k in after {
+        let same = gone
+            .remove(&ObjectRef::from_obj(k.as_ref()))
+            .is_some_and(|b| {
+                b.resource_version().is_some() && b.resource_version() == k.resource_version()
+            });
+        if !same {
+            changed.push(k.as_ref().clone());
+        }
+    }
+    let gone = gone.into_values().map(|k| k.as_ref().clone()).collect();
+    (changed, gone)
+}
+
+/// The controller of a parent kind, running at most `concurrency` reconciles at once, over its
+/// own cache (without managedFields, which no reconcile reads), woken as [`woken`] says. A failed
+/// watch retries after [`WatchBackoff`].
+pub fn parent_controller<K: Object>(api: Api<K>, concurrency: u16) -> kube::runtime::Controller<K> {
+    let (store, writer) = reflector::store();
+    let watch =
+        watcher(api, watcher::Config::default()).modify(|k: &mut K| k.managed_fields_mut().clear());
+    let events = woken(
+        reflector::reflector(writer, watch),
+        store.clone(),
+        Gone::Skip,
+    );
+    kube::runtime::Controller::for_stream(events, store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(WatchBackoff::default())
+}
+
+/// A child cache with an index of its objects by owner, so that finding one parent's children
+/// costs the number of children, not the size of the cache (which made a burst of N jobs cost N²).
+#[derive(Clone)]
+pub struct ChildStore<C: Object> {
+    pub store: Store<C>,
+    index: OwnerIndex,
+}
+
+impl<C: Object> std::ops::Deref for ChildStore<C> {
+    type Target = Store<C>;
+
+    fn deref(&self) -> &Store<C> {
+        &self.store
+    }
+}
+
+impl<C: Object> ChildStore<C> {
+    /// Resolves once the store and the owner index have both been listed: a reconcile that waited
+    /// for this never finds a parent's children missing from the index while the store has them
+    /// (it would take a running job for one that lost its pods).
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await?;
+        let mut listed = self.index.listed.subscribe();
+        // The sender lives in `self.index`: it cannot be dropped while this waits.
+        let _ = listed.wait_for(|l| *l).await;
+        Ok(())
+    }
+}
+
+type OwnerKey = (String, String);
+
+/// Names of cached children by (namespace, owner name), kept from the watch events. A relist builds
+/// a new index and swaps it in when the list is complete, as the store does; `listed` turns true
+/// at the first complete list.
+#[derive(Clone)]
+struct OwnerIndex {
+    state: Arc<Mutex<IndexState>>,
+    listed: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for OwnerIndex {
+    fn default() -> Self {
+        OwnerIndex {
+            state: Arc::default(),
+            listed: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct IndexState {
+    live: HashMap<OwnerKey, std::collections::BTreeSet<String>>,
+    relist: Option<HashMap<OwnerKey, std::collections::BTreeSet<String>>>,
+}
+
+impl OwnerIndex {
+    fn key<C: Resource>(c: &C) -> Option<(OwnerKey, String)> {
+        let owner = c.labels().get(LABEL_OWNER_NAME)?.clone();
+        Some(((c.namespace()?, owner), c.name_any()))
+    }
+
+    fn apply<C: Resource>(&self, ev: &watcher::Event<C>) {
+        let mut st = lock(&self.state);
+        match ev {
+            watcher::Event::Apply(c) => {
+                if let Some((k, n)) = Self::key(c) {
+                    st.live.entry(k).or_default().insert(n);
+                }
+            }
+            watcher::Event::Delete(c) => {
+                if let Some((k, n)) = Self::key(c) {
+                    if let Some(names) = st.live.get_mut(&k) {
+                        names.remove(&n);
+                        if names.is_empty() {
+                            st.live.remove(&k);
+                        }
+                    }
+                }
+            }
+            watcher::Event::Init => st.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(c) => {
+                if let (Some((k, n)), Some(r)) = (Self::key(c), st.relist.as_mut()) {
+                    r.entry(k).or_default().insert(n);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = st.relist.take() {
+                    st.live = r;
+                }
+                self.listed.send_replace(true);
+            }
+        }
+    }
+
+    fn names(&self, ns: &str, owner: &str) -> Vec<String> {
+        let st = lock(&self.state);
+        st.live
+            .get(&(ns.to_string(), owner.to_string()))
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The backoff of every watch: 250 ms, doubling up to 5 s, with jitter; reset by any event.
+///
+/// kube-runtime's default climbs to 30 s: a watch that kept failing while the API server restarted
+/// then waited up to 30 s after it was back, and a 410 Gone in that state waited as long to relist.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        // Up to a quarter less, so that many watches failing together do not retry together.
+        Some(d.mul_f64(1.0 - rand::random::<f64>() / 4.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Whether a controller's child caches have all been listed, awaitable by any number of tasks.
+///
+/// kube-runtime's `Store::wait_until_ready` wakes only the last of several tasks waiting on the
+/// same store (it polls one oneshot receiver from every waiter), so reconciles that start together
+/// must not each wait on the stores: one task does, and publishes the result here.
+#[derive(Clone)]
+pub struct Synced(tokio::sync::watch::Receiver<Option<Result<(), String>>>);
+
+impl Synced {
+    /// Spawns the one task that awaits `ready` (e.g. a join of `wait_until_ready` of each store).
+    pub fn spawn<E: std::fmt::Display>(
+        ready: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let r = ready.await.map_err(|e| e.to_string());
+            let _ = tx.send(Some(r));
+        });
+        Synced(rx)
+    }
+
+    /// Resolves once every cache has been listed; fails if a cache was closed first.
+    pub async fn wait(&self) -> Result<(), Error> {
+        let mut rx = self.0.clone();
+        let r = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|e| Error::CacheClosed(e.to_string()))?
+            .clone();
+        match r {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::CacheClosed(e)),
+            None => Err(Error::CacheClosed("cache readiness unknown".into())),
+        }
+    }
+
+    /// Whether every cache has been listed.
+    pub fn is_ready(&self) -> bool {
+        matches!(*self.0.borrow(), Some(Ok(())))
+    }
+}
+
+/// Maps a child to its parent by the owner labels (which, unlike owner references, a retained
+/// workspace also carries).
+pub fn owner_of<P: Resource<DynamicType = ()>, C: Resource>(child: &C) -> Option<ObjectRef<P>> {
+    let name = child.labels().get(LABEL_OWNER_NAME)?;
+    Some(ObjectRef::new(name).within(&child.namespace()?))
+}
+
+/// Looks up a child by name in a cache.
+pub fn cached<C: Object>(store: &Store<C>, ns: &str, name: &str) -> Option<Arc<C>> {
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// Every cached child of one parent (for the orphan sweep), from the owner index.
+pub fn children_of<C: Object>(cache: &ChildStore<C>, ns: &str, owner: &str) -> Vec<Arc<C>> {
+    cache
+        .index
+        .names(ns, owner)
+        .into_iter()
+        .filter_map(|n| cached(&cache.store, ns, &n))
+        .filter(|c| c.labels().get(LABEL_OWNER_NAME).map(String::as_str) == Some(owner))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_relist_wakes_for_what_it_changed_once_the_store_holds_it() {
+        use k8s_openapi::api::core::v1::Pod;
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let pod = |name: &str, rv: Option<&str>| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("ns".into());
+            p.metadata.resource_version = rv.map(Into::into);
+            p
+        };
+        let events = |gone| {
+            let (store, writer) = reflector::store();
+            let evs = [
+                // The first list wakes for everything.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("2"))),
+                InitApply(pod("deleted", Some("3"))),
+                InitApply(pod("unversioned", None)),
+                InitDone,
+                Apply(pod("applied", Some("4"))),
+                Delete(pod("applied", Some("5"))),
+                // A relist: only what it changed, with what went while the watch was down.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("7"))),
+                InitApply(pod("new", Some("8"))),
+                InitApply(pod("unversioned", None)),
+                InitDone,
+                // A relist that finds the world unchanged wakes nobody.
+                Init,
+                InitApply(pod("same", Some("1"))),
+                InitApply(pod("changed", Some("7"))),
+                InitApply(pod("new", Some("8"))),
+                InitApply(pod("unversioned", Some("9"))),
+                InitDone,
+            ];
+            let raw = futures::stream::iter(evs.map(Ok));
+            let stream = woken(reflector::reflector(writer, raw), store.clone(), gone);
+            async move {
+                let mut seen = Vec::new();
+                futures::pin_mut!(stream);
+                while let Some(p) = stream.next().await {
+                    let p = p.unwrap();
+                    // What wakes a reconcile is what the store holds (or no longer holds).
+                    if let Some(held) = store.get(&ObjectRef::from_obj(&p)) {
+                        let rv = &held.metadata.resource_version;
+                        assert_eq!(rv, &p.metadata.resource_version, "{}", p.name_any());
+                    }
+                    seen.push(p.name_any());
+                }
+                seen
+            }
+        };
+        let mut first = events(Gone::Wake).await;
+        let relist = first.split_off(6);
+        first.sort();
+        assert_eq!(
+            first,
+            [
+                "applied",
+                "applied",
+                "changed",
+                "deleted",
+                "same",
+                "unversioned"
+            ]
+        );
+        let mut relist = relist;
+        let unchanged = relist.split_off(4);
+        relist.sort();
+        assert_eq!(relist, ["changed", "deleted", "new", "unversioned"]);
+        assert_eq!(unchanged, ["unversioned"]);
+        // Parents: nothing that is gone.
+        let parents = events(Gone::Skip).await;
+        assert_eq!(
+            parents.iter().filter(|n| *n == "deleted").count(),
+            1,
+            "{parents:?}"
+        );
+        assert_eq!(parents.iter().filter(|n| *n == "applied").count(), 1);
+    }
+
+    #[test]
+    fn the_owner_index_follows_the_watch_and_swaps_on_relist() {
+        use k8s_openapi::api::core::v1::Pod;
+        let pod = |name: &str, owner: &str| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("ns".into());
+            p.metadata.labels = Some([(LABEL_OWNER_NAME.to_string(), owner.to_string())].into());
+            p
+        };
+        let idx = OwnerIndex::default();
+        idx.apply(&watcher::Event::Apply(pod("a-0", "a")));
+        idx.apply(&watcher::Event::Apply(pod("a-1", "a")));
+        idx.apply(&watcher::Event::Apply(pod("b-0", "b")));
+        assert_eq!(idx.names("ns", "a"), ["a-0", "a-1"]);
+        idx.apply(&watcher::Event::Delete(pod("a-0", "a")));
+        assert_eq!(idx.names("ns", "a"), ["a-1"]);
+        assert!(idx.names("other", "a").is_empty());
+        // A relist serves the old index until it is complete, then only what it listed.
+        idx.apply(&watcher::Event::<Pod>::Init);
+        idx.apply(&watcher::Event::InitApply(pod("b-0", "b")));
+        assert_eq!(idx.names("ns", "a"), ["a-1"]);
+        idx.apply(&watcher::Event::<Pod>::InitDone);
+        assert!(idx.names("ns", "a").is_empty());
+        assert_eq!(idx.names("ns", "b"), ["b-0"]);
+    }
+
+    /// A store that says it is listed is not enough: the index must have its list too.
+    #[tokio::test]
+    async fn a_child_store_is_ready_once_store_and_index_are_listed() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, mut writer) = reflector::store::<Pod>();
+        let cache = ChildStore {
+            store: reader,
+            index: OwnerIndex::default(),
+        };
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("a-0".into());
+        pod.metadata.namespace = Some("ns".into());
+        pod.metadata.labels = Some([(LABEL_OWNER_NAME.to_string(), "a".to_string())].into());
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod.clone()),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&ev);
+        }
+        let short = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(short, cache.wait_until_ready())
+                .await
+                .is_err(),
+            "ready while the index has no list"
+        );
+        cache.index.apply(&watcher::Event::<Pod>::Init);
+        cache.index.apply(&watcher::Event::InitApply(pod));
+        assert!(tokio::time::timeout(short, cache.wait_until_ready())
+            .await
+            .is_err());
+        cache.index.apply(&watcher::Event::<Pod>::InitDone);
+        tokio::time::timeout(short, cache.wait_until_ready())
+            .await
+            .expect("ready")
+            .expect("writer alive");
+        assert_eq!(children_of(&cache, "ns", "a").len(), 1);
+    }
+
+    #[test]
+    fn watch_backoff_doubles_to_five_seconds_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let d: Vec<Duration> = (0..8).map(|_| b.next().unwrap_or_default()).collect();
+        for (got, max) in d
+            .iter()
+            .zip([250u64, 500, 1000, 2000, 4000, 5000, 5000, 5000])
+        {
+            let max = Duration::from_millis(max);
+            assert!(
+                *got <= max && *got >= max.mul_f64(0.75),
+                "{got:?} vs {max:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next().unwrap_or_default() <= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn every_reconcile_waiting_for_the_caches_wakes() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, mut writer) = reflector::store::<Pod>();
+        let synced = {
+            let r = reader.clone();
+            Synced::spawn(async move { r.wait_until_ready().await })
+        };
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let s = synced.clone();
+                tokio::spawn(async move { s.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!synced.is_ready());
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for w in waiters {
+            let r = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(matches!(r, Ok(Ok(Ok(())))), "a waiter was not woken");
+        }
+        assert!(synced.is_ready());
+    }
+
+    #[tokio::test]
+    async fn caches_are_synced_once_every_controller_has_listed() {
+        let uri: http::Uri = "http://127.0.0.1:9".parse().unwrap();
+        let client = Client::try_from(kube::Config::new(uri)).unwrap();
+        let shared = Shared::new(client);
+        shared.expect_controllers(2);
+        assert!(!shared.caches_synced(), "nothing registered yet");
+        let (tx1, rx1) = tokio::sync::oneshot::channel::<()>();
+        let (tx2, rx2) = tokio::sync::oneshot::channel::<()>();
+        let (s1, s2) = (Synced::spawn(rx1), Synced::spawn(rx2));
+        shared.track(s1.clone());
+        shared.track(s2.clone());
+        assert!(!shared.caches_synced());
+        tx1.send(()).unwrap();
+        s1.wait().await.unwrap();
+        assert!(!shared.caches_synced(), "one controller still listing");
+        tx2.send(()).unwrap();
+        s2.wait().await.unwrap();
+        assert!(shared.caches_synced());
+    }
+
+    #[tokio::test]
+    async fn a_closed_cache_fails_the_waiters() {
+        use k8s_openapi::api::core::v1::Pod;
+        let (reader, writer) = reflector::store::<Pod>();
+        let synced = Synced::spawn(async move { reader.wait_until_ready().await });
+        drop(writer);
+        let r = tokio::time::timeout(Duration::from_secs(5), synced.wait()).await;
+        assert!(matches!(r, Ok(Err(Error::CacheClosed(_)))));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_delay(1), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5), Duration::from_secs(16));
+        assert_eq!(backoff_delay(20), MAX_BACKOFF);
+        assert_eq!(backoff_delay(200), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,693 @@
+//! ModelDeployment spec -> children. Pure: no client, no clock; the router image is passed in.
+//!
+//! Per variant a Deployment and a Service `<name>-<variant>`, the entry Service `<name>`, and what the
+//! traffic mode adds (see [`super::traffic`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerPort, PersistentVolumeClaimVolumeSource, Probe, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::traffic::{self, Traffic};
+use crate::error::BuildError;
+use crate::pod::{env, pod_template, MainContainer};
+use keelson_api::meta::{Owner, LABEL_OWNER_NAME};
+use keelson_api::modeldeployment::{
+    ModelDeployment, RouterKind, Variant, DEFAULT_PORT, MODEL_MOUNT,
+};
+
+/// Name of the model server container.
+pub const CONTAINER: &str = "model";
+/// Name of the pod volume holding a `pvc://` model.
+pub const MODEL_VOLUME: &str = "model";
+/// Environment variable pointing at the model inside the container.
+pub const MODEL_PATH_ENV: &str = "MODEL_PATH";
+/// Label naming the variant of a model pod, Deployment and Service.
+pub const LABEL_VARIANT: &str = "keelson.dev/variant";
+/// Label telling model pods (`model`) from router pods (`router`).
+pub const LABEL_ROLE: &str = "keelson.dev/role";
+pub const ROLE_MODEL: &str = "model";
+pub const ROLE_ROUTER: &str = "router";
+/// Annotation on the entry Service recording the traffic mode it was built for. The reconciler
+/// reads it back to know when an HTTPRoute may be left over from `router: GatewayAPI`.
+pub const ANNOTATION_ROUTER: &str = "keelson.dev/router";
+/// Port of every Service of a ModelDeployment.
+pub const SERVICE_PORT: i32 = 80;
+/// Name of the container port the Services target.
+pub const PORT_NAME: &str = "http";
+/// Prefix of a model URI on a PersistentVolumeClaim.
+pub const PVC_SCHEME: &str = "pvc://";
+
+/// The children of one variant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VariantChildren {
+    pub name: String,
+    pub deployment: Deployment,
+    pub service: Service,
+}
+
+/// Every child a ModelDeployment wants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    pub variants: Vec<VariantChildren>,
+    /// The entry Service `<name>`.
+    pub entry: Service,
+    /// What the traffic mode adds.
+    pub traffic: Traffic,
+}
+
+impl Children {
+    /// Names of the Deployments that must exist; any other Deployment of the owner is an orphan.
+    pub fn deployment_names(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .variants
+            .iter()
+            .filter_map(|v| v.deployment.metadata.name.clone())
+            .collect();
+        if let Traffic::Builtin { router, .. } = &self.traffic {
+            out.extend(router.metadata.name.clone());
+        }
+        out
+    }
+
+    /// Names of the Services that must exist.
+    pub fn service_names(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .variants
+            .iter()
+            .filter_map(|v| v.service.metadata.name.clone())
+            .collect();
+        out.extend(self.entry.metadata.name.clone());
+        out
+    }
+
+    /// Names of the ConfigMaps that must exist.
+    pub fn config_map_names(&self) -> BTreeSet<String> {
+        match &self.traffic {
+            Traffic::Builtin { config, .. } => config.metadata.name.iter().cloned().collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// The router config ConfigMap, in `Builtin` mode.
+    pub fn config_map(&self) -> Option<&ConfigMap> {
+        match &self.traffic {
+            Traffic::Builtin { config, .. } => Some(config.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// Name of a variant's Deployment and Service.
+pub fn variant_name(md_name: &str, variant: &str) -> String {
+    format!("{md_name}-{variant}")
+}
+
+/// In-cluster DNS name and port of a variant's Service, as the router dials it.
+pub fn variant_upstream(md_name: &str, namespace: &str, variant: &str) -> String {
+    format!(
+        "{}.{namespace}.svc.cluster.local:{SERVICE_PORT}",
+        variant_name(md_name, variant)
+    )
+}
+
+/// The in-cluster URL of the entry Service.
+pub fn url(md_name: &str, namespace: &str) -> String {
+    format!("http://{md_name}.{namespace}.svc.cluster.local/")
+}
+
+/// The traffic mode, with its default.
+pub fn router_kind(md: &ModelDeployment) -> RouterKind {
+    md.spec
+        .traffic
+        .as_ref()
+        .and_then(|t| t.router)
+        .unwrap_or_default()
+}
+
+/// Desired model pods of a variant (default 1).
+pub fn replicas(v: &Variant) -> i32 {
+    v.replicas.unwrap_or(1)
+}
+
+/// The string form of a traffic mode, as the CRD spells it.
+pub fn router_kind_name(kind: RouterKind) -> &'static str {
+    match kind {
+        RouterKind::Builtin => "Builtin",
+        RouterKind::GatewayApi => "GatewayAPI",
+        RouterKind::None => "None",
+    }
+}
+
+/// Labels selecting the model pods of one variant (the Deployment's selector, immutable).
+pub fn variant_selector(md_name: &str, variant: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_OWNER_NAME.to_string(), md_name.to_string()),
+        (LABEL_VARIANT.to_string(), variant.to_string()),
+    ])
+}
+
+/// Labels selecting the pods of one role (`model` or `router`) of a ModelDeployment.
+pub fn role_selector(md_name: &str, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_OWNER_NAME.to_string(), md_name.to_string()),
+        (LABEL_ROLE.to_string(), role.to_string()),
+    ])
+}
+
+/// A `pvc://<claim>/<path>` URI, split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvcUri {
+    pub claim: String,
+    /// Path inside the claim, without leading or trailing `/` (empty for the claim's root).
+    pub path: String,
+}
+
+impl PvcUri {
+    /// `MODEL_PATH` for this model: where it appears inside the container.
+    pub fn model_path(&self) -> String {
+        if self.path.is_empty() {
+            MODEL_MOUNT.to_string()
+        } else {
+            format!("{MODEL_MOUNT}/{}", self.path)
+        }
+    }
+}
+
+/// Parses a model URI. The schema checks the prefix and the claim's characters; this also refuses
+/// what the regex lets through (a claim too long, `..` in the path).
+pub fn parse_model_uri(uri: &str) -> Result<PvcUri, String> {
+    let rest = uri
+        .strip_prefix(PVC_SCHEME)
+        .ok_or_else(|| format!("{uri:?} is not a pvc://<claim>/<path> URI"))?;
+    let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !is_dns_subdomain(claim) {
+        return Err(format!(
+            "{claim:?} is not a PersistentVolumeClaim name (lower-case letters, digits, '-' and '.', at most 253 characters)"
+        ));
+    }
+    let mut segments = Vec::new();
+    for s in path.split('/').filter(|s| !s.is_empty()) {
+        if s == "." || s == ".." {
+            return Err(format!(
+                "the path {path:?} may not contain '.' or '..' segments"
+            ));
+        }
+        segments.push(s);
+    }
+    Ok(PvcUri {
+        claim: claim.to_string(),
+        path: segments.join("/"),
+    })
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(|c| alnum(c) || c == '-' || c == '.')
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+}
+
+/// Checks what the schema checks too, so that a spec written before a CRD upgrade (or applied with
+/// validation off) fails with a condition instead of producing clashing children.
+fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
+    let variants = &md.spec.variants;
+    if variants.is_empty() {
+        return Err(BuildError::new(
+            "NoVariants",
+            "spec.variants",
+            "at least one variant is needed",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, v) in variants.iter().enumerate() {
+        if !seen.insert(v.name.as_str()) {
+            return Err(BuildError::new(
+                "DuplicateVariant",
+                format!("spec.variants[{i}].name"),
+                format!(
+                    "variant name {:?} is used twice; variant names must be unique",
+                    v.name
+                ),
+            ));
+        }
+        if router_kind(md) == RouterKind::Builtin && v.name == ROLE_ROUTER {
+            return Err(BuildError::new(
+                "ReservedVariantName",
+                format!("spec.variants[{i}].name"),
+                format!(
+                    "with router: Builtin the name \"router\" is taken by the router Deployment {}; rename the variant",
+                    variant_name(&md.metadata.name.clone().unwrap_or_default(), ROLE_ROUTER)
+                ),
+            ));
+        }
+        v.workload.check_resources(&format!("spec.variants[{i}]"))?;
+        if !(0..=100).contains(&v.weight) {
+            return Err(BuildError::new(
+                "InvalidWeights",
+                format!("spec.variants[{i}].weight"),
+                "a weight is a percentage from 0 to 100",
+            ));
+        }
+    }
+    let sum: i32 = variants.iter().map(|v| v.weight).sum();
+    if sum != 100 {
+        return Err(BuildError::new(
+            "InvalidWeights",
+            "spec.variants",
+            format!("the weights sum to {sum}; make them sum to 100"),
+        ));
+    }
+    Ok(())
+}
+
+/// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`).
+pub fn build(
+    md: &ModelDeployment,
+    owner: &Owner,
+    router_image: &str,
+) -> Result<Children, BuildError> {
+    validate(md)?;
+    let variants = md
+        .spec
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| build_variant(md, owner, i, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kind = router_kind(md);
+    let traffic = traffic::build(md, owner, router_image)?;
+    let role = if kind == RouterKind::Builtin {
+        ROLE_ROUTER
+    } else {
+        ROLE_MODEL
+    };
+    let mut entry = service(owner, &owner.name, role_selector(&owner.name, role));
+    entry.metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_ROUTER.to_string(),
+        router_kind_name(kind).to_string(),
+    )]));
+    Ok(Children {
+        variants,
+        entry,
+        traffic,
+    })
+}
+
+/// A ClusterIP Service on port 80 to the pods' `http` port.
+pub(crate) fn service(owner: &Owner, name: &str, selector: BTreeMap<String, String>) -> Service {
+    Service {
+        metadata: owner.child_meta(name),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some(PORT_NAME.into()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String(PORT_NAME.into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn build_variant(
+    md: &ModelDeployment,
+    owner: &Owner,
+    i: usize,
+    v: &Variant,
+) -> Result<VariantChildren, BuildError> {
+    let port = md.spec.port.unwrap_or(DEFAULT_PORT);
+    let name = variant_name(&owner.name, &v.name);
+
+    let mut main = MainContainer {
+        name: CONTAINER,
+        ports: vec![ContainerPort {
+            name: Some(PORT_NAME.into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }],
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String(PORT_NAME.into()),
+                host: None,
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        ..MainContainer::default()
+    };
+    if let Some(model) = &v.model {
+        let field = format!("spec.variants[{i}].model.uri");
+        let uri = parse_model_uri(&model.uri)
+            .map_err(|m| BuildError::new("InvalidModelUri", field.clone(), m))?;
+        if v.workload
+            .volumes
+            .iter()
+            .flatten()
+            .any(|vol| vol.name == MODEL_VOLUME || vol.mount_path == MODEL_MOUNT)
+        {
+            return Err(BuildError::new(
+                "VolumeConflict",
+                format!("spec.variants[{i}].volumes"),
+                format!("a volume already uses the name {MODEL_VOLUME:?} or the path {MODEL_MOUNT}, where the model is mounted; rename or move that volume"),
+            ));
+        }
+        main.env.push(env(MODEL_PATH_ENV, uri.model_path()));
+        main.volumes.push(Volume {
+            name: MODEL_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: uri.claim,
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        main.mounts.push(VolumeMount {
+            name: MODEL_VOLUME.into(),
+            mount_path: MODEL_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+
+    let selector = variant_selector(&owner.name, &v.name);
+    let mut labels = owner.labels();
+    labels.insert(LABEL_VARIANT.into(), v.name.clone());
+    labels.insert(LABEL_ROLE.into(), ROLE_MODEL.into());
+    let template = pod_template(&v.workload, main, labels.clone());
+
+    let mut meta = owner.child_meta(&name);
+    meta.labels = Some(labels);
+    let deployment = Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas(v)),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                match_expressions: None,
+            },
+            template,
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let mut svc = service(owner, &name, selector);
+    if let Some(l) = svc.metadata.labels.as_mut() {
+        l.insert(LABEL_VARIANT.into(), v.name.clone());
+    }
+    Ok(VariantChildren {
+        name: v.name.clone(),
+        deployment,
+        service: svc,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use keelson_api::modeldeployment::{ModelDeploymentSpec, ModelSource, Traffic as TrafficSpec};
+    use keelson_api::workload::{VolumeSpec, WorkloadSpec};
+
+    pub const IMAGE: &str = "ghcr.io/keelson/keelson:test";
+
+    pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {
+        Variant {
+            name: name.into(),
+            replicas,
+            weight,
+            model: Some(ModelSource {
+                uri: format!("pvc://models/fraud/{name}"),
+            }),
+            workload: WorkloadSpec {
+                image: format!("ghcr.io/acme/fraud-server:{name}"),
+                ..WorkloadSpec::default()
+            },
+        }
+    }
+
+    pub fn md(variants: Vec<Variant>, router: Option<RouterKind>) -> (ModelDeployment, Owner) {
+        let mut md = ModelDeployment::new(
+            "fraud",
+            ModelDeploymentSpec {
+                port: None,
+                variants,
+                traffic: router.map(|r| TrafficSpec {
+                    router: Some(r),
+                    ..TrafficSpec::default()
+                }),
+            },
+        );
+        md.metadata.namespace = Some("team-a".into());
+        md.metadata.uid = Some("uid-md".into());
+        md.metadata.generation = Some(4);
+        let owner = Owner::of(&md).unwrap();
+        (md, owner)
+    }
+
+    pub fn ab() -> Vec<Variant> {
+        vec![
+            variant("champion", 90, Some(2)),
+            variant("challenger", 10, None),
+        ]
+    }
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn variant_deployment_and_service() {
+        let (m, owner) = md(ab(), None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        assert_eq!(c.variants.len(), 2);
+        let champ = &c.variants[0];
+        let d = &champ.deployment;
+        assert_eq!(d.metadata.name.as_deref(), Some("fraud-champion"));
+        let ds = d.spec.as_ref().unwrap();
+        assert_eq!(ds.replicas, Some(2));
+        assert_eq!(
+            c.variants[1].deployment.spec.as_ref().unwrap().replicas,
+            Some(1)
+        );
+        let sel = ds.selector.match_labels.as_ref().unwrap();
+        assert_eq!(sel.len(), 2);
+        assert_eq!(sel["keelson.dev/owner-name"], "fraud");
+        assert_eq!(sel["keelson.dev/variant"], "champion");
+        let pl = ds
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(sel.iter().all(|(k, v)| pl.get(k) == Some(v)));
+        assert_eq!(pl["keelson.dev/role"], "model");
+        assert_eq!(pl["app.kubernetes.io/managed-by"], "keelson");
+        assert_eq!(pl["keelson.dev/owner-kind"], "ModelDeployment");
+
+        let ps = pod_spec(d);
+        let main = &ps.containers[0];
+        assert_eq!(main.name, "model");
+        assert_eq!(
+            main.image.as_deref(),
+            Some("ghcr.io/acme/fraud-server:champion")
+        );
+        let port = &main.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8080)
+        );
+        assert!(main.readiness_probe.as_ref().unwrap().tcp_socket.is_some());
+
+        let svc = &champ.service;
+        assert_eq!(svc.metadata.name.as_deref(), Some("fraud-champion"));
+        let ss = svc.spec.as_ref().unwrap();
+        assert_eq!(ss.selector.as_ref(), Some(sel));
+        let sp = &ss.ports.as_ref().unwrap()[0];
+        assert_eq!(sp.port, 80);
+        assert_eq!(sp.target_port, Some(IntOrString::String("http".into())));
+
+        for meta in [&d.metadata, &svc.metadata, &c.entry.metadata] {
+            let r = &meta.owner_references.as_ref().unwrap()[0];
+            assert_eq!((r.uid.as_str(), r.controller), ("uid-md", Some(true)));
+            assert_eq!(
+                meta.labels.as_ref().unwrap()["keelson.dev/owner-name"],
+                "fraud"
+            );
+        }
+    }
+
+    #[test]
+    fn port_is_configurable() {
+        let (mut m, owner) = md(ab(), None);
+        m.spec.port = Some(9000);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let main = &pod_spec(&c.variants[0].deployment).containers[0];
+        assert_eq!(main.ports.as_ref().unwrap()[0].container_port, 9000);
+    }
+
+    #[test]
+    fn pvc_model_is_mounted_read_only_with_model_path() {
+        let (m, owner) = md(ab(), None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let ps = pod_spec(&c.variants[1].deployment);
+        let vol = ps
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "model")
+            .unwrap();
+        let pvc = vol.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!(
+            (pvc.claim_name.as_str(), pvc.read_only),
+            ("models", Some(true))
+        );
+        let main = &ps.containers[0];
+        let mount = main
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "model")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/mnt/models", Some(true))
+        );
+        let e = main
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "MODEL_PATH")
+            .unwrap();
+        assert_eq!(e.value.as_deref(), Some("/mnt/models/fraud/challenger"));
+    }
+
+    #[test]
+    fn no_model_means_no_mount() {
+        let mut v = variant("only", 100, None);
+        v.model = None;
+        let (m, owner) = md(vec![v], None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let ps = pod_spec(&c.variants[0].deployment);
+        assert!(ps.volumes.is_none());
+        assert!(ps.containers[0].env.is_none());
+    }
+
+    #[test]
+    fn model_uris() {
+        let ok = |u: &str| parse_model_uri(u).unwrap();
+        assert_eq!(ok("pvc://models/fraud/v7").claim, "models");
+        assert_eq!(
+            ok("pvc://models/fraud/v7").model_path(),
+            "/mnt/models/fraud/v7"
+        );
+        assert_eq!(ok("pvc://models").model_path(), "/mnt/models");
+        assert_eq!(ok("pvc://models/").model_path(), "/mnt/models");
+        assert_eq!(ok("pvc://my.claim//a//b/").path, "a/b");
+        for bad in [
+            "s3://bucket/x",
+            "pvc://",
+            "pvc:///path",
+            "pvc://Models/x",
+            "pvc://-x/y",
+            "pvc://models/../etc",
+            "pvc://models/a/./b",
+        ] {
+            assert!(parse_model_uri(bad).is_err(), "{bad}");
+        }
+        let mut vs = ab();
+        vs[1].model = Some(ModelSource {
+            uri: "pvc://models/../../etc".into(),
+        });
+        let (m, owner) = md(vs, None);
+        let err = build(&m, &owner, IMAGE).unwrap_err();
+        assert_eq!(err.reason, "InvalidModelUri");
+        assert_eq!(err.field, "spec.variants[1].model.uri");
+    }
+
+    #[test]
+    fn model_mount_conflict_is_a_spec_error() {
+        let mut vs = ab();
+        vs[0].workload.volumes = Some(vec![VolumeSpec {
+            name: "scratch".into(),
+            mount_path: "/mnt/models".into(),
+            empty_dir: Some(Default::default()),
+            ..VolumeSpec::default()
+        }]);
+        let (m, owner) = md(vs, None);
+        let err = build(&m, &owner, IMAGE).unwrap_err();
+        assert_eq!(err.reason, "VolumeConflict");
+        assert_eq!(err.field, "spec.variants[0].volumes");
+    }
+
+    #[test]
+    fn specs_the_schema_refuses_are_build_errors_too() {
+        let cases: Vec<(Vec<Variant>, Option<RouterKind>, &str, &str)> = vec![
+            (vec![], None, "NoVariants", "spec.variants"),
+            (
+                vec![variant("a", 50, None), variant("a", 50, None)],
+                None,
+                "DuplicateVariant",
+                "spec.variants[1].name",
+            ),
+            (
+                vec![variant("a", 50, None), variant("b", 40, None)],
+                None,
+                "InvalidWeights",
+                "spec.variants",
+            ),
+            (
+                vec![variant("router", 100, None)],
+                None,
+                "ReservedVariantName",
+                "spec.variants[0].name",
+            ),
+        ];
+        for (vs, router, reason, field) in cases {
+            let (m, owner) = md(vs, router);
+            let err = build(&m, &owner, IMAGE).unwrap_err();
+            assert_eq!((err.reason, err.field.as_str()), (reason, field));
+        }
+        // "router" is only reserved when the built-in router runs.
+        let (m, owner) = md(vec![variant("router", 100, None)], Some(RouterKind::None));
+        assert!(build(&m, &owner, IMAGE).is_ok());
+    }
+
+    #[test]
+    fn entry_service_selects_router_or_model_pods() {
+        for (router, role) in [
+            (None, "router"),
+            (Some(RouterKind::Builtin), "router"),
+            (Some(RouterKind::None), "model"),
+        ] {
+            let (m, owner) = md(ab(), router);
+            let c = build(&m, &owner, IMAGE).unwrap();
+            assert_eq!(c.entry.metadata.name.as_deref(), Some("fraud"));
+            let s = c.entry.spec.as_ref().unwrap();
+            let sel = s.selector.as_ref().unwrap();
+            assert_eq!(sel["keelson.dev/role"], role, "{router:?}");
+            assert_eq!(sel["keelson.dev/owner-name"], "fraud");
+            assert_eq!(s.ports.as_ref().unwrap()[0].port, 80);
+        }
+        assert_eq!(
+            url("fraud", "team-a"),
+            "http://fraud.team-a.svc.cluster.local/"
+        );
+    }
+}

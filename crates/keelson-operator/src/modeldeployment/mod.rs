@@ -1,0 +1,8 @@
+//! ModelDeployment: pure builder, traffic (router config, HTTPRoute), pure status and reconciler.
+
+pub mod build;
+pub mod reconcile;
+pub mod status;
+pub mod traffic;
+
+pub use keelson_api::modeldeployment::*;

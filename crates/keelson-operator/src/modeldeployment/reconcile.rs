@@ -1,0 +1,549 @@
+//! The ModelDeployment reconciler: fetch -> build -> apply -> sweep orphans -> observe -> status.
+//!
+//! Deployments, Services and ConfigMaps are watched and cached. The HTTPRoute is not: its CRD may be
+//! absent, and a watch on a missing resource type would fail forever. In `GatewayAPI` mode it is read
+//! with a GET, applied, and read back; the ModelDeployment is then requeued every few minutes so that a
+//! hand edit of the route or a Gateway's verdict on it is seen without a watch.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::Status;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::build::{build, router_kind, router_kind_name, Children, ANNOTATION_ROUTER};
+use super::status::{invalid, status, Observed};
+use super::traffic::Traffic;
+use crate::apply::{self, Object, Outcome};
+use crate::controller::{
+    cached, child_cache, children_of, error_policy, key, owner_of, parent_controller, timed,
+    ChildStore, Shared, Synced, RESYNC,
+};
+use crate::error::{Error, Result};
+use keelson_api::conditions::{self, READY};
+use keelson_api::meta::{is_controlled_by, Owner};
+use keelson_api::modeldeployment::{ModelDeployment, RouterKind};
+
+/// Environment variable naming the image of the built-in router.
+pub const ROUTER_IMAGE_ENV: &str = "KEELSON_ROUTER_IMAGE";
+/// Resync of a ModelDeployment whose HTTPRoute is not watched (`GatewayAPI` mode, including when the
+/// Gateway API CRDs are missing: slow, never hot).
+pub const ROUTE_RESYNC: Duration = Duration::from_secs(300);
+/// Ready reasons that need a person, recorded as Warning events when they appear.
+const FAILURE_REASONS: &[&str] = &[
+    "GatewayAPIMissing",
+    "ProgressDeadlineExceeded",
+    "ReplicaFailure",
+    "RouteNotAccepted",
+    "RouteRefsNotResolved",
+];
+
+/// The router image: `KEELSON_ROUTER_IMAGE` when set, else the operator's own image at this version.
+pub fn router_image(from_env: Option<String>) -> String {
+    from_env
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("ghcr.io/keelson/keelson:{}", env!("CARGO_PKG_VERSION")))
+}
+
+/// The ModelDeployment controller's context: shared state plus its child caches.
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    pub deployments: ChildStore<Deployment>,
+    pub services: ChildStore<Service>,
+    pub config_maps: ChildStore<ConfigMap>,
+    /// Whether the child caches have been listed.
+    pub synced: Synced,
+    pub router_image: String,
+}
+
+/// Runs the ModelDeployment controller until `shutdown` resolves.
+pub async fn run(
+    shared: Arc<Shared>,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = shared.client.clone();
+    let (deployments, deploy_events) = child_cache::<Deployment>(&client, "ModelDeployment");
+    let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
+    let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
+    let synced = {
+        let (d, s, c) = (deployments.clone(), services.clone(), config_maps.clone());
+        Synced::spawn(async move {
+            tokio::try_join!(
+                d.wait_until_ready(),
+                s.wait_until_ready(),
+                c.wait_until_ready()
+            )
+            .map(|_| ())
+        })
+    };
+    shared.track(synced.clone());
+    let metrics = shared.metrics.clone();
+    let ctx = Arc::new(Ctx {
+        shared: shared.clone(),
+        deployments,
+        services,
+        config_maps,
+        synced,
+        router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
+    });
+    parent_controller(Api::<ModelDeployment>::all(client), concurrency)
+        .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |o, c| timed(metrics.clone(), "ModelDeployment", reconcile(o, c)),
+            |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
+            ctx,
+        )
+        .for_each(|r| shared.finished(r))
+        .await;
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Whether a 404 from a request for `name` means that the resource type is not served (its CRD is
+/// missing) rather than that the object does not exist. The API server names the object in the
+/// details of an object's NotFound; a missing type gets a bare 404.
+pub fn type_missing(s: &Status, name: &str) -> bool {
+    s.code == 404 && s.details.as_ref().is_none_or(|d| d.name != name)
+}
+
+/// What one reconcile wrote, for the log line.
+struct Changes(Vec<String>);
+
+/// One reconcile of one ModelDeployment.
+#[tracing::instrument(skip_all, fields(kind = "ModelDeployment", namespace = md.namespace().unwrap_or_default(), name = md.name_any()))]
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action> {
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let owner = Owner::of(md.as_ref()).ok_or_else(|| Error::MissingMeta(md.name_any()))?;
+    // Decisions are taken from the child caches: never from caches that have not listed yet
+    // (an empty cache would turn every child into a create and hide every orphan).
+    ctx.synced.wait().await?;
+    let shared = &ctx.shared;
+    let client = &shared.client;
+
+    let children = match build(&md, &owner, &ctx.router_image) {
+        Ok(c) => c,
+        Err(e) => {
+            let st = invalid(&md, &e, &now());
+            if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
+                .await?
+            {
+                shared
+                    .event(md.as_ref(), true, e.reason, e.to_string())
+                    .await;
+            }
+            shared.succeeded(&key(md.as_ref()));
+            return Ok(Action::await_change());
+        }
+    };
+
+    let mut changes = Changes(Vec::new());
+    let observed = match converge(&md, &owner, &ctx, children, &mut changes).await {
+        Ok(o) => o,
+        Err(e) => {
+            shared
+                .event(md.as_ref(), true, "ReconcileFailed", e.to_string())
+                .await;
+            // A child the API server refuses: the status says so (reason ChildRefused), and the
+            // reconcile is retried with backoff.
+            if let Some(refused) = e.refusal() {
+                let st = invalid(&md, &refused, &now());
+                apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
+                    .await?;
+            }
+            if !changes.0.is_empty() {
+                tracing::info!(changes = ?changes.0, "reconciled in part");
+            }
+            return Err(e);
+        }
+    };
+
+    let st = status(&md, &observed, &now());
+    let prev_ready = md
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY).cloned());
+    if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st).await? {
+        if let Some(r) = conditions::find(&st.conditions, READY) {
+            let moved = prev_ready
+                .as_ref()
+                .is_none_or(|p| p.status != r.status || p.reason != r.reason);
+            if moved && r.status == "True" {
+                shared
+                    .event(md.as_ref(), false, &r.reason, r.message.clone())
+                    .await;
+            } else if moved && FAILURE_REASONS.contains(&r.reason.as_str()) {
+                shared
+                    .event(md.as_ref(), true, &r.reason, r.message.clone())
+                    .await;
+            }
+        }
+        changes.0.push("status".into());
+    }
+    if !changes.0.is_empty() {
+        tracing::info!(changes = ?changes.0, "reconciled");
+    }
+    shared.succeeded(&key(md.as_ref()));
+    Ok(Action::requeue(
+        if router_kind(&md) == RouterKind::GatewayApi {
+            ROUTE_RESYNC
+        } else {
+            RESYNC
+        },
+    ))
+}
+
+/// Brings the children to `children` and returns what the cluster holds afterwards.
+async fn converge(
+    md: &ModelDeployment,
+    owner: &Owner,
+    ctx: &Ctx,
+    children: Children,
+    changes: &mut Changes,
+) -> Result<Observed> {
+    let ns = owner.namespace.as_str();
+    let kind = router_kind(md);
+    let desired_deployments = children.deployment_names();
+    let desired_services = children.service_names();
+    let desired_config_maps = children.config_map_names();
+    let Children {
+        variants,
+        entry,
+        traffic,
+    } = children;
+
+    // Variants first, so that whatever routes to them finds their Services.
+    for v in variants {
+        apply_child(ctx, md, &ctx.deployments, v.deployment, changes).await?;
+        apply_child(ctx, md, &ctx.services, v.service, changes).await?;
+    }
+
+    let mut route_desired = None;
+    match traffic {
+        Traffic::Builtin { config, router } => {
+            // The config before the router: the router pod mounts it.
+            let cm = config.object_ref(&());
+            if apply_child(ctx, md, &ctx.config_maps, *config, changes).await? == Outcome::Updated {
+                let note = format!(
+                    "router config {} now splits traffic {}",
+                    cm.name.clone().unwrap_or_default(),
+                    spec_split(md)
+                );
+                child_event(&ctx.shared, md, "TrafficUpdated", "UpdateTraffic", note, cm).await;
+            }
+            apply_child(ctx, md, &ctx.deployments, *router, changes).await?;
+        }
+        Traffic::GatewayApi { route } => route_desired = Some(route),
+        Traffic::None => {}
+    }
+
+    // An HTTPRoute left from GatewayAPI mode goes before the entry Service stops saying GatewayAPI,
+    // so that a crash in between leaves the marker that makes the next reconcile look again.
+    if kind != RouterKind::GatewayApi {
+        // Without the entry Service, look only for a ModelDeployment reconciled before: a new one
+        // has no route, and the GET would cost every creation a request (a 404 without Gateway API).
+        let look = match cached(&ctx.services, ns, &owner.name) {
+            Some(s) => {
+                s.annotations().get(ANNOTATION_ROUTER).map(String::as_str)
+                    == Some(router_kind_name(RouterKind::GatewayApi))
+            }
+            None => md.status.is_some(),
+        };
+        if look {
+            sweep_route(ctx, md, owner, changes).await?;
+        }
+    }
+    apply_child(ctx, md, &ctx.services, entry, changes).await?;
+
+    let mut observed = Observed::default();
+    if let Some(route) = route_desired {
+        match apply_route(ctx, md, *route, changes).await? {
+            RouteRead::Present(r) => observed.route = Some(*r),
+            RouteRead::Absent => {}
+            RouteRead::TypeMissing => observed.gateway_api_missing = true,
+        }
+    }
+
+    // Orphans: a removed variant, or the previous mode's router. Traffic has moved off them above.
+    sweep(
+        ctx,
+        md,
+        owner,
+        &ctx.deployments,
+        &desired_deployments,
+        changes,
+    )
+    .await?;
+    sweep(ctx, md, owner, &ctx.services, &desired_services, changes).await?;
+    sweep(
+        ctx,
+        md,
+        owner,
+        &ctx.config_maps,
+        &desired_config_maps,
+        changes,
+    )
+    .await?;
+
+    observed.deployments = children_of(&ctx.deployments, ns, &owner.name)
+        .into_iter()
+        .filter(|d| desired_deployments.contains(&d.name_any()))
+        .map(|d| (*d).clone())
+        .collect();
+    if kind == RouterKind::Builtin {
+        observed.config = desired_config_maps
+            .iter()
+            .next()
+            .and_then(|n| cached(&ctx.config_maps, ns, n))
+            .map(|c| (*c).clone());
+    }
+    Ok(observed)
+}
+
+/// Applies one cached child, recording an event when it is created.
+async fn apply_child<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    store: &Store<K>,
+    desired: K,
+    changes: &mut Changes,
+) -> Result<Outcome> {
+    let shared = &ctx.shared;
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    let child = desired.object_ref(&());
+    let existing = cached(store, &ns, &name);
+    let outcome =
+        apply::apply(&shared.client, &shared.writes, desired, existing.as_deref()).await?;
+    let kind = K::kind(&());
+    match outcome {
+        Outcome::Unchanged => {}
+        Outcome::Created => {
+            let note = format!("created {kind} {name}");
+            child_event(shared, md, "Created", "Create", note.clone(), child).await;
+            changes.0.push(note);
+        }
+        Outcome::Updated => changes.0.push(format!("updated {kind} {name}")),
+    }
+    Ok(outcome)
+}
+
+/// Records an Event on the ModelDeployment about one child. The child is the Event's `related`
+/// object: the recorder folds Events with the same reason, action and objects into one series, so
+/// without it the creation of a second Deployment would only bump the count of the first one's Event.
+async fn child_event(
+    shared: &Shared,
+    md: &ModelDeployment,
+    reason: &str,
+    action: &str,
+    note: String,
+    child: ObjectReference,
+) {
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: Some(child),
+    };
+    if let Err(e) = shared.recorder.publish(&ev, &md.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not record event");
+    }
+}
+
+/// The split the spec asks for, e.g. `champion=90,challenger=10`.
+fn spec_split(md: &ModelDeployment) -> String {
+    md.spec
+        .variants
+        .iter()
+        .map(|v| format!("{}={}", v.name, v.weight))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Deletes the cached children of `owner` that the build no longer produces.
+async fn sweep<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    owner: &Owner,
+    store: &ChildStore<K>,
+    desired: &BTreeSet<String>,
+    changes: &mut Changes,
+) -> Result<()> {
+    let uid = owner.owner_ref.uid.as_str();
+    for child in children_of(store, &owner.namespace, &owner.name) {
+        let name = child.name_any();
+        if desired.contains(&name)
+            || !is_controlled_by(child.meta(), uid)
+            || child.meta().deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        delete_child(ctx, md, child.as_ref(), changes).await?;
+    }
+    Ok(())
+}
+
+async fn delete_child<K: Object>(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    child: &K,
+    changes: &mut Changes,
+) -> Result<()> {
+    let shared = &ctx.shared;
+    if apply::delete(&shared.client, &shared.writes, child).await? {
+        let note = format!("deleted {} {}", K::kind(&()), child.name_any());
+        child_event(
+            shared,
+            md,
+            "Deleted",
+            "Delete",
+            note.clone(),
+            child.object_ref(&()),
+        )
+        .await;
+        changes.0.push(note);
+    }
+    Ok(())
+}
+
+/// An HTTPRoute as a GET finds it.
+enum RouteRead {
+    /// The API server does not serve HTTPRoutes (the Gateway API CRDs are not installed).
+    TypeMissing,
+    Absent,
+    Present(Box<HttpRoute>),
+}
+
+async fn get_route(api: &Api<HttpRoute>, name: &str) -> Result<RouteRead> {
+    match api.get(name).await {
+        Ok(r) => Ok(RouteRead::Present(Box::new(r))),
+        Err(kube::Error::Api(s)) if type_missing(&s, name) => Ok(RouteRead::TypeMissing),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(RouteRead::Absent),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the HTTPRoute `<name>` if it exists and is this ModelDeployment's (GET first: no watch).
+async fn sweep_route(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    owner: &Owner,
+    changes: &mut Changes,
+) -> Result<()> {
+    let api: Api<HttpRoute> = Api::namespaced(ctx.shared.client.clone(), &owner.namespace);
+    if let RouteRead::Present(route) = get_route(&api, &owner.name).await? {
+        if is_controlled_by(&route.metadata, &owner.owner_ref.uid)
+            && route.metadata.deletion_timestamp.is_none()
+        {
+            delete_child(ctx, md, route.as_ref(), changes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies the HTTPRoute and reads it back (`TypeMissing` when the Gateway API CRDs are absent).
+async fn apply_route(
+    ctx: &Ctx,
+    md: &ModelDeployment,
+    desired: HttpRoute,
+    changes: &mut Changes,
+) -> Result<RouteRead> {
+    let client: &Client = &ctx.shared.client;
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    let child = desired.object_ref(&());
+    let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+    let existing = match get_route(&api, &name).await? {
+        RouteRead::TypeMissing => return Ok(RouteRead::TypeMissing),
+        RouteRead::Absent => None,
+        RouteRead::Present(r) => Some(r),
+    };
+    match apply::apply(client, &ctx.shared.writes, desired, existing.as_deref()).await {
+        Ok(Outcome::Unchanged) => Ok(existing.map_or(RouteRead::Absent, RouteRead::Present)),
+        Ok(outcome) => {
+            let (reason, action, note) = if outcome == Outcome::Created {
+                ("Created", "Create", format!("created HTTPRoute {name}"))
+            } else {
+                (
+                    "TrafficUpdated",
+                    "UpdateTraffic",
+                    format!("HTTPRoute {name} now splits traffic {}", spec_split(md)),
+                )
+            };
+            child_event(&ctx.shared, md, reason, action, note.clone(), child).await;
+            changes.0.push(note);
+            get_route(&api, &name).await
+        }
+        // A server-side apply creates what is absent: a 404 means the type itself is not served.
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(RouteRead::TypeMissing),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use kube::core::response::StatusDetails;
+
+    #[test]
+    fn router_image_defaults_to_the_operator_image() {
+        assert_eq!(
+            router_image(None),
+            format!("ghcr.io/keelson/keelson:{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(router_image(Some("  ".into())), router_image(None));
+        assert_eq!(
+            router_image(Some("reg/keelson:dev".into())),
+            "reg/keelson:dev"
+        );
+    }
+
+    fn details(json: serde_json::Value) -> StatusDetails {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_missing_type_is_told_from_a_missing_object() {
+        let object_missing = Status::failure("httproutes \"fraud\" not found", "NotFound")
+            .with_code(404)
+            .with_details(details(serde_json::json!({
+                "name": "fraud", "group": "gateway.networking.k8s.io", "kind": "httproutes"
+            })));
+        assert!(!type_missing(&object_missing, "fraud"));
+        let group_missing =
+            Status::failure("404 page not found", "Failed to parse error data").with_code(404);
+        assert!(type_missing(&group_missing, "fraud"));
+        let resource_missing = Status::failure(
+            "the server could not find the requested resource",
+            "NotFound",
+        )
+        .with_code(404)
+        .with_details(details(serde_json::json!({})));
+        assert!(type_missing(&resource_missing, "fraud"));
+        assert!(!type_missing(
+            &Status::failure("forbidden", "Forbidden").with_code(403),
+            "fraud"
+        ));
+    }
+}

@@ -1,0 +1,919 @@
+//! Observed children -> ModelDeployment status. Pure: the time is passed in.
+//!
+//! The weight of a variant in status is the weight in effect, read back from what routes the traffic:
+//! the router config in the observed ConfigMap (`Builtin`), the observed HTTPRoute (`GatewayAPI`), or
+//! the share of ready pods (`None`, where the entry Service spreads requests over the ready endpoints).
+
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::build::{replicas, router_kind, url, variant_name};
+use super::traffic::{route_spec, route_weights, router_config, router_name};
+use crate::apply::subset;
+use crate::error::BuildError;
+use keelson_api::conditions::{self, Cond, READY};
+use keelson_api::modeldeployment::{
+    ModelDeployment, ModelDeploymentStatus, RouterKind, VariantStatus,
+};
+use keelson_api::router_config::{RouterConfig, ROUTER_CONFIG_KEY};
+
+pub const PROGRESSING: &str = "Progressing";
+
+/// Message of the `GatewayAPIMissing` condition.
+pub const GATEWAY_API_MISSING: &str = "spec.traffic.router is GatewayAPI but the Gateway API CRDs (HTTPRoute, gateway.networking.k8s.io/v1) are not installed in this cluster: install them (https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) or set spec.traffic.router to Builtin or None";
+
+/// What the cluster holds of a ModelDeployment's children.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The Deployments of the ModelDeployment (model and router); looked up by name.
+    pub deployments: Vec<Deployment>,
+    /// The router ConfigMap `<name>-router`.
+    pub config: Option<ConfigMap>,
+    /// The HTTPRoute `<name>` as read back after applying it (`GatewayAPI` mode).
+    pub route: Option<HttpRoute>,
+    /// The API server does not serve HTTPRoutes.
+    pub gateway_api_missing: bool,
+}
+
+impl Observed {
+    fn deployment(&self, name: &str) -> Option<&Deployment> {
+        self.deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+    }
+
+    /// The router config in effect, if the ConfigMap holds one this operator can read.
+    pub fn router_config(&self) -> Option<RouterConfig> {
+        let json = self
+            .config
+            .as_ref()?
+            .data
+            .as_ref()?
+            .get(ROUTER_CONFIG_KEY)?;
+        RouterConfig::parse(json).ok()
+    }
+}
+
+/// Where one Deployment is in its rollout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// Not created yet (or not in the cache yet).
+    Missing,
+    /// Under way, with what it is waiting for.
+    InProgress(String),
+    /// Stuck: needs a person. (reason, message)
+    Failed(String, String),
+    /// Every desired pod runs the current template and is available.
+    Done,
+}
+
+/// Reads a Deployment the way `kubectl rollout status` does.
+pub fn rollout(d: Option<&Deployment>) -> Rollout {
+    let Some(d) = d else {
+        return Rollout::Missing;
+    };
+    let Some(st) = d.status.as_ref() else {
+        return Rollout::InProgress("waiting for the Deployment controller".into());
+    };
+    for c in st.conditions.iter().flatten() {
+        let failed = (c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            || (c.type_ == "ReplicaFailure" && c.status == "True");
+        if failed {
+            let reason = c
+                .reason
+                .clone()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| c.type_.clone());
+            return Rollout::Failed(reason, c.message.clone().unwrap_or_default());
+        }
+    }
+    if st.observed_generation.unwrap_or(0) < d.metadata.generation.unwrap_or(0) {
+        return Rollout::InProgress("waiting for the Deployment controller".into());
+    }
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let total = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    if updated < desired {
+        Rollout::InProgress(format!("{updated} of {desired} pods updated"))
+    } else if total > updated {
+        Rollout::InProgress(format!("{} old pods terminating", total - updated))
+    } else if available < updated {
+        Rollout::InProgress(format!("{available} of {updated} updated pods available"))
+    } else {
+        Rollout::Done
+    }
+}
+
+fn ready_replicas(d: Option<&Deployment>) -> i32 {
+    d.and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+}
+
+/// Integer percentages proportional to `counts` that sum to 100 (largest remainder, ties to the
+/// earlier entry); all zero when every count is zero.
+pub fn shares(counts: &[i32]) -> Vec<i32> {
+    let counts: Vec<i64> = counts.iter().map(|c| i64::from((*c).max(0))).collect();
+    let total: i64 = counts.iter().sum();
+    if total == 0 {
+        return vec![0; counts.len()];
+    }
+    let mut out: Vec<i64> = counts.iter().map(|c| c * 100 / total).collect();
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(counts[i] * 100 % total));
+    let missing = 100 - out.iter().sum::<i64>();
+    for &i in order.iter().take(usize::try_from(missing).unwrap_or(0)) {
+        out[i] += 1;
+    }
+    out.into_iter()
+        .map(|x| i32::try_from(x).unwrap_or(0))
+        .collect()
+}
+
+/// The weight in effect of every variant, in spec order.
+fn effective_weights(md: &ModelDeployment, name: &str, observed: &Observed) -> Vec<i32> {
+    let variants = &md.spec.variants;
+    match router_kind(md) {
+        RouterKind::Builtin => {
+            let cfg = observed.router_config();
+            variants
+                .iter()
+                .map(|v| {
+                    cfg.as_ref()
+                        .and_then(|c| c.weight(&v.name))
+                        .map_or(0, |w| i32::try_from(w).unwrap_or(0))
+                })
+                .collect()
+        }
+        RouterKind::GatewayApi => {
+            let weights = observed
+                .route
+                .as_ref()
+                .filter(|_| !observed.gateway_api_missing)
+                .map(route_weights)
+                .unwrap_or_default();
+            variants
+                .iter()
+                .map(|v| {
+                    weights
+                        .get(&variant_name(name, &v.name))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect()
+        }
+        RouterKind::None => {
+            let ready: Vec<i32> = variants
+                .iter()
+                .map(|v| ready_replicas(observed.deployment(&variant_name(name, &v.name))))
+                .collect();
+            shares(&ready)
+        }
+    }
+}
+
+/// Whether the router config or the HTTPRoute carries what the spec asks for.
+fn routing_in_effect(md: &ModelDeployment, name: &str, ns: &str, observed: &Observed) -> bool {
+    match router_kind(md) {
+        RouterKind::Builtin => observed.router_config() == Some(router_config(md, name, ns)),
+        RouterKind::GatewayApi => observed.route.as_ref().is_some_and(|r| {
+            match (
+                serde_json::to_value(route_spec(md, name)),
+                serde_json::to_value(&r.spec),
+            ) {
+                (Ok(want), Ok(have)) => subset(&want, &have),
+                _ => false,
+            }
+        }),
+        RouterKind::None => true,
+    }
+}
+
+/// A parent that refused the HTTPRoute, as (reason, message).
+fn route_problem(route: &HttpRoute) -> Option<(String, String)> {
+    let parents = route.status.as_ref()?.parents.iter();
+    for p in parents {
+        for c in &p.conditions {
+            let reason = match c.type_.as_str() {
+                "Accepted" => "RouteNotAccepted",
+                "ResolvedRefs" => "RouteRefsNotResolved",
+                _ => continue,
+            };
+            if c.status == "False" {
+                return Some((
+                    reason.to_string(),
+                    format!(
+                        "HTTPRoute {}: parent {} reports {}={} ({}): {}; check spec.traffic.gateway.parentRefs and the Gateway's allowedRoutes",
+                        route.metadata.name.as_deref().unwrap_or_default(),
+                        p.parent_ref.name,
+                        c.type_,
+                        c.status,
+                        c.reason,
+                        c.message
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Spec fields the chosen mode does not implement, as a note for the user.
+fn ignored_fields(md: &ModelDeployment) -> Option<&'static str> {
+    let t = md.spec.traffic.as_ref()?;
+    match (router_kind(md), t.sticky_header.is_some(), t.mirror.is_some()) {
+        (RouterKind::GatewayApi, true, _) => Some(
+            "spec.traffic.stickyHeader is not supported with router: GatewayAPI and is ignored",
+        ),
+        (RouterKind::None, true, _) | (RouterKind::None, _, true) => Some(
+            "spec.traffic.stickyHeader and spec.traffic.mirror need router: Builtin or GatewayAPI and are ignored",
+        ),
+        _ => None,
+    }
+}
+
+/// The status a ModelDeployment should show, given its children.
+pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDeploymentStatus {
+    let prev = md.status.clone().unwrap_or_default();
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let ns = md.metadata.namespace.clone().unwrap_or_default();
+    let kind = router_kind(md);
+
+    let weights = effective_weights(md, &name, observed);
+    let mut variants = Vec::with_capacity(md.spec.variants.len());
+    let mut not_ready = Vec::new();
+    let mut rolling = Vec::new();
+    let mut failed = None;
+    let (mut ready_pods, mut desired_pods) = (0, 0);
+    for (v, weight) in md.spec.variants.iter().zip(&weights) {
+        let dname = variant_name(&name, &v.name);
+        let d = observed.deployment(&dname);
+        let want = replicas(v);
+        let ready = ready_replicas(d);
+        ready_pods += ready;
+        desired_pods += want;
+        if d.is_none() || ready < want {
+            not_ready.push(format!("{}: {ready}/{want} ready", v.name));
+        }
+        match rollout(d) {
+            Rollout::Done => {}
+            Rollout::Missing => rolling.push(format!("{}: creating", v.name)),
+            Rollout::InProgress(m) => rolling.push(format!("{}: {m}", v.name)),
+            Rollout::Failed(reason, message) => {
+                failed.get_or_insert((
+                    reason,
+                    format!(
+                        "variant {}: {message}; check its pods: kubectl get pods -n {ns} -l keelson.dev/owner-name={name},keelson.dev/variant={}",
+                        v.name, v.name
+                    ),
+                ));
+            }
+        }
+        variants.push(VariantStatus {
+            name: v.name.clone(),
+            replicas: want,
+            ready_replicas: ready,
+            weight: *weight,
+        });
+    }
+
+    let mut router_ready = true;
+    if kind == RouterKind::Builtin {
+        let rname = router_name(&name);
+        let d = observed.deployment(&rname);
+        router_ready = d.is_some() && ready_replicas(d) >= 1;
+        match rollout(d) {
+            Rollout::Done => {}
+            Rollout::Missing => rolling.push(format!("router {rname}: creating")),
+            Rollout::InProgress(m) => rolling.push(format!("router {rname}: {m}")),
+            Rollout::Failed(reason, message) => {
+                failed.get_or_insert((
+                    reason,
+                    format!("router {rname}: {message}; check its pod: kubectl describe pods -n {ns} -l keelson.dev/owner-name={name},keelson.dev/role=router"),
+                ));
+            }
+        }
+    }
+
+    let traffic = md
+        .spec
+        .variants
+        .iter()
+        .zip(&weights)
+        .map(|(v, w)| format!("{}={w}", v.name))
+        .collect::<Vec<_>>()
+        .join(",");
+    let in_effect = routing_in_effect(md, &name, &ns, observed);
+    let route_problem = observed.route.as_ref().and_then(route_problem);
+
+    let ready = if observed.gateway_api_missing {
+        Cond::new(READY, false, "GatewayAPIMissing", GATEWAY_API_MISSING)
+    } else if let Some((reason, message)) = failed.clone() {
+        Cond::new(READY, false, reason, message)
+    } else if let Some((reason, message)) = route_problem {
+        Cond::new(READY, false, reason, message)
+    } else if !not_ready.is_empty() {
+        Cond::new(
+            READY,
+            false,
+            "VariantsNotReady",
+            format!("waiting for model pods: {}", not_ready.join(", ")),
+        )
+    } else if !router_ready {
+        Cond::new(
+            READY,
+            false,
+            "RouterNotReady",
+            format!("waiting for the router {}", router_name(&name)),
+        )
+    } else {
+        Cond::new(
+            READY,
+            true,
+            "VariantsReady",
+            format!(
+                "{} variants ready ({ready_pods} model pods); traffic {traffic}",
+                variants.len()
+            ),
+        )
+    };
+
+    let progressing = if observed.gateway_api_missing {
+        Cond::new(PROGRESSING, false, "GatewayAPIMissing", GATEWAY_API_MISSING)
+    } else if let Some((reason, message)) = failed {
+        Cond::new(PROGRESSING, false, reason, message)
+    } else if !rolling.is_empty() {
+        Cond::new(PROGRESSING, true, "RolloutInProgress", rolling.join(", "))
+    } else if !in_effect {
+        let what = match kind {
+            RouterKind::GatewayApi => "the HTTPRoute",
+            _ => "the router config",
+        };
+        Cond::new(
+            PROGRESSING,
+            true,
+            "WeightsPending",
+            format!("waiting for {what} to carry the spec's traffic split"),
+        )
+    } else {
+        let (reason, message) = match kind {
+            RouterKind::None => (
+                "RolloutComplete",
+                "router: None: the entry Service spreads requests over the ready pods of every variant; variants[].weight is not used".to_string(),
+            ),
+            _ => ("WeightsApplied", format!("traffic {traffic} is in effect")),
+        };
+        let message = match ignored_fields(md) {
+            Some(note) => format!("{message}; {note}"),
+            None => message,
+        };
+        Cond::new(PROGRESSING, false, reason, message)
+    };
+
+    let generation = md.metadata.generation;
+    ModelDeploymentStatus {
+        url: Some(url(&name, &ns)),
+        variants,
+        ready: Some(format!("{ready_pods}/{desired_pods}")),
+        traffic: Some(traffic),
+        observed_generation: generation,
+        conditions: conditions::merge(&prev.conditions, &[ready, progressing], generation, now),
+    }
+}
+
+/// The status of a ModelDeployment whose spec cannot be built: the reason on both conditions, the
+/// rest of the last status kept.
+pub fn invalid(md: &ModelDeployment, err: &BuildError, now: &Time) -> ModelDeploymentStatus {
+    let prev = md.status.clone().unwrap_or_default();
+    let generation = md.metadata.generation;
+    let message = err.to_string();
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(
+            &prev.conditions,
+            &[
+                Cond::new(READY, false, err.reason, message.clone()),
+                Cond::new(PROGRESSING, false, err.reason, message),
+            ],
+            generation,
+            now,
+        ),
+        ..prev
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::modeldeployment::build::tests::{ab, md, IMAGE};
+    use crate::modeldeployment::build::{build, Children};
+    use crate::modeldeployment::traffic::Traffic;
+    use gateway_api::httproutes::{
+        HttpRouteStatus, HttpRouteStatusParents, HttpRouteStatusParentsParentRef,
+    };
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    use k8s_openapi::jiff::Timestamp;
+    use keelson_api::meta::Owner;
+    use keelson_api::modeldeployment::{
+        GatewayAttachment, Mirror, ParentRef, Traffic as TrafficSpec,
+    };
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_700_000_000).unwrap())
+    }
+
+    /// A Deployment as the Deployment controller reports it: `ready` of `want` pods, all updated.
+    fn deploy(name: &str, want: i32, ready: i32) -> Deployment {
+        let mut d = Deployment::default();
+        d.metadata.name = Some(name.into());
+        d.metadata.generation = Some(1);
+        d.spec = Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+            replicas: Some(want),
+            ..Default::default()
+        });
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(want),
+            updated_replicas: Some(want),
+            ready_replicas: Some(ready),
+            available_replicas: Some(ready),
+            ..DeploymentStatus::default()
+        });
+        d
+    }
+
+    fn stuck(name: &str) -> Deployment {
+        let mut d = deploy(name, 1, 0);
+        d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some("ReplicaSet \"x\" has timed out progressing.".into()),
+            ..DeploymentCondition::default()
+        }]);
+        d
+    }
+
+    fn children(m: &ModelDeployment, o: &Owner) -> Children {
+        build(m, o, IMAGE).unwrap()
+    }
+
+    fn cm_with(m: &ModelDeployment, champion: u32) -> ConfigMap {
+        let mut cfg = router_config(m, "fraud", "team-a");
+        cfg.variants[0].weight = champion;
+        cfg.variants[1].weight = 100 - champion;
+        ConfigMap {
+            data: Some([(ROUTER_CONFIG_KEY.to_string(), cfg.to_json().unwrap())].into()),
+            ..ConfigMap::default()
+        }
+    }
+
+    fn gateway(m: &mut ModelDeployment) {
+        m.spec.traffic = Some(TrafficSpec {
+            router: Some(RouterKind::GatewayApi),
+            mirror: Some(Mirror {
+                variant: "challenger".into(),
+                percent: Some(50),
+            }),
+            gateway: Some(GatewayAttachment {
+                parent_refs: vec![ParentRef {
+                    name: "public".into(),
+                    ..ParentRef::default()
+                }],
+            }),
+            ..TrafficSpec::default()
+        });
+    }
+
+    fn route_of(c: &Children) -> HttpRoute {
+        match &c.traffic {
+            Traffic::GatewayApi { route } => (**route).clone(),
+            other => panic!("not GatewayAPI: {other:?}"),
+        }
+    }
+
+    fn healthy() -> Vec<Deployment> {
+        vec![
+            deploy("fraud-champion", 2, 2),
+            deploy("fraud-challenger", 1, 1),
+            deploy("fraud-router", 1, 1),
+        ]
+    }
+
+    #[test]
+    fn builtin_status_table() {
+        let (m, o) = md(ab(), None);
+        let cm = children(&m, &o).config_map().cloned();
+        let mut rolling = deploy("fraud-champion", 2, 2);
+        rolling.status.as_mut().unwrap().updated_replicas = Some(1);
+        struct Case {
+            name: &'static str,
+            deployments: Vec<Deployment>,
+            config: Option<ConfigMap>,
+            ready: (bool, &'static str),
+            progressing: (bool, &'static str),
+            weights: [i32; 2],
+            ready_col: &'static str,
+        }
+        let cases = vec![
+            Case {
+                name: "nothing yet",
+                deployments: vec![],
+                config: None,
+                ready: (false, "VariantsNotReady"),
+                progressing: (true, "RolloutInProgress"),
+                weights: [0, 0],
+                ready_col: "0/3",
+            },
+            Case {
+                name: "models ready, router not",
+                deployments: vec![
+                    deploy("fraud-champion", 2, 2),
+                    deploy("fraud-challenger", 1, 1),
+                    deploy("fraud-router", 1, 0),
+                ],
+                config: cm.clone(),
+                ready: (false, "RouterNotReady"),
+                progressing: (true, "RolloutInProgress"),
+                weights: [90, 10],
+                ready_col: "3/3",
+            },
+            Case {
+                name: "all ready, weights applied",
+                deployments: healthy(),
+                config: cm.clone(),
+                ready: (true, "VariantsReady"),
+                progressing: (false, "WeightsApplied"),
+                weights: [90, 10],
+                ready_col: "3/3",
+            },
+            Case {
+                name: "old weights still in the ConfigMap",
+                deployments: healthy(),
+                config: Some(cm_with(&m, 50)),
+                ready: (true, "VariantsReady"),
+                progressing: (true, "WeightsPending"),
+                weights: [50, 50],
+                ready_col: "3/3",
+            },
+            Case {
+                name: "a variant is rolling out",
+                deployments: vec![
+                    rolling,
+                    deploy("fraud-challenger", 1, 1),
+                    deploy("fraud-router", 1, 1),
+                ],
+                config: cm.clone(),
+                ready: (true, "VariantsReady"),
+                progressing: (true, "RolloutInProgress"),
+                weights: [90, 10],
+                ready_col: "3/3",
+            },
+            Case {
+                name: "a variant is stuck",
+                deployments: vec![
+                    deploy("fraud-champion", 2, 2),
+                    stuck("fraud-challenger"),
+                    deploy("fraud-router", 1, 1),
+                ],
+                config: cm.clone(),
+                ready: (false, "ProgressDeadlineExceeded"),
+                progressing: (false, "ProgressDeadlineExceeded"),
+                weights: [90, 10],
+                ready_col: "2/3",
+            },
+        ];
+        for c in cases {
+            let obs = Observed {
+                deployments: c.deployments,
+                config: c.config,
+                ..Observed::default()
+            };
+            let s = status(&m, &obs, &now());
+            let r = conditions::find(&s.conditions, READY).unwrap();
+            let p = conditions::find(&s.conditions, PROGRESSING).unwrap();
+            assert_eq!(
+                (r.status == "True", r.reason.as_str()),
+                c.ready,
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                (p.status == "True", p.reason.as_str()),
+                c.progressing,
+                "{}",
+                c.name
+            );
+            let w: Vec<i32> = s.variants.iter().map(|v| v.weight).collect();
+            assert_eq!(w, c.weights, "{}", c.name);
+            assert_eq!(s.ready.as_deref(), Some(c.ready_col), "{}", c.name);
+            assert_eq!(
+                s.traffic,
+                Some(format!(
+                    "champion={},challenger={}",
+                    c.weights[0], c.weights[1]
+                )),
+                "{}",
+                c.name
+            );
+            assert_eq!(s.observed_generation, Some(4));
+            assert_eq!(
+                s.url.as_deref(),
+                Some("http://fraud.team-a.svc.cluster.local/")
+            );
+            assert_eq!(r.observed_generation, Some(4));
+        }
+    }
+
+    #[test]
+    fn variant_status_reports_replicas_and_ready_replicas() {
+        let (m, o) = md(ab(), None);
+        let obs = Observed {
+            deployments: vec![
+                deploy("fraud-champion", 2, 1),
+                deploy("fraud-challenger", 1, 0),
+                deploy("fraud-router", 1, 1),
+            ],
+            config: children(&m, &o).config_map().cloned(),
+            ..Observed::default()
+        };
+        let s = status(&m, &obs, &now());
+        assert_eq!(
+            s.variants,
+            vec![
+                VariantStatus {
+                    name: "champion".into(),
+                    replicas: 2,
+                    ready_replicas: 1,
+                    weight: 90
+                },
+                VariantStatus {
+                    name: "challenger".into(),
+                    replicas: 1,
+                    ready_replicas: 0,
+                    weight: 10
+                },
+            ]
+        );
+        let r = conditions::find(&s.conditions, READY).unwrap();
+        assert_eq!(r.reason, "VariantsNotReady");
+        assert!(r.message.contains("champion: 1/2 ready"), "{}", r.message);
+        assert!(r.message.contains("challenger: 0/1 ready"), "{}", r.message);
+        assert_eq!(s.ready.as_deref(), Some("1/3"));
+    }
+
+    #[test]
+    fn gateway_api_weights_come_from_the_route() {
+        let (mut m, o) = md(ab(), None);
+        gateway(&mut m);
+        let route = route_of(&children(&m, &o));
+        let models = || {
+            vec![
+                deploy("fraud-champion", 2, 2),
+                deploy("fraud-challenger", 1, 1),
+            ]
+        };
+
+        let s = status(
+            &m,
+            &Observed {
+                deployments: models(),
+                route: Some(route.clone()),
+                ..Observed::default()
+            },
+            &now(),
+        );
+        assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
+        assert!(conditions::is_true(&s.conditions, READY));
+        let p = conditions::find(&s.conditions, PROGRESSING).unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("False", "WeightsApplied")
+        );
+
+        // A route with other weights (someone edited it, or it is not read back yet).
+        let mut old = route.clone();
+        for b in old.spec.rules.as_mut().unwrap()[0]
+            .backend_refs
+            .as_mut()
+            .unwrap()
+        {
+            b.weight = Some(50);
+        }
+        let s = status(
+            &m,
+            &Observed {
+                deployments: models(),
+                route: Some(old),
+                ..Observed::default()
+            },
+            &now(),
+        );
+        assert_eq!(s.traffic.as_deref(), Some("champion=50,challenger=50"));
+        assert_eq!(
+            conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+            "WeightsPending"
+        );
+
+        // Server defaults on the route do not count as a difference.
+        let mut defaulted = route.clone();
+        for b in defaulted.spec.rules.as_mut().unwrap()[0]
+            .backend_refs
+            .as_mut()
+            .unwrap()
+        {
+            b.kind = Some("Service".into());
+            b.group = Some(String::new());
+        }
+        let s = status(
+            &m,
+            &Observed {
+                deployments: models(),
+                route: Some(defaulted),
+                ..Observed::default()
+            },
+            &now(),
+        );
+        assert_eq!(
+            conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+            "WeightsApplied"
+        );
+
+        // A Gateway refusing the route.
+        let mut refused = route;
+        refused.status = Some(HttpRouteStatus {
+            parents: vec![HttpRouteStatusParents {
+                conditions: vec![Condition {
+                    type_: "Accepted".into(),
+                    status: "False".into(),
+                    reason: "NotAllowedByListeners".into(),
+                    message: "namespace not allowed".into(),
+                    last_transition_time: now(),
+                    observed_generation: None,
+                }],
+                controller_name: "example.com/gateway".into(),
+                parent_ref: HttpRouteStatusParentsParentRef {
+                    name: "public".into(),
+                    ..Default::default()
+                },
+            }],
+        });
+        let s = status(
+            &m,
+            &Observed {
+                deployments: models(),
+                route: Some(refused),
+                ..Observed::default()
+            },
+            &now(),
+        );
+        let r = conditions::find(&s.conditions, READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "RouteNotAccepted")
+        );
+        assert!(r.message.contains("NotAllowedByListeners"));
+    }
+
+    #[test]
+    fn gateway_api_missing_is_reported_not_retried_hot() {
+        let (mut m, _) = md(ab(), None);
+        gateway(&mut m);
+        let s = status(
+            &m,
+            &Observed {
+                deployments: vec![
+                    deploy("fraud-champion", 2, 2),
+                    deploy("fraud-challenger", 1, 1),
+                ],
+                gateway_api_missing: true,
+                ..Observed::default()
+            },
+            &now(),
+        );
+        for t in [READY, PROGRESSING] {
+            let c = conditions::find(&s.conditions, t).unwrap();
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "GatewayAPIMissing")
+            );
+            assert!(c.message.contains("install") && c.message.contains("Builtin or None"));
+        }
+        assert_eq!(s.traffic.as_deref(), Some("champion=0,challenger=0"));
+    }
+
+    #[test]
+    fn none_mode_weights_follow_ready_pods() {
+        let (m, _) = md(ab(), Some(RouterKind::None));
+        for (ready, weights, reason, progressing) in [
+            ([2, 1], [67, 33], "VariantsReady", "RolloutComplete"),
+            ([1, 1], [50, 50], "VariantsNotReady", "RolloutInProgress"),
+            ([0, 0], [0, 0], "VariantsNotReady", "RolloutInProgress"),
+        ] {
+            let s = status(
+                &m,
+                &Observed {
+                    deployments: vec![
+                        deploy("fraud-champion", 2, ready[0]),
+                        deploy("fraud-challenger", 1, ready[1]),
+                    ],
+                    ..Observed::default()
+                },
+                &now(),
+            );
+            let w: Vec<i32> = s.variants.iter().map(|v| v.weight).collect();
+            assert_eq!(w, weights);
+            assert_eq!(
+                conditions::find(&s.conditions, READY).unwrap().reason,
+                reason
+            );
+            assert_eq!(
+                conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+                progressing
+            );
+        }
+        assert_eq!(shares(&[1, 1, 1]), [34, 33, 33]);
+        assert_eq!(shares(&[3]), [100]);
+        assert_eq!(shares(&[]), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn rollouts() {
+        assert_eq!(rollout(None), Rollout::Missing);
+        assert_eq!(rollout(Some(&deploy("d", 2, 2))), Rollout::Done);
+        let mut d = deploy("d", 2, 2);
+        d.metadata.generation = Some(2);
+        assert!(matches!(rollout(Some(&d)), Rollout::InProgress(_)));
+        let mut d = deploy("d", 2, 2);
+        d.status.as_mut().unwrap().replicas = Some(3);
+        assert_eq!(
+            rollout(Some(&d)),
+            Rollout::InProgress("1 old pods terminating".into())
+        );
+        let mut d = deploy("d", 2, 1);
+        d.status.as_mut().unwrap().available_replicas = Some(1);
+        assert!(matches!(rollout(Some(&d)), Rollout::InProgress(_)));
+        assert!(
+            matches!(rollout(Some(&stuck("d"))), Rollout::Failed(r, _) if r == "ProgressDeadlineExceeded")
+        );
+    }
+
+    #[test]
+    fn unchanged_world_gives_identical_status() {
+        let (mut m, o) = md(ab(), None);
+        let obs = Observed {
+            deployments: healthy(),
+            config: children(&m, &o).config_map().cloned(),
+            ..Observed::default()
+        };
+        let first = status(&m, &obs, &now());
+        m.status = Some(first.clone());
+        let later = Time(Timestamp::from_second(1_800_000_000).unwrap());
+        assert_eq!(status(&m, &obs, &later), first);
+        // A flip moves only the flipped condition's transition time.
+        let obs2 = Observed {
+            config: Some(cm_with(&m, 50)),
+            ..obs
+        };
+        let second = status(&m, &obs2, &later);
+        let p = conditions::find(&second.conditions, PROGRESSING).unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.last_transition_time.clone()),
+            ("True", later)
+        );
+        let r = conditions::find(&second.conditions, READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.last_transition_time.clone()),
+            ("True", now())
+        );
+    }
+
+    #[test]
+    fn invalid_spec_keeps_the_rest_of_the_status() {
+        let (mut m, o) = md(ab(), None);
+        let obs = Observed {
+            deployments: healthy(),
+            config: children(&m, &o).config_map().cloned(),
+            ..Observed::default()
+        };
+        m.status = Some(status(&m, &obs, &now()));
+        m.metadata.generation = Some(5);
+        let err = BuildError::new("InvalidModelUri", "spec.variants[0].model.uri", "bad");
+        let s = invalid(&m, &err, &now());
+        assert_eq!(s.observed_generation, Some(5));
+        assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
+        let r = conditions::find(&s.conditions, READY).unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "InvalidModelUri")
+        );
+        assert!(r.message.contains("spec.variants[0].model.uri"));
+    }
+}

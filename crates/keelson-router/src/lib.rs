@@ -1,0 +1,182 @@
+//! `keelson router`: the A/B router of a ModelDeployment with `traffic.router: Builtin`.
+//!
+//! It reads the [`RouterConfig`](keelson_api::router_config::RouterConfig) that the operator
+//! writes into the ConfigMap `<name>-router` (mounted at `/etc/keelson-router`), splits requests
+//! over the variants by weight or by a sticky header, copies a share to a mirror variant, and
+//! re-reads the file every second without dropping a connection. No Kubernetes client on this path.
+//!
+//! - [`config`]: the file format, checked and compiled into a [`config::Route`];
+//! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
+//! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections,
+//!   and [`h1`]: the HTTP/1.1 messages on them;
+//! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
+//! - [`metrics`]: per-variant counters and latency histograms.
+
+pub mod config;
+pub mod h1;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod split;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use keelson_api::router_config::{
+    ROUTER_ADMIN_PORT, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_PORT,
+};
+use metrics::Metrics;
+use proxy::{Limits, Proxy};
+use reload::Reloader;
+
+/// Flags of `keelson router`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RouterOptions {
+    /// Address of the data port (HTTP/1.1 and h2c).
+    #[arg(long, default_value_t = format!("0.0.0.0:{ROUTER_PORT}"))]
+    pub listen: String,
+    /// Address of the admin port: /healthz, /readyz, /metrics. Empty to disable.
+    #[arg(long, default_value_t = format!("0.0.0.0:{ROUTER_ADMIN_PORT}"))]
+    pub admin_listen: String,
+    /// The router config file (JSON, format version 1), re-read every --reload-interval.
+    #[arg(long, default_value_t = format!("{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}"))]
+    pub config: String,
+    /// Worker threads serving requests (default: one per CPU). With 1, everything runs on one thread.
+    #[arg(long, env = "KEELSON_ROUTER_WORKERS")]
+    pub workers: Option<usize>,
+    /// How often the config file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Time to connect to a variant, in milliseconds; past it the request gets a 502.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_timeout_ms: u64,
+    /// Time for a variant to send its response headers, in milliseconds; past it the request gets a 504.
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// Time a client connection may go without a request in progress, in milliseconds: an idle
+    /// keep-alive connection, or one sending its request headers too slowly, is then closed.
+    #[arg(long, default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// Mirror copies in flight at most; further copies are dropped and counted.
+    #[arg(long, default_value_t = 256)]
+    pub mirror_max_in_flight: usize,
+    /// Largest request body copied to the mirror, in bytes; larger or chunked bodies are not copied.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub mirror_max_body: u64,
+    /// On SIGTERM, time given to open connections to finish, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+impl RouterOptions {
+    fn limits(&self) -> Limits {
+        Limits {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            mirror_body_limit: self.mirror_max_body,
+            mirror_slots: self.mirror_max_in_flight,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Runs the router until SIGTERM or Ctrl-C.
+pub fn run(opts: RouterOptions) -> ExitCode {
+    let workers = opts.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let rt = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    match rt {
+        Ok(rt) => rt.block_on(run_async(opts)),
+        Err(e) => {
+            eprintln!("keelson router: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_async(opts: RouterOptions) -> ExitCode {
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Proxy::new(opts.limits()));
+    let mut reloader = Reloader::new(PathBuf::from(&opts.config), proxy.clone(), metrics.clone());
+    // The first load before listening: a valid file serves from the first request.
+    reloader.check().await;
+
+    let listener = match TcpListener::bind(&opts.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %opts.listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop, stopped) = watch::channel(false);
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if !opts.admin_listen.is_empty() {
+        match TcpListener::bind(&opts.admin_listen).await {
+            Ok(l) => {
+                tokio::spawn(server::serve_admin(
+                    l,
+                    proxy.clone(),
+                    metrics.clone(),
+                    wait(stopped.clone()),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(addr = %opts.admin_listen, error = %e, "cannot listen on the admin port");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let reload = tokio::spawn(reloader.run(Duration::from_millis(opts.reload_interval_ms.max(10))));
+    tracing::info!(listen = %opts.listen, admin = %opts.admin_listen, config = %opts.config, "keelson router listening");
+    tokio::spawn(async move {
+        termination().await;
+        tracing::info!("shutting down: finishing open requests");
+        let _ = stop.send(true);
+    });
+    server::serve(
+        listener,
+        proxy,
+        wait(stopped),
+        Duration::from_millis(opts.shutdown_grace_ms),
+        Duration::from_millis(opts.idle_timeout_ms.max(1)),
+    )
+    .await;
+    reload.abort();
+    tracing::info!("keelson router stopped");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

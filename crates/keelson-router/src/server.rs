@@ -1,0 +1,356 @@
+//! The listeners: the data port (HTTP/1.1 with keep-alive, and HTTP/2 over cleartext with prior
+//! knowledge, told apart by the connection preface) and the admin port (`/healthz`, `/readyz`,
+//! `/metrics`).
+//!
+//! A client connection that has had no request in progress for the idle timeout is closed: an idle
+//! keep-alive connection, and one whose request headers come too slowly (a request is in progress
+//! from its complete headers to the end of its response). A watch task per connection checks four
+//! times per timeout, so a connection goes between 1 and 1.25 timeouts after its last response;
+//! requests themselves arm no timer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::metrics::Metrics;
+use super::proxy::{text, Body, Proxy};
+
+/// Serves the data port until `shutdown` resolves, then lets open connections finish their
+/// requests for up to `grace`. A connection without a request in progress for `idle_timeout` is
+/// closed.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    idle_timeout: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The idle watch below bounds the time to send request headers: hyper's own header timeout
+    // would arm a timer per request.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let p = proxy.clone();
+        let activity = Arc::new(Activity::default());
+        let a = activity.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let p = p.clone();
+            let in_progress = InProgress::start(&a);
+            async move {
+                let resp = p.handle(req).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked {
+                    body,
+                    _in_progress: in_progress,
+                }))
+            }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+        tokio::spawn(close_when_idle(task, activity, idle_timeout));
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+/// Requests in progress on one client connection, and responses finished on it.
+#[derive(Default)]
+struct Activity {
+    in_progress: AtomicU32,
+    finished: AtomicU64,
+}
+
+/// One request in progress, from its complete headers until its response body is dropped (hyper
+/// drops it once written, or with the connection).
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn start(a: &Arc<Activity>) -> InProgress {
+        a.in_progress.fetch_add(1, Relaxed);
+        InProgress(a.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Relaxed);
+        self.0.in_progress.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that keeps its request in progress while hyper holds it.
+pub struct Tracked {
+    body: Body,
+    _in_progress: InProgress,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = <Body as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Aborts the connection `task` (closing its socket) once it has had no request in progress and
+/// finished none for `timeout`, checked every quarter of it; returns when the task ends.
+async fn close_when_idle(
+    task: tokio::task::JoinHandle<()>,
+    activity: Arc<Activity>,
+    timeout: Duration,
+) {
+    let tick = (timeout / 4).max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = activity.finished.load(Relaxed);
+    let mut quiet = 0;
+    loop {
+        ticks.tick().await;
+        if task.is_finished() {
+            return;
+        }
+        let finished = activity.finished.load(Relaxed);
+        if activity.in_progress.load(Relaxed) == 0 && finished == last {
+            quiet += 1;
+            if quiet == 4 {
+                tracing::debug!(?timeout, "closing an idle connection");
+                task.abort();
+                return;
+            }
+        } else {
+            quiet = 0;
+        }
+        last = finished;
+    }
+}
+
+/// Serves `/healthz` (the process runs), `/readyz` (a valid config is loaded) and `/metrics`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let (p, m) = (proxy.clone(), metrics.clone());
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let resp = admin(&req, &p, &m);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// The admin endpoints.
+pub fn admin(req: &Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if proxy.ready() => text(StatusCode::OK, "ok\n"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no valid router config loaded yet\n",
+        ),
+        "/metrics" => {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(metrics.render()))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: the admin port serves /healthz, /readyz and /metrics\n",
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::Route;
+    use crate::proxy::Limits;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// The router on a free port with `idle_timeout`, in front of a variant that answers each
+    /// request after `delay`.
+    async fn router(idle_timeout: Duration, delay: Duration) -> String {
+        let variant = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = variant.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = variant.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        tokio::time::sleep(delay).await;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = Arc::new(Proxy::new(Limits::default()));
+        let json = format!(
+            r#"{{"version": 1, "variants": [{{"name": "a", "weight": 1, "upstream": "{upstream}"}}]}}"#
+        );
+        let route = Route::parse(&json, &Metrics::default()).unwrap();
+        proxy.route.store(Some(Arc::new(route)));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let never = std::future::pending::<()>();
+        tokio::spawn(serve(l, proxy, never, Duration::from_secs(1), idle_timeout));
+        addr
+    }
+
+    /// Sends one request on `s` and reads its response whole.
+    async fn get(s: &mut TcpStream) -> String {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    /// Time until the router closes `s` (at most 5 s).
+    async fn closed_after(s: &mut TcpStream) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return start.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the connection is still open after 5 s")
+    }
+
+    #[tokio::test]
+    async fn idle_and_slow_header_connections_close_and_busy_ones_stay() {
+        let t = Duration::from_millis(400);
+        let addr = router(t, Duration::from_millis(600)).await;
+        // Headers that never complete: closed after the timeout.
+        let mut slow = TcpStream::connect(&addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        // A response that takes longer than the timeout is not cut, and the connection then
+        // idles for the timeout before it is closed.
+        let mut busy = TcpStream::connect(&addr).await.unwrap();
+        let (slow_closed, resp) = tokio::join!(closed_after(&mut slow), get(&mut busy));
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            slow_closed >= t * 3 / 4 && slow_closed < t * 3,
+            "the slow client was closed after {slow_closed:?}"
+        );
+        let idle_closed = closed_after(&mut busy).await;
+        assert!(
+            idle_closed >= t * 3 / 4 && idle_closed < t * 3,
+            "the idle connection was closed after {idle_closed:?}"
+        );
+    }
+}

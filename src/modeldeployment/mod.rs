@@ -1,9 +1,0 @@
-//! ModelDeployment: types, pure builder, traffic (router config, HTTPRoute), pure status and reconciler.
-
-pub mod build;
-pub mod reconcile;
-pub mod status;
-pub mod traffic;
-pub mod types;
-
-pub use types::*;
