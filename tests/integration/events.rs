@@ -114,7 +114,7 @@ async fn every_kind_records_children_failures_and_phases() {
 async fn repeats_count_up_one_event_series() {
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::events::v1::Event as K8sEvent;
-    use keelson_operator::events::Recorder;
+    use keelson_operator::runtime::events::Recorder;
     use kube::api::{Api, DeleteParams, ListParams};
     use kube::runtime::events::{Event, EventType, Reporter};
 

@@ -7,11 +7,8 @@
 //!
 //! The kinds' types come from `keelson-api`; this crate never defines API fields.
 
-pub mod apply;
 pub mod cachedpod;
-pub mod controller;
 pub mod error;
-pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod modeldeployment;
@@ -19,5 +16,5 @@ pub mod notebook;
 pub mod operator;
 pub mod pod;
 pub mod podstatus;
-pub mod ratelimit;
+pub mod runtime;
 pub mod trainingjob;

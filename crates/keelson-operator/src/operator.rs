@@ -9,9 +9,9 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 
-use crate::controller::Shared;
 use crate::health::Health;
-use crate::ratelimit::RateLimitLayer;
+use crate::runtime::controller::Shared;
+use crate::runtime::ratelimit::RateLimitLayer;
 
 /// Options of `keelson run`.
 #[derive(Clone, Debug, clap::Args)]

@@ -217,7 +217,7 @@ pub async fn operator_client() -> Client {
 
 /// The operator, running in-process on its own runtime for the whole test binary.
 pub struct Operator {
-    pub shared: Arc<Mutex<Option<Arc<keelson_operator::controller::Shared>>>>,
+    pub shared: Arc<Mutex<Option<Arc<keelson_operator::runtime::controller::Shared>>>>,
 }
 
 static OPERATOR: OnceLock<Operator> = OnceLock::new();
@@ -226,7 +226,8 @@ static OPERATOR: OnceLock<Operator> = OnceLock::new();
 pub fn operator() -> &'static Operator {
     OPERATOR.get_or_init(|| {
         cluster();
-        let slot: Arc<Mutex<Option<Arc<keelson_operator::controller::Shared>>>> = Arc::default();
+        let slot: Arc<Mutex<Option<Arc<keelson_operator::runtime::controller::Shared>>>> =
+            Arc::default();
         let s2 = slot.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -243,7 +244,7 @@ pub fn operator() -> &'static Operator {
                 let client = operator_client().await;
                 let opts = keelson_operator::operator::RunOptions::default();
                 let (_stop, shutdown) = keelson_operator::operator::shutdown_channel();
-                let shared = Arc::new(keelson_operator::controller::Shared::new(client));
+                let shared = Arc::new(keelson_operator::runtime::controller::Shared::new(client));
                 *s2.lock().unwrap() = Some(shared.clone());
                 tx.send(()).unwrap();
                 keelson_operator::operator::run_with(shared, &opts, shutdown).await;

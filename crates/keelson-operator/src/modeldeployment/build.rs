@@ -13,35 +13,14 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::names::*;
 use super::traffic::{self, Traffic};
 use crate::error::BuildError;
 use crate::pod::{env, pod_template, MainContainer};
-use keelson_api::meta::{Owner, LABEL_OWNER_NAME};
+use keelson_api::meta::Owner;
 use keelson_api::modeldeployment::{
     ModelDeployment, RouterKind, Variant, DEFAULT_PORT, MODEL_MOUNT,
 };
-
-/// Name of the model server container.
-pub const CONTAINER: &str = "model";
-/// Name of the pod volume holding a `pvc://` model.
-pub const MODEL_VOLUME: &str = "model";
-/// Environment variable pointing at the model inside the container.
-pub const MODEL_PATH_ENV: &str = "MODEL_PATH";
-/// Label naming the variant of a model pod, Deployment and Service.
-pub const LABEL_VARIANT: &str = "keelson.dev/variant";
-/// Label telling model pods (`model`) from router pods (`router`).
-pub const LABEL_ROLE: &str = "keelson.dev/role";
-pub const ROLE_MODEL: &str = "model";
-pub const ROLE_ROUTER: &str = "router";
-/// Annotation on the entry Service recording the traffic mode it was built for. The reconciler
-/// reads it back to know when an HTTPRoute may be left over from `router: GatewayAPI`.
-pub const ANNOTATION_ROUTER: &str = "keelson.dev/router";
-/// Port of every Service of a ModelDeployment.
-pub const SERVICE_PORT: i32 = 80;
-/// Name of the container port the Services target.
-pub const PORT_NAME: &str = "http";
-/// Prefix of a model URI on a PersistentVolumeClaim.
-pub const PVC_SCHEME: &str = "pvc://";
 
 /// The children of one variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,63 +80,6 @@ impl Children {
             _ => None,
         }
     }
-}
-
-/// Name of a variant's Deployment and Service.
-pub fn variant_name(md_name: &str, variant: &str) -> String {
-    format!("{md_name}-{variant}")
-}
-
-/// In-cluster DNS name and port of a variant's Service, as the router dials it.
-pub fn variant_upstream(md_name: &str, namespace: &str, variant: &str) -> String {
-    format!(
-        "{}.{namespace}.svc.cluster.local:{SERVICE_PORT}",
-        variant_name(md_name, variant)
-    )
-}
-
-/// The in-cluster URL of the entry Service.
-pub fn url(md_name: &str, namespace: &str) -> String {
-    format!("http://{md_name}.{namespace}.svc.cluster.local/")
-}
-
-/// The traffic mode, with its default.
-pub fn router_kind(md: &ModelDeployment) -> RouterKind {
-    md.spec
-        .traffic
-        .as_ref()
-        .and_then(|t| t.router)
-        .unwrap_or_default()
-}
-
-/// Desired model pods of a variant (default 1).
-pub fn replicas(v: &Variant) -> i32 {
-    v.replicas.unwrap_or(1)
-}
-
-/// The string form of a traffic mode, as the CRD spells it.
-pub fn router_kind_name(kind: RouterKind) -> &'static str {
-    match kind {
-        RouterKind::Builtin => "Builtin",
-        RouterKind::GatewayApi => "GatewayAPI",
-        RouterKind::None => "None",
-    }
-}
-
-/// Labels selecting the model pods of one variant (the Deployment's selector, immutable).
-pub fn variant_selector(md_name: &str, variant: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_OWNER_NAME.to_string(), md_name.to_string()),
-        (LABEL_VARIANT.to_string(), variant.to_string()),
-    ])
-}
-
-/// Labels selecting the pods of one role (`model` or `router`) of a ModelDeployment.
-pub fn role_selector(md_name: &str, role: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_OWNER_NAME.to_string(), md_name.to_string()),
-        (LABEL_ROLE.to_string(), role.to_string()),
-    ])
 }
 
 /// A `pvc://<claim>/<path>` URI, split.

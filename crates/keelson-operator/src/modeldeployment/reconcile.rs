@@ -22,15 +22,16 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use super::build::{build, router_kind, router_kind_name, Children, ANNOTATION_ROUTER};
+use super::build::{build, Children};
+use super::names::{router_kind, router_kind_name, ANNOTATION_ROUTER};
 use super::status::{invalid, status, Observed};
 use super::traffic::Traffic;
-use crate::apply::{self, Object, Outcome};
-use crate::controller::{
+use crate::error::{Error, Result};
+use crate::runtime::apply::{self, Object, Outcome};
+use crate::runtime::controller::{
     cached, child_cache, children_of, error_policy, key, owner_of, parent_controller, timed,
     ChildStore, Shared, Synced, RESYNC,
 };
-use crate::error::{Error, Result};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
 use keelson_api::modeldeployment::{ModelDeployment, RouterKind};

@@ -9,10 +9,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::build::{replicas, router_kind, url, variant_name};
+use super::names::{replicas, router_kind, url, variant_name};
 use super::traffic::{route_spec, route_weights, router_config, router_name};
-use crate::apply::subset;
 use crate::error::BuildError;
+use crate::runtime::apply::subset;
 use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::modeldeployment::{
     ModelDeployment, ModelDeploymentStatus, RouterKind, VariantStatus,

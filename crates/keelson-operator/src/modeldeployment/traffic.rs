@@ -30,7 +30,7 @@ use keelson_api::router_config::{
     ROUTER_CONFIG_VOLUME, ROUTER_CONTAINER, ROUTER_PORT, ROUTER_UID,
 };
 
-use super::build::{
+use super::names::{
     role_selector, router_kind, variant_name, variant_upstream, LABEL_ROLE, PORT_NAME, ROLE_ROUTER,
     SERVICE_PORT,
 };
@@ -364,8 +364,9 @@ pub fn router_deployment(owner: &Owner, image: &str) -> Deployment {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::modeldeployment::build::build as build_all;
     use crate::modeldeployment::build::tests::{ab, md, variant, IMAGE};
-    use crate::modeldeployment::build::{build as build_all, ANNOTATION_ROUTER};
+    use crate::modeldeployment::names::ANNOTATION_ROUTER;
     use keelson_api::modeldeployment::{
         GatewayAttachment, Mirror, ParentRef, Traffic as TrafficSpec,
     };

@@ -13,12 +13,12 @@ use rand::distr::{Alphanumeric, SampleString};
 
 use super::build::{build, pod_name, token_secret_name, workspace_name, Children};
 use super::status::{invalid, pod_action, status, Observed, PodAction};
-use crate::apply::{self, applied_hash, stamp, Outcome};
-use crate::controller::{
+use crate::error::{BuildError, Error, Result};
+use crate::runtime::apply::{self, applied_hash, stamp, Outcome};
+use crate::runtime::controller::{
     cached, child_cache, error_policy, key, owner_of, parent_controller, timed, ChildStore, Shared,
     Synced, RESYNC,
 };
-use crate::error::{BuildError, Error, Result};
 use keelson_api::meta::Owner;
 use keelson_api::notebook::Notebook;
 

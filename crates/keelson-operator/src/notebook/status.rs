@@ -4,9 +4,9 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::build::{pod_name, token_secret_name, url};
-use crate::apply::applied_hash;
 use crate::error::BuildError;
 use crate::podstatus;
+use crate::runtime::apply::applied_hash;
 use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::meta::Owner;
 use keelson_api::notebook::{Notebook, NotebookPhase, NotebookStatus, DEFAULT_PORT};

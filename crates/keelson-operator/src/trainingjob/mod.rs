@@ -1,6 +1,7 @@
 //! TrainingJob: pure builder, pure status and reconciler.
 
 pub mod build;
+pub mod decide;
 pub mod reconcile;
 pub mod status;
 

@@ -44,14 +44,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use super::build::{build, LABEL_QUEUE};
-use super::status::{decide, invalid, status, DeleteReason, Deletion, Observed};
-use crate::apply::{self, Outcome};
+use super::decide::{decide, DeleteReason, Deletion, Observed};
+use super::status::{invalid, status};
 use crate::cachedpod::CachedPod;
-use crate::controller::{
+use crate::error::{Error, Result, CHILD_REFUSED};
+use crate::runtime::apply::{self, Outcome};
+use crate::runtime::controller::{
     cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of,
     parent_controller, timed, ChildStore, Shared, Synced, RESYNC,
 };
-use crate::error::{Error, Result, CHILD_REFUSED};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{Owner, FIELD_MANAGER};
 use keelson_api::trainingjob::{JobPhase, TrainingJob, TrainingJobStatus};
@@ -116,7 +117,7 @@ impl Memories {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ObjectRef<TrainingJob>, Memory>) -> T) -> T {
-        f(&mut crate::controller::lock(&self.map))
+        f(&mut crate::runtime::lock(&self.map))
     }
 
     /// The status to decide from, the pods already deleted, and the pods created that the cache does

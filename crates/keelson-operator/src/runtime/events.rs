@@ -115,7 +115,7 @@ impl Recorder {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Memory) -> T) -> T {
-        f(&mut crate::controller::lock(&self.memory))
+        f(&mut crate::runtime::lock(&self.memory))
     }
 
     /// Records `ev` about `regarding`: a new Event, or one more count of its open series.

@@ -12,10 +12,11 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::apply::{Object, WriteCounter};
 use crate::error::Error;
-use crate::events::Recorder;
 use crate::metrics::Metrics;
+use crate::runtime::apply::{Object, WriteCounter};
+use crate::runtime::events::Recorder;
+use crate::runtime::lock;
 use keelson_api::meta::{kind_selector, LABEL_OWNER_NAME};
 
 /// Longest wait between retries of a failing reconcile.
@@ -31,15 +32,6 @@ const EVENT_QUEUE: usize = 1000;
 const EVENT_WORKERS: usize = 4;
 
 type QueuedEvent = (Event, ObjectReference);
-
-/// Locks `m`. A poisoned lock only means that another task panicked while holding it; the data of
-/// every lock here stays consistent between statements, so it is used as it is.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 /// State shared by every reconcile of every kind.
 pub struct Shared {
