@@ -12,13 +12,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::Status;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
@@ -249,7 +247,8 @@ async fn converge(
                     cm.name.clone().unwrap_or_default(),
                     spec_split(md)
                 );
-                child_event(&ctx.shared, md, "TrafficUpdated", "UpdateTraffic", note, cm).await;
+                ctx.shared
+                    .child_event(md, "TrafficUpdated", "UpdateTraffic", note, cm);
             }
             apply_child(ctx, md, &ctx.deployments, *router, changes).await?;
         }
@@ -340,35 +339,12 @@ async fn apply_child<K: Object>(
         Outcome::Unchanged => {}
         Outcome::Created => {
             let note = format!("created {kind} {name}");
-            child_event(shared, md, "Created", "Create", note.clone(), child).await;
+            shared.child_event(md, "Created", "Create", note.clone(), child);
             changes.0.push(note);
         }
         Outcome::Updated => changes.0.push(format!("updated {kind} {name}")),
     }
     Ok(outcome)
-}
-
-/// Records an Event on the ModelDeployment about one child. The child is the Event's `related`
-/// object: the recorder folds Events with the same reason, action and objects into one series, so
-/// without it the creation of a second Deployment would only bump the count of the first one's Event.
-async fn child_event(
-    shared: &Shared,
-    md: &ModelDeployment,
-    reason: &str,
-    action: &str,
-    note: String,
-    child: ObjectReference,
-) {
-    let ev = Event {
-        type_: EventType::Normal,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: action.to_string(),
-        secondary: Some(child),
-    };
-    if let Err(e) = shared.recorder.publish(&ev, &md.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "could not record event");
-    }
 }
 
 /// The split the spec asks for, e.g. `champion=90,challenger=10`.
@@ -413,15 +389,7 @@ async fn delete_child<K: Object>(
     let shared = &ctx.shared;
     if apply::delete(&shared.client, &shared.writes, child).await? {
         let note = format!("deleted {} {}", K::kind(&()), child.name_any());
-        child_event(
-            shared,
-            md,
-            "Deleted",
-            "Delete",
-            note.clone(),
-            child.object_ref(&()),
-        )
-        .await;
+        shared.child_event(md, "Deleted", "Delete", note.clone(), child.object_ref(&()));
         changes.0.push(note);
     }
     Ok(())
@@ -491,7 +459,8 @@ async fn apply_route(
                     format!("HTTPRoute {name} now splits traffic {}", spec_split(md)),
                 )
             };
-            child_event(&ctx.shared, md, reason, action, note.clone(), child).await;
+            ctx.shared
+                .child_event(md, reason, action, note.clone(), child);
             changes.0.push(note);
             get_route(&api, &name).await
         }

@@ -44,7 +44,8 @@ pub struct Shared {
     synced: Mutex<(usize, Vec<Synced>)>,
     /// Reconciles finished (successfully or not), all kinds together.
     pub reconciled: std::sync::atomic::AtomicU64,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures of each object that failed last, and when it last failed.
+    failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
     /// The queue of Events to record, drained by a task started with the first Event.
     events: std::sync::OnceLock<tokio::sync::mpsc::Sender<QueuedEvent>>,
 }
@@ -92,6 +93,33 @@ impl Shared {
         action: &str,
         note: String,
     ) {
+        self.queue_event(obj, warning, reason, action, note, None);
+    }
+
+    /// A Normal Event on `obj` about one of its children, `related` (the Event's `related`
+    /// object). Events fold into a series by reason, action and objects, so without the child the
+    /// creation of a second Deployment would only count up the first one's Event. Queued like every
+    /// Event: never awaited.
+    pub fn child_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: ObjectReference,
+    ) {
+        self.queue_event(obj, false, reason, action, note, Some(related));
+    }
+
+    fn queue_event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<ObjectReference>,
+    ) {
         let reference: ObjectReference = obj.object_ref(&());
         let ev = Event {
             type_: if warning {
@@ -102,7 +130,7 @@ impl Shared {
             reason: reason.to_string(),
             note: Some(note),
             action: action.to_string(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.event_queue().try_send((ev, reference)) {
             self.metrics.events_dropped.inc();
@@ -191,16 +219,28 @@ impl Shared {
     }
 
     /// The next retry delay of `key`: 1 s doubling up to 5 min.
+    ///
+    /// The memory of an object that was deleted after a failure (and so never succeeds) is dropped
+    /// here: a failing object is retried within [`MAX_BACKOFF`], so an entry that has not failed
+    /// again for twice as long belongs to an object that is gone.
     pub fn backoff(&self, key: &str) -> Duration {
+        let now = std::time::Instant::now();
         let n = match self.failures.lock() {
             Ok(mut f) => {
-                let n = f.entry(key.to_string()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
+                f.retain(|_, (_, at)| now.saturating_duration_since(*at) < 2 * MAX_BACKOFF);
+                let e = f.entry(key.to_string()).or_insert((0, now));
+                e.0 = e.0.saturating_add(1);
+                e.1 = now;
+                e.0
             }
             Err(_) => 1,
         };
         backoff_delay(n)
+    }
+
+    /// How many objects have a failure remembered.
+    pub fn failing(&self) -> usize {
+        self.failures.lock().map(|f| f.len()).unwrap_or(0)
     }
 }
 
@@ -848,5 +888,35 @@ mod tests {
         assert_eq!(backoff_delay(5), Duration::from_secs(16));
         assert_eq!(backoff_delay(20), MAX_BACKOFF);
         assert_eq!(backoff_delay(200), MAX_BACKOFF);
+    }
+
+    #[tokio::test]
+    async fn the_failure_memory_of_a_gone_object_is_dropped() {
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let shared = Shared::new(client);
+        assert_eq!(
+            shared.backoff("TrainingJob/ns/gone"),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            shared.backoff("TrainingJob/ns/gone"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(shared.failing(), 1);
+        // Long after its last failure, another object's failure sweeps it.
+        if let Ok(mut f) = shared.failures.lock() {
+            for (_, at) in f.values_mut() {
+                *at -= 2 * MAX_BACKOFF;
+            }
+        }
+        assert_eq!(
+            shared.backoff("TrainingJob/ns/other"),
+            Duration::from_secs(1)
+        );
+        assert_eq!(shared.failing(), 1);
+        shared.succeeded("TrainingJob/ns/other");
+        assert_eq!(shared.failing(), 0);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod decide;
+pub mod expectations;
 pub mod reconcile;
 pub mod status;
 
