@@ -172,7 +172,7 @@ impl Expectations {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.with(|mem| mem.len())
     }
 }
