@@ -40,7 +40,7 @@ build_go() {
   local extra=()
   case $name in
     modelserver) extra=(--port 8080) ;;
-    notebook) extra=(--port 8888 --env HOME=/home/jovyan) ;;
+    notebook) extra=(--port 8888 --env HOME=/home/jovyan --dir /home/jovyan=0755=65532) ;;
     trainer) extra=(--port 29500) ;;
   esac
   python3 "$IMAGES_SRC/mkimage.py" --name "$(image_name "$name")" --out "$OUT/$name.tar" \

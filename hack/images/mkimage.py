@@ -18,6 +18,7 @@ unless a file says otherwise).
 --nonroot              add /etc/passwd and /etc/group with root and nonroot
                        (uid/gid 65532, home /home/nonroot), /tmp (1777), and run
                        as 65532:65532
+--dir PATH[=MODE[=UID]] an (empty) directory, e.g. a workspace owned by 65532
 --entrypoint, --cmd    JSON list or a plain single word
 --env K=V              repeatable
 """
@@ -132,6 +133,7 @@ def main():
     ap.add_argument("--name", required=True, help="image reference, e.g. keelson.dev/keelson:dev")
     ap.add_argument("--out", required=True)
     ap.add_argument("--file", action="append", default=[])
+    ap.add_argument("--dir", action="append", default=[])
     ap.add_argument("--ldd", action="store_true")
     ap.add_argument("--nonroot", action="store_true")
     ap.add_argument("--entrypoint")
@@ -166,6 +168,12 @@ def main():
         layer.add_dir("/home/nonroot", 0o755, NONROOT, NONROOT)
         layer.add_dir("/tmp", 0o1777)
         user = f"{NONROOT}:{NONROOT}"
+
+    for spec in a.dir:
+        parts = spec.split("=")
+        mode = int(parts[1], 8) if len(parts) > 1 else 0o755
+        owner = int(parts[2]) if len(parts) > 2 else 0
+        layer.add_dir(parts[0], mode, owner, owner)
 
     env = ["PATH=/usr/local/bin:/usr/bin:/bin"] + a.env
     ports = {p if "/" in p else p + "/tcp": {} for p in a.port}

@@ -16,14 +16,24 @@
 // Health endpoints (never delayed or failed): /healthz (liveness), /ready,
 // /readyz and /v2/health/ready (readiness). On SIGTERM readiness turns 503,
 // in-flight requests finish, and the process exits 0.
+//
+// `modelserver fetch URL...` is a small HTTP client for tests inside the
+// cluster (the image has no shell or curl): it GETs each URL, prints the
+// status and body, and exits 1 on an error or a status >= 400. For https it
+// trusts the service-account CA and sends the service-account token when the
+// pod has them, so `fetch https://kubernetes.default.svc/version` checks the
+// API server through the kubernetes Service.
 package main
 
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"log"
@@ -34,6 +44,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -114,8 +125,48 @@ func envDuration(name string) time.Duration {
 	return d
 }
 
+const saDir = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+func fetch(urls []string) {
+	tlsConf := &tls.Config{}
+	if pem, err := os.ReadFile(saDir + "/ca.crt"); err == nil {
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		tlsConf.RootCAs = pool
+	}
+	token, _ := os.ReadFile(saDir + "/token")
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf}}
+	code := 0
+	for _, u := range urls {
+		req, err := http.NewRequest(http.MethodGet, u, nil)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", u, err)
+			os.Exit(2)
+		}
+		if strings.HasPrefix(u, "https://") && len(token) > 0 {
+			req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			fmt.Printf("%s: error: %v\n", u, err)
+			code = 1
+			continue
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		resp.Body.Close()
+		fmt.Printf("%s: %d\n%s\n", u, resp.StatusCode, strings.TrimSpace(string(body)))
+		if resp.StatusCode >= 400 {
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
 func main() {
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	if len(os.Args) > 1 && os.Args[1] == "fetch" {
+		fetch(os.Args[2:])
+	}
 	port := os.Getenv("PORT")
 	if port == "" {
 		port = "8080"
