@@ -125,3 +125,15 @@ REAL_NODE_LABEL="keelson.dev/real-node=true"
 NODE_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables
   net.ipv4.conf.all.route_localnet vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
   kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+# The interface that carries REAL_NODE_IP: a dummy device, or where the kernel
+# has no dummy driver, an ifb device (it drops whatever is routed to it, as a
+# dummy does; the address on it is local either way).
+ensure_node_iface() {
+  if ! ip link show "$REAL_NODE_IFACE" >/dev/null 2>&1; then
+    ip link add "$REAL_NODE_IFACE" type dummy 2>/dev/null || ip link add "$REAL_NODE_IFACE" type ifb ||
+      die "cannot create interface $REAL_NODE_IFACE (neither dummy nor ifb devices)"
+    log "added interface $REAL_NODE_IFACE ($(ip -d link show "$REAL_NODE_IFACE" | awk 'NR==3 {print $1}')) with $REAL_NODE_IP/32"
+  fi
+  ip link set "$REAL_NODE_IFACE" up
+  ip addr replace "$REAL_NODE_IP/32" dev "$REAL_NODE_IFACE"
+}

@@ -68,12 +68,7 @@ if [[ ! -f $NODE_STATE/sysctl.saved ]]; then
 fi
 
 # --- host network ------------------------------------------------------------
-if ! ip link show "$REAL_NODE_IFACE" >/dev/null 2>&1; then
-  log "adding dummy interface $REAL_NODE_IFACE with $REAL_NODE_IP/32"
-  ip link add "$REAL_NODE_IFACE" type dummy
-fi
-ip link set "$REAL_NODE_IFACE" up
-ip addr replace "$REAL_NODE_IP/32" dev "$REAL_NODE_IFACE"
+ensure_node_iface
 # Service addresses that no kube-proxy rule rewrote go to the dummy device
 # (which drops them) instead of the default route; simulated pod addresses
 # of kwok nodes are unreachable. Nothing of the cluster ever leaves the host.

@@ -327,11 +327,7 @@ wait_healthy etcd 30
 if [[ $REAL_NODE == 1 ]]; then
   APISERVER_NET_FLAGS=(--advertise-address="$REAL_NODE_IP" --bind-address=0.0.0.0 --endpoint-reconciler-type=lease
     --kubelet-client-certificate="$CERTS_DIR/admin.crt" --kubelet-client-key="$CERTS_DIR/admin.key")
-  ip addr show dev "$REAL_NODE_IFACE" 2>/dev/null | grep -q "inet $REAL_NODE_IP/" || {
-    ip link show "$REAL_NODE_IFACE" >/dev/null 2>&1 || ip link add "$REAL_NODE_IFACE" type dummy
-    ip link set "$REAL_NODE_IFACE" up
-    ip addr replace "$REAL_NODE_IP/32" dev "$REAL_NODE_IFACE"
-  }
+  ensure_node_iface
 else
   APISERVER_NET_FLAGS=(--advertise-address="$CLUSTER_HOST" --bind-address="$CLUSTER_HOST" --endpoint-reconciler-type=none)
 fi

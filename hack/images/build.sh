@@ -66,7 +66,7 @@ import_images() {
   fi
   local n
   for n in "$@"; do
-    ctr --address "$CONTAINERD_SOCK" -n k8s.io images import --label io.cri-containerd.pinned=pinned \
+    ctr --address "$CONTAINERD_SOCK" -n k8s.io images import \
       "$OUT/$n.tar" >/dev/null || die "ctr images import $OUT/$n.tar failed"
     log "imported $(image_name "$n") into the real node"
   done

@@ -83,8 +83,21 @@ func scanModel(root string) modelReport {
 		if err != nil {
 			return err
 		}
+		// Kubernetes' atomic writer (configMap, secret, projected volumes)
+		// keeps the real files in a hidden ..<timestamp> dir behind symlinks.
+		if strings.HasPrefix(d.Name(), "..") {
+			if d.IsDir() {
+				return fs.SkipDir
+			}
+			return nil
+		}
 		if d.IsDir() || len(rep.Files) >= maxFiles {
 			return nil
+		}
+		if d.Type()&fs.ModeSymlink != 0 {
+			if fi, err := os.Stat(p); err != nil || fi.IsDir() {
+				return nil
+			}
 		}
 		f, err := os.Open(p)
 		if err != nil {
