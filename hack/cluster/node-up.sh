@@ -170,9 +170,17 @@ wait_for() { # name timeout command...
   done
 }
 
+# Write stdin to a file only when its content changes: kube-proxy exits when its
+# config file is rewritten, and a rerun must leave a running node alone.
+write_if_changed() {
+  local f=$1
+  cat >"$f.new"
+  if cmp -s "$f.new" "$f"; then rm -f "$f.new"; else mv -f "$f.new" "$f"; fi
+}
+
 # containerd ---------------------------------------------------------------------
 mkdir -p "$CONTAINERD_ROOT" "$CONTAINERD_STATE" "$CNI_CONF_DIR" "$NODE_VAR/cni/networks"
-cat >"$NODE_STATE/containerd.toml" <<TOML
+write_if_changed "$NODE_STATE/containerd.toml" <<TOML
 # containerd of the keelson real node (hack/cluster/node-up.sh)
 version = 2
 root = "$CONTAINERD_ROOT"
@@ -218,7 +226,7 @@ oom_score = 0
     conf_dir = "$CNI_CONF_DIR"
     max_conf_num = 1
 TOML
-cat >"$CNI_CONF_DIR/10-keelson.conflist" <<JSON
+write_if_changed "$CNI_CONF_DIR/10-keelson.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "$CNI_NETWORK",
@@ -256,7 +264,7 @@ if [[ ${REAL_NODE_IMAGES:-1} == 1 ]]; then
 fi
 
 # CoreDNS ------------------------------------------------------------------------
-cat >"$NODE_STATE/Corefile" <<COREFILE
+write_if_changed "$NODE_STATE/Corefile" <<COREFILE
 # CoreDNS of the keelson real node (hack/cluster/node-up.sh). Answers only
 # for the cluster; every other name is NXDOMAIN (nothing is forwarded).
 $CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {
@@ -282,36 +290,10 @@ COREFILE
 start_node coredns "$BIN_DIR/coredns" -conf "$NODE_STATE/Corefile"
 wait_for coredns 60 curl -fsS --max-time 2 "http://127.0.0.1:$COREDNS_HEALTH_PORT/health"
 
-# kube-proxy ---------------------------------------------------------------------
-cat >"$NODE_STATE/kube-proxy.yaml" <<YAML
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: $NODE_STATE/kube-proxy.kubeconfig
-hostnameOverride: $REAL_NODE_NAME
-mode: iptables
-clusterCIDR: $REAL_NODE_POD_CIDR
-healthzBindAddress: 127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT
-metricsBindAddress: 127.0.0.1:$KUBE_PROXY_METRICS_PORT
-nodePortAddresses: ["$REAL_NODE_IP/32"]
-iptables:
-  localhostNodePorts: false
-  syncPeriod: 30s
-  minSyncPeriod: 1s
-# Leave the host's conntrack sysctls alone.
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-YAML
-start_node kube-proxy "$BIN_DIR/kube-proxy" --config="$NODE_STATE/kube-proxy.yaml"
-wait_for kube-proxy 60 curl -fsS --max-time 2 "http://127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT/livez"
-
 # kubelet ------------------------------------------------------------------------
 mkdir -p "$KUBELET_ROOT" "$NODE_VAR/pod-logs" "$NODE_STATE/kubelet-pki"
-printf 'nameserver %s\n' "$REAL_NODE_IP" >"$NODE_STATE/resolv.conf"
-cat >"$NODE_STATE/kubelet.yaml" <<YAML
+printf 'nameserver %s\n' "$REAL_NODE_IP" | write_if_changed "$NODE_STATE/resolv.conf"
+write_if_changed "$NODE_STATE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $REAL_NODE_IP
@@ -361,6 +343,36 @@ start_node kubelet "$BIN_DIR/kubelet" \
   --node-ip="$REAL_NODE_IP" \
   --node-labels="$REAL_NODE_LABEL,keelson.dev/node-type=real"
 wait_for kubelet 60 curl -fsS --max-time 2 "http://127.0.0.1:$KUBELET_HEALTHZ_PORT/healthz"
+# kube-proxy after the kubelet registered the Node: it takes its node IP from
+# the Node object (and would wait 30s for it, then exit when it appears).
+wait_for kubelet 60 "${KUBECTL[@]}" get node "$REAL_NODE_NAME"
+
+# kube-proxy ---------------------------------------------------------------------
+write_if_changed "$NODE_STATE/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: $NODE_STATE/kube-proxy.kubeconfig
+hostnameOverride: $REAL_NODE_NAME
+mode: iptables
+clusterCIDR: $REAL_NODE_POD_CIDR
+healthzBindAddress: 127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT
+metricsBindAddress: 127.0.0.1:$KUBE_PROXY_METRICS_PORT
+nodePortAddresses: ["$REAL_NODE_IP/32"]
+iptables:
+  localhostNodePorts: false
+  syncPeriod: 30s
+  minSyncPeriod: 1s
+# Leave the host's conntrack sysctls alone.
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+YAML
+start_node kube-proxy "$BIN_DIR/kube-proxy" --config="$NODE_STATE/kube-proxy.yaml"
+wait_for kube-proxy 60 curl -fsS --max-time 2 "http://127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT/livez"
+
 
 node_ready() {
   [[ $("${KUBECTL[@]}" get node "$REAL_NODE_NAME" \

@@ -462,5 +462,6 @@ fi
 if [[ $REAL_NODE == 1 ]]; then
   KEELSON_STATE_LOCKED=1 "$CLUSTER_DIR/node-up.sh"
 fi
-log "cluster up in $((SECONDS - T0))s: $(node_names | wc -l) Ready nodes ($KWOK_CPU_NODES cpu, $KWOK_GPU_NODES gpu), apiserver $APISERVER_URL"
+log "cluster up in $((SECONDS - T0))s: $(node_names | wc -l) Ready nodes ($KWOK_CPU_NODES cpu, $KWOK_GPU_NODES gpu)$(
+  [[ $REAL_NODE == 1 ]] && echo " + real node $REAL_NODE_NAME"), apiserver $APISERVER_URL"
 log "export KUBECONFIG=$KUBECONFIG_FILE   (or: source hack/cluster/env.sh)"
