@@ -48,6 +48,11 @@ if [[ -s $OWNER_FILE && $(<"$OWNER_FILE") != "$CLUSTER_STATE" ]]; then
       die "the real node of another checkout ($other) runs on this host; run its hack/cluster/down.sh first"
     fi
   done
+  # Its processes are gone (a session or machine stopped) but its host changes
+  # are not: undo them with its own records first.
+  log "cleaning up after the real node of $other, which no longer runs"
+  CLUSTER_STATE=$other KEELSON_STATE_LOCKED=1 "$CLUSTER_DIR/node-down.sh" ||
+    log "warning: cleaning up after $other failed; continuing"
 fi
 mkdir -p "$NODE_VAR"
 echo "$CLUSTER_STATE" >"$OWNER_FILE"

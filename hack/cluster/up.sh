@@ -159,9 +159,11 @@ cluster_ready() {
 }
 
 # --- real node mode -------------------------------------------------------------
-# A running real node keeps its apiserver flags even when REAL_NODE is not set.
-if [[ $REAL_NODE != 1 ]] && component_pid kubelet >/dev/null; then
-  log "a real node runs (hack/cluster/down.sh stops it); keeping it"
+# A real node that was brought up (and not taken down by down.sh) stays, even
+# when REAL_NODE is not set: it keeps its apiserver flags and is restarted if
+# its processes died.
+if [[ $REAL_NODE != 1 ]] && { component_pid kubelet >/dev/null || [[ -d $NODE_STATE ]]; }; then
+  log "this cluster has a real node (hack/cluster/down.sh removes it); keeping it"
   REAL_NODE=1
 fi
 export REAL_NODE
