@@ -52,9 +52,13 @@ build_keelson() {
   log "cargo build --release --bin keelson"
   (cd "$REPO_ROOT" && "${CARGO:-cargo}" build --release --bin keelson) || die "cargo build --release failed"
   [[ -x $bin ]] || die "no $bin after cargo build"
+  # Stripped, as the Dockerfile does; the CA bundle as distroless/cc has it.
+  strip -o "$OUT/bin/keelson" "$bin" 2>/dev/null || cp -f "$bin" "$OUT/bin/keelson"
+  local certs=()
+  [[ -f /etc/ssl/certs/ca-certificates.crt ]] && certs=(--file /etc/ssl/certs/ca-certificates.crt=/etc/ssl/certs/ca-certificates.crt)
   python3 "$IMAGES_SRC/mkimage.py" --name "$(image_name keelson)" --out "$OUT/keelson.tar" \
-    --file "$bin=/usr/local/bin/keelson" --ldd --nonroot --entrypoint /usr/local/bin/keelson \
-    --cmd run --port 8080
+    --file "$OUT/bin/keelson=/usr/local/bin/keelson" "${certs[@]}" --ldd --nonroot \
+    --entrypoint /usr/local/bin/keelson --cmd run --port 8080
 }
 
 # Import into the real node's containerd when it is up.
