@@ -156,7 +156,14 @@ start_node() { # name binary args...
   log "starting $name (log: $LOGS_DIR/$name.log)"
   printf '\n===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$name" >>"$LOGS_DIR/$name.log"
   setsid "$bin" "$@" >>"$LOGS_DIR/$name.log" 2>&1 </dev/null 8>&- 9>&- &
-  echo $! >"$PIDS_DIR/$name.pid"
+  local pid=$! i
+  echo "$pid" >"$PIDS_DIR/$name.pid"
+  # Wait for the exec: until then /proc/<pid>/exe is bash or setsid.
+  for ((i = 0; i < 100; i++)); do
+    component_pid "$name" >/dev/null && break
+    alive "$pid" || break
+    sleep 0.05
+  done
   STARTED+=("$name")
 }
 wait_for() { # name timeout command...

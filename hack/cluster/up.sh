@@ -305,7 +305,15 @@ start() {
   # setsid: the process outlives the shell (and the make) that started it.
   # 8>&-: the lock on the state dir must not be inherited by the daemon.
   setsid "$BIN_DIR/$name" "$@" >>"$LOGS_DIR/$name.log" 2>&1 </dev/null 8>&- &
-  echo $! >"$PIDS_DIR/$name.pid"
+  local pid=$! i
+  echo "$pid" >"$PIDS_DIR/$name.pid"
+  # Until the child has exec'd, /proc/<pid>/exe is bash or setsid, and a
+  # health check under load would take the component for dead.
+  for ((i = 0; i < 100; i++)); do
+    component_pid "$name" >/dev/null && break
+    alive "$pid" || break
+    sleep 0.05
+  done
   STARTED+=("$name")
 }
 
