@@ -187,7 +187,7 @@ fi
 # Built only when the real node is on; kubelet and kube-proxy share the
 # control plane's k8s.io/kubernetes build directory (and its lock).
 build_crictl() {
-  [[ -x $NODE_CACHE_BIN/crictl ]] && return 0
+  [[ -x $NODE_CACHE_BIN/crictl ]] || from_assets crictl && return 0
   local dir="$NODE_CACHE_DIR/src/crictl"
   mkdir -p "$dir"
   modfile sigs.k8s.io/cri-tools "$CRICTL_VERSION" >/dev/null
@@ -203,7 +203,7 @@ build_crictl() {
 # CoreDNS with only the plugins the node's Corefile uses (node-up.sh): the
 # full plugin set pulls in every cloud SDK.
 build_coredns() {
-  [[ -x $NODE_CACHE_BIN/coredns ]] && return 0
+  [[ -x $NODE_CACHE_BIN/coredns ]] || from_assets coredns && return 0
   local dir="$NODE_CACHE_DIR/src/coredns" cmod
   mkdir -p "$dir"
   cmod=$(modfile github.com/coredns/coredns "$COREDNS_VERSION")
@@ -260,13 +260,16 @@ if [[ $REAL_NODE == 1 ]]; then
   build_coredns
   exec 7>&-
   ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T1))s"
-  for b in kubelet kube-proxy; do
-    [[ -x $CACHE_BIN/$b ]] || die "missing $b (expected $CACHE_BIN/$b)"
-    ln -sfn "$CACHE_BIN/$b" "$BIN_DIR/$b"
-  done
-  for b in crictl coredns; do
-    [[ -x $NODE_CACHE_BIN/$b ]] || die "missing $b (expected $NODE_CACHE_BIN/$b)"
-    ln -sfn "$NODE_CACHE_BIN/$b" "$BIN_DIR/$b"
+  for b in "${NODE_BINARIES[@]}"; do
+    if from_assets "$b"; then
+      src="$KUBEBUILDER_ASSETS/$b"
+    elif [[ $b == kubelet || $b == kube-proxy ]]; then
+      src="$CACHE_BIN/$b"
+    else
+      src="$NODE_CACHE_BIN/$b"
+    fi
+    [[ -x $src ]] || die "missing $b (expected $src)"
+    ln -sfn "$src" "$BIN_DIR/$b"
   done
 fi
 
