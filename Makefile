@@ -57,7 +57,4 @@ bench-scale: cluster
 	hack/bench/anchor.sh build
 	$(CARGO) bench --bench scale
 
-image:
-	docker build -t keelson:dev .
-
 include hack/cluster/cluster.mk

@@ -9,6 +9,13 @@
 #   kubectl                  k8s.io/kubernetes/cmd/kubectl
 #   kwok                     sigs.k8s.io/kwok/cmd/kwok
 #
+# With the real node on (REAL_NODE=1; docs/real-node.md), also:
+#
+#   kubelet, kube-proxy      k8s.io/kubernetes/cmd/... (same module and cache dir)
+#   crictl                   sigs.k8s.io/cri-tools/cmd/crictl
+#   coredns                  github.com/coredns/coredns with the plugins the
+#                            node uses (cached in .../keelson/node-crictl-<v>-coredns-<v>/)
+#
 # Versions come from versions.env. Binaries are cached per user in
 # ${XDG_CACHE_HOME:-~/.cache}/keelson/k8s-<v>-etcd-<v>-kwok-<v>/bin and only
 # what is missing is built. If KUBEBUILDER_ASSETS points at a directory of
@@ -70,7 +77,7 @@ modfile() {
 
 build_kube() {
   local bins=() b
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for b in "$@"; do
     need_build "$b" && bins+=("$b")
   done
   ((${#bins[@]})) || return 0
@@ -168,12 +175,102 @@ if [[ -f $CACHE_DIR/.complete && -z ${KUBEBUILDER_ASSETS:-} ]]; then
   : # everything cached
 else
   build_etcd
-  build_kube
+  build_kube kube-apiserver kube-controller-manager kube-scheduler kubectl
   build_kwok
   all=1
   for b in "${ALL_BINARIES[@]}"; do [[ -x $CACHE_BIN/$b ]] || all=0; done
   ((all)) && date -u +%FT%TZ >"$CACHE_DIR/.complete"
   ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T0))s"
+fi
+
+# --- real node -----------------------------------------------------------------
+# Built only when the real node is on; kubelet and kube-proxy share the
+# control plane's k8s.io/kubernetes build directory (and its lock).
+build_crictl() {
+  [[ -x $NODE_CACHE_BIN/crictl ]] || from_assets crictl && return 0
+  local dir="$NODE_CACHE_DIR/src/crictl"
+  mkdir -p "$dir"
+  modfile sigs.k8s.io/cri-tools "$CRICTL_VERSION" >/dev/null
+  if ! grep -q "sigs.k8s.io/cri-tools $CRICTL_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+    printf 'module keelson.local/crictl-build\n\ngo 1.24.1\n\nrequire sigs.k8s.io/cri-tools %s\n' "$CRICTL_VERSION" >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+  fi
+  log "building crictl $CRICTL_VERSION..."
+  CACHE_BIN=$NODE_CACHE_BIN CACHE_DIR=$NODE_CACHE_DIR gobuild crictl "$dir" \
+    "$LDFLAGS_BASE -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl
+}
+
+# CoreDNS with only the plugins the node's Corefile uses (node-up.sh): the
+# full plugin set pulls in every cloud SDK.
+build_coredns() {
+  [[ -x $NODE_CACHE_BIN/coredns ]] || from_assets coredns && return 0
+  local dir="$NODE_CACHE_DIR/src/coredns" cmod
+  mkdir -p "$dir"
+  cmod=$(modfile github.com/coredns/coredns "$COREDNS_VERSION")
+  if ! grep -q "github.com/coredns/coredns $COREDNS_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+    {
+      echo "module keelson.local/coredns-build"
+      echo
+      grep -E '^go ' "$cmod"
+      echo
+      echo "require github.com/coredns/coredns $COREDNS_VERSION"
+    } >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+    cat >"$dir/main.go" <<'GO'
+// Command coredns is CoreDNS with the plugins the keelson real node uses.
+package main
+
+import (
+	_ "github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/template"
+)
+
+func main() { coremain.Run() }
+GO
+    (cd "$dir" && go mod tidy) >"$NODE_CACHE_DIR/build-coredns-tidy.log" 2>&1 ||
+      { tail -n 20 "$NODE_CACHE_DIR/build-coredns-tidy.log" >&2; die "go mod tidy for coredns failed"; }
+  fi
+  log "building coredns $COREDNS_VERSION (first run takes a few minutes)..."
+  CACHE_BIN=$NODE_CACHE_BIN CACHE_DIR=$NODE_CACHE_DIR gobuild coredns "$dir" \
+    "$LDFLAGS_BASE -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" .
+}
+
+NODE_CACHE_BIN="$NODE_CACHE_DIR/bin"
+if [[ $REAL_NODE == 1 ]]; then
+  T1=$SECONDS
+  BUILT=()
+  build_kube kubelet kube-proxy
+  mkdir -p "$NODE_CACHE_BIN"
+  exec 7>"$NODE_CACHE_DIR/.lock"
+  if ! flock -n 7; then
+    log "another build holds $NODE_CACHE_DIR/.lock; waiting for it..."
+    flock 7
+  fi
+  build_crictl
+  build_coredns
+  exec 7>&-
+  ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T1))s"
+  for b in "${NODE_BINARIES[@]}"; do
+    if from_assets "$b"; then
+      src="$KUBEBUILDER_ASSETS/$b"
+    elif [[ $b == kubelet || $b == kube-proxy ]]; then
+      src="$CACHE_BIN/$b"
+    else
+      src="$NODE_CACHE_BIN/$b"
+    fi
+    [[ -x $src ]] || die "missing $b (expected $src)"
+    ln -sfn "$src" "$BIN_DIR/$b"
+  done
 fi
 
 if [[ -n ${KUBEBUILDER_ASSETS:-} ]]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stop the local control plane (make cluster-down). Idempotent.
 #
-# Stops exactly the processes named by target/cluster/pids/*.pid (TERM, then
+# Takes a real node down first (node-down.sh; docs/real-node.md), then
+# stops exactly the processes named by target/cluster/pids/*.pid (TERM, then
 # KILL after a bounded wait), then removes the cluster's data: etcd data,
 # certificates, pid files and the kubeconfig. Logs (target/cluster/logs/) and
 # the binaries are kept.
@@ -9,6 +10,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 lock_state
+
+# The real node first (kubelet, pods, kube-proxy, containerd; host restored).
+KEELSON_STATE_LOCKED=1 "$CLUSTER_DIR/node-down.sh"
 
 stopped=()
 for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do

@@ -95,3 +95,43 @@ stop_component() {
 # Fingerprint of the kwok stage set a running kwok was started with.
 KWOK_STAGES="$CLUSTER_DIR/kwok/stages.yaml"
 stages_sum() { sha256sum "$KWOK_STAGES" | cut -d' ' -f1; }
+
+# --- real node (node-up.sh, node-down.sh, docs/real-node.md) -----------------
+# On when REAL_NODE=1 (opt-in, also in CI until the real-node test suite runs there).
+: "${REAL_NODE:=0}"
+NODE_BINARIES=(kubelet kube-proxy crictl coredns)
+# crictl and CoreDNS are cached beside the control plane, keyed by their versions.
+NODE_CACHE_DIR="$CACHE_ROOT/node-crictl-${CRICTL_VERSION}-coredns-${COREDNS_VERSION}"
+# Host paths of the node. The kubelet root and containerd root sit under
+# /var/lib/keelson so the socket paths stay short whatever the checkout path.
+NODE_STATE="$CLUSTER_STATE/node"
+NODE_VAR=/var/lib/keelson
+KUBELET_ROOT="$NODE_VAR/kubelet"
+CONTAINERD_ROOT="$NODE_VAR/containerd"
+CONTAINERD_STATE=/run/keelson-containerd
+CONTAINERD_SOCK="$CONTAINERD_STATE/containerd.sock"
+CNI_CONF_DIR="$NODE_VAR/cni/net.d"
+CNI_BIN_DIR=/usr/lib/cni
+CNI_NETWORK=keelson
+PAUSE_IMAGE=keelson.dev/pause:dev
+NODE_COMPONENTS=(containerd coredns kube-proxy kubelet)
+REAL_NODE_TAINT="keelson.dev/real-node=true:NoSchedule"
+REAL_NODE_LABEL="keelson.dev/real-node=true"
+# Kernel settings the kubelet and kube-proxy change, and the ones the node
+# needs: node-up.sh records them in $NODE_STATE/sysctl.saved, node-down.sh
+# writes the recorded values back.
+NODE_SYSCTLS=(net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables
+  net.ipv4.conf.all.route_localnet vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+# The interface that carries REAL_NODE_IP: a dummy device, or where the kernel
+# has no dummy driver, an ifb device (it drops whatever is routed to it, as a
+# dummy does; the address on it is local either way).
+ensure_node_iface() {
+  if ! ip link show "$REAL_NODE_IFACE" >/dev/null 2>&1; then
+    ip link add "$REAL_NODE_IFACE" type dummy 2>/dev/null || ip link add "$REAL_NODE_IFACE" type ifb ||
+      die "cannot create interface $REAL_NODE_IFACE (neither dummy nor ifb devices)"
+    log "added interface $REAL_NODE_IFACE ($(ip -d link show "$REAL_NODE_IFACE" | awk 'NR==3 {print $1}')) with $REAL_NODE_IP/32"
+  fi
+  ip link set "$REAL_NODE_IFACE" up
+  ip addr replace "$REAL_NODE_IP/32" dev "$REAL_NODE_IFACE"
+}

@@ -158,8 +158,25 @@ cluster_ready() {
   [[ -z $(nodes_not_ready) && -z $(surplus_nodes) ]]
 }
 
-if cluster_ready; then
-  log "cluster already up and healthy ($(node_names | wc -l) nodes); nothing to do"
+# --- real node mode -------------------------------------------------------------
+# A real node that was brought up (and not taken down by down.sh) stays, even
+# when REAL_NODE is not set: it keeps its apiserver flags and is restarted if
+# its processes died.
+if [[ $REAL_NODE != 1 ]] && { component_pid kubelet >/dev/null || [[ -d $NODE_STATE ]]; }; then
+  log "this cluster has a real node (hack/cluster/down.sh removes it); keeping it"
+  REAL_NODE=1
+fi
+export REAL_NODE
+# How the apiserver must run: on loopback only, or reachable by pods at REAL_NODE_IP.
+if [[ $REAL_NODE == 1 ]]; then APISERVER_MODE="real-node $REAL_NODE_IP"; else APISERVER_MODE=loopback; fi
+# (An apiserver started before this file existed runs on loopback.)
+apiserver_mode_ok() { [[ $(cat "$PIDS_DIR/kube-apiserver.mode" 2>/dev/null || echo loopback) == "$APISERVER_MODE" ]]; }
+
+if cluster_ready && apiserver_mode_ok; then
+  if [[ $REAL_NODE == 1 ]]; then
+    KEELSON_STATE_LOCKED=1 "$CLUSTER_DIR/node-up.sh"
+  fi
+  log "cluster already up and healthy ($(node_names | wc -l) simulated nodes$([[ $REAL_NODE == 1 ]] && echo ", real node $REAL_NODE_NAME")); nothing to do"
   log "export KUBECONFIG=$KUBECONFIG_FILE"
   exit 0
 fi
@@ -191,7 +208,7 @@ gen_certs() {
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,IP:$KUBERNETES_SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,DNS:localhost,IP:$KUBERNETES_SERVICE_IP,IP:$REAL_NODE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EXT
     cat >client.ext <<EXT
 basicConstraints=critical,CA:FALSE
@@ -251,6 +268,25 @@ KCFG
 gen_certs
 write_kubeconfig
 
+# Certificates from before the real node existed lack its address: re-issue
+# the apiserver's serving certificate (same CA, so every client still works).
+if [[ $REAL_NODE == 1 ]] && ! openssl x509 -in "$CERTS_DIR/apiserver.crt" -noout -ext subjectAltName 2>/dev/null |
+  grep -q "IP Address:$REAL_NODE_IP\b"; then
+  log "re-issuing the apiserver serving certificate with $REAL_NODE_IP"
+  (
+    cd "$CERTS_DIR"
+    umask 077
+    openssl x509 -in apiserver.crt -noout -ext subjectAltName | tail -n +2 | tr -d ' ' | sed 's/IPAddress:/IP:/g' >san.txt
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=%s,IP:%s\n' \
+      "$(<san.txt)" "$REAL_NODE_IP" >apiserver.ext
+    openssl req -new -key apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>>openssl.log
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAserial ca.srl \
+      -days 3650 -extfile apiserver.ext -out apiserver.crt 2>>openssl.log
+    rm -f apiserver.csr apiserver.ext san.txt
+  ) || die "re-issuing the apiserver certificate failed; see $CERTS_DIR/openssl.log"
+  rm -f "$PIDS_DIR/kube-apiserver.mode"
+fi
+
 # --- processes ---------------------------------------------------------------
 STARTED=()
 start() {
@@ -269,7 +305,15 @@ start() {
   # setsid: the process outlives the shell (and the make) that started it.
   # 8>&-: the lock on the state dir must not be inherited by the daemon.
   setsid "$BIN_DIR/$name" "$@" >>"$LOGS_DIR/$name.log" 2>&1 </dev/null 8>&- &
-  echo $! >"$PIDS_DIR/$name.pid"
+  local pid=$! i
+  echo "$pid" >"$PIDS_DIR/$name.pid"
+  # Until the child has exec'd, /proc/<pid>/exe is bash or setsid, and a
+  # health check under load would take the component for dead.
+  for ((i = 0; i < 100; i++)); do
+    component_pid "$name" >/dev/null && break
+    alive "$pid" || break
+    sleep 0.05
+  done
   STARTED+=("$name")
 }
 
@@ -286,9 +330,23 @@ start etcd \
   --log-level=warn
 wait_healthy etcd 30
 
+# The real node's pods reach the apiserver at REAL_NODE_IP through the
+# kubernetes Service: it then listens on every address (127.0.0.1 stays usable),
+# advertises REAL_NODE_IP, keeps the Service's endpoints itself, and talks to
+# the kubelet with the admin client certificate.
+if [[ $REAL_NODE == 1 ]]; then
+  APISERVER_NET_FLAGS=(--advertise-address="$REAL_NODE_IP" --bind-address=0.0.0.0 --endpoint-reconciler-type=lease
+    --kubelet-client-certificate="$CERTS_DIR/admin.crt" --kubelet-client-key="$CERTS_DIR/admin.key")
+  ensure_node_iface
+else
+  APISERVER_NET_FLAGS=(--advertise-address="$CLUSTER_HOST" --bind-address="$CLUSTER_HOST" --endpoint-reconciler-type=none)
+fi
+if component_pid kube-apiserver >/dev/null && ! apiserver_mode_ok; then
+  log "kube-apiserver runs with other network flags than '$APISERVER_MODE' needs; restarting it"
+  stop_component kube-apiserver
+fi
 start kube-apiserver \
-  --advertise-address="$CLUSTER_HOST" \
-  --bind-address="$CLUSTER_HOST" \
+  "${APISERVER_NET_FLAGS[@]}" \
   --secure-port="$APISERVER_PORT" \
   --etcd-servers="http://$CLUSTER_HOST:$ETCD_CLIENT_PORT" \
   --cert-dir="$CERTS_DIR/apiserver-generated" \
@@ -307,7 +365,6 @@ start kube-apiserver \
   --service-account-key-file="$CERTS_DIR/sa.pub" \
   --service-account-signing-key-file="$CERTS_DIR/sa.key" \
   --service-cluster-ip-range="$SERVICE_CIDR" \
-  --endpoint-reconciler-type=none \
   --kubelet-preferred-address-types=InternalIP \
   --allow-privileged=true \
   --audit-policy-file="$CLUSTER_DIR/audit-policy.yaml" \
@@ -315,6 +372,7 @@ start kube-apiserver \
   --audit-log-maxsize=500 \
   --audit-log-maxbackup=1 \
   --profiling=false
+echo "$APISERVER_MODE" >"$PIDS_DIR/kube-apiserver.mode"
 wait_healthy kube-apiserver "$START_TIMEOUT"
 
 COMMON_KUBE_FLAGS=(
@@ -411,5 +469,9 @@ done
 if ((${#STARTED[@]})); then
   log "started: ${STARTED[*]}"
 fi
-log "cluster up in $((SECONDS - T0))s: $(node_names | wc -l) Ready nodes ($KWOK_CPU_NODES cpu, $KWOK_GPU_NODES gpu), apiserver $APISERVER_URL"
+if [[ $REAL_NODE == 1 ]]; then
+  KEELSON_STATE_LOCKED=1 "$CLUSTER_DIR/node-up.sh"
+fi
+log "cluster up in $((SECONDS - T0))s: $(node_names | wc -l) Ready nodes ($KWOK_CPU_NODES cpu, $KWOK_GPU_NODES gpu)$(
+  [[ $REAL_NODE == 1 ]] && echo " + real node $REAL_NODE_NAME"), apiserver $APISERVER_URL"
 log "export KUBECONFIG=$KUBECONFIG_FILE   (or: source hack/cluster/env.sh)"
