@@ -9,7 +9,6 @@
 //! copies are in flight; beyond that a copy is dropped (counted as `dropped`). A copy runs in its own
 //! task with its own timeout, and its outcome never reaches the caller.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,21 +144,21 @@ impl Proxy {
 
     async fn forward(&self, up: &Upstream, mut req: Request<ReqBody>) -> Response<Body> {
         let m = &up.metrics;
-        m.requests.fetch_add(1, Relaxed);
+        m.requests.inc();
         to_upstream(up, &mut req);
         *req.version_mut() = Version::HTTP_11;
         let start = Instant::now();
         // The pool keeps the connect and request timeouts: no timer per request.
         match self.pool(up).send(req, start).await {
             Ok(resp) => {
-                m.latency.observe(start.elapsed());
+                m.latency(start.elapsed());
                 m.response(resp.status().as_u16());
                 let mut resp = resp.map(Either::Left);
                 strip_hop_by_hop(resp.headers_mut());
                 resp
             }
             Err(UpstreamError::Timeout(_)) => {
-                m.errors.fetch_add(1, Relaxed);
+                m.errors.inc();
                 tracing::debug!(variant = %up.name, upstream = %up.authority, "upstream request timed out");
                 text(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -167,7 +166,7 @@ impl Proxy {
                 )
             }
             Err(e) => {
-                m.errors.fetch_add(1, Relaxed);
+                m.errors.inc();
                 tracing::debug!(variant = %up.name, upstream = %up.authority, error = %e, "upstream request failed");
                 text(
                     StatusCode::BAD_GATEWAY,
@@ -407,7 +406,7 @@ mod tests {
             name: "a".into(),
             weight: 1,
             authority: "10.0.0.1:8080".parse().unwrap(),
-            metrics: Arc::default(),
+            metrics: crate::metrics::Metrics::default().variant("a"),
             pool: Default::default(),
         };
         let target = |uri: &str, host: Option<&str>| {

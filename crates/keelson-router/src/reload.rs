@@ -5,7 +5,6 @@
 //! finish on the route they started with. The same tick sweeps the pools ([`Proxy::sweep`]).
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -69,16 +68,13 @@ impl Reloader {
             Ok(route) => {
                 tracing::info!(path = %self.path.display(), split = %route.summary(), "router config loaded");
                 self.proxy.route.store(Some(Arc::new(route)));
-                self.metrics.reloads_ok.fetch_add(1, Relaxed);
-                let now = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                self.metrics.config_loaded_at.store(now, Relaxed);
+                self.metrics.reloads_ok.inc();
+                self.metrics.config_loaded(SystemTime::now());
                 Reload::Loaded
             }
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, loaded = self.proxy.ready(), "router config refused; keeping the last good one");
-                self.metrics.reloads_failed.fetch_add(1, Relaxed);
+                self.metrics.reloads_failed.inc();
                 Reload::Refused
             }
         }
@@ -148,8 +144,8 @@ mod tests {
         std::fs::write(&path, config(10)).unwrap();
         assert_eq!(r.check().await, Reload::Loaded);
         assert_eq!(weight(), Some(10));
-        assert_eq!(metrics.reloads_ok.load(Relaxed), 3);
-        assert_eq!(metrics.reloads_failed.load(Relaxed), 3);
+        assert_eq!(metrics.reloads_ok.get(), 3);
+        assert_eq!(metrics.reloads_failed.get(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -233,10 +233,12 @@ pub fn admin(req: &Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Respo
             "no valid router config loaded yet\n",
         ),
         "/metrics" => {
-            let mut r = Response::new(Either::Right(Full::new(Bytes::from(metrics.render()))));
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(metrics.encode()))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             r
         }
