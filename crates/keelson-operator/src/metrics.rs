@@ -1,4 +1,6 @@
-//! The operator's Prometheus metrics, served on `/metrics` next to the probes.
+//! The operator's metrics in one prometheus-client registry, served as OpenMetrics text on
+//! `/metrics` next to the probes (see [`crate::health`]). Recording must not block a reconcile or
+//! write anywhere but the registry: no I/O, no locks held across an await.
 //!
 //! | metric | labels | what |
 //! |---|---|---|
@@ -7,6 +9,7 @@
 //! | `keelson_reconcile_duration_seconds` | `kind` | time of one reconcile |
 //! | `keelson_writes_total` | `op` (`apply`, `create`, `delete`, `status`) | API writes made for children and status |
 //! | `keelson_leader` | | 1 while this replica holds the lease |
+//! | `keelson_events_dropped_total` | | Events not recorded because their queue was full |
 
 use std::time::Duration;
 
@@ -109,14 +112,14 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// The counter of one write operation (shared with [`crate::apply::WriteCounter`]).
+    /// The counter of one write operation (shared with [`crate::runtime::apply::WriteCounter`]).
     pub fn write_counter(&self, op: &str) -> Counter {
         self.writes
             .get_or_create(&WriteLabels { op: op.into() })
             .clone()
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
