@@ -1,4 +1,6 @@
-//! The ModelDeployment reconciler: fetch -> build -> apply -> sweep orphans -> observe -> status.
+//! The ModelDeployment reconciler: the steps of the [`driver`] pipeline for a ModelDeployment.
+//! Build is [`super::build`]; apply writes the variants, then what routes traffic to them, then the
+//! entry Service, sweeps the orphans and observes; status is [`super::status`].
 //!
 //! Deployments, Services and ConfigMaps are watched and cached. The HTTPRoute is not: its CRD may be
 //! absent, and a watch on a missing resource type would fail forever. In `GatewayAPI` mode it is read
@@ -14,9 +16,7 @@ use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::core::Status;
-use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
@@ -24,15 +24,16 @@ use super::build::{build, Children};
 use super::names::{router_kind, router_kind_name, ANNOTATION_ROUTER};
 use super::status::{invalid, status, Observed};
 use super::traffic::Traffic;
-use crate::error::{Error, Result};
+use crate::error::{BuildError, Error, Result};
 use crate::runtime::apply::{self, Object, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, children_of, error_policy, key, owner_of, parent_controller, timed,
-    ChildStore, Shared, Synced, RESYNC,
+    cached, child_cache, children_of, error_policy, owner_of, parent_controller, timed, ChildStore,
+    Shared, Synced, RESYNC,
 };
+use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
-use keelson_api::modeldeployment::{ModelDeployment, RouterKind};
+use keelson_api::modeldeployment::{ModelDeployment, ModelDeploymentStatus, RouterKind};
 
 /// Environment variable naming the image of the built-in router.
 pub const ROUTER_IMAGE_ENV: &str = "KEELSON_ROUTER_IMAGE";
@@ -104,16 +105,12 @@ pub async fn run(
         .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
-            move |o, c| timed(metrics.clone(), "ModelDeployment", reconcile(o, c)),
+            move |o, c| timed(metrics.clone(), "ModelDeployment", driver::reconcile(o, c)),
             |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
             ctx,
         )
         .for_each(|r| shared.finished(r))
         .await;
-}
-
-fn now() -> Time {
-    Time(Timestamp::now())
 }
 
 /// Whether a 404 from a request for `name` means that the resource type is not served (its CRD is
@@ -123,92 +120,111 @@ pub fn type_missing(s: &Status, name: &str) -> bool {
     s.code == 404 && s.details.as_ref().is_none_or(|d| d.name != name)
 }
 
-/// What one reconcile wrote, for the log line.
-struct Changes(Vec<String>);
+impl Kind for Ctx {
+    type Parent = ModelDeployment;
+    type Fetched = ();
+    type Children = Children;
+    type Observed = Observed;
+    type Status = ModelDeploymentStatus;
 
-/// One reconcile of one ModelDeployment.
-#[tracing::instrument(skip_all, fields(kind = "ModelDeployment", namespace = md.namespace().unwrap_or_default(), name = md.name_any()))]
-pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Ctx>) -> Result<Action> {
-    if md.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+    const KIND: &'static str = "ModelDeployment";
+
+    fn context(&self) -> (&Shared, &Synced) {
+        (&self.shared, &self.synced)
     }
-    let owner = Owner::of(md.as_ref()).ok_or_else(|| Error::MissingMeta(md.name_any()))?;
-    // Decisions are taken from the child caches: never from caches that have not listed yet
-    // (an empty cache would turn every child into a create and hide every orphan).
-    ctx.synced.wait().await?;
-    let shared = &ctx.shared;
-    let client = &shared.client;
 
-    let children = match build(&md, &owner, &ctx.router_image) {
-        Ok(c) => c,
-        Err(e) => {
-            let st = invalid(&md, &e, &now());
-            if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
-                .await?
-            {
-                shared
-                    .event(md.as_ref(), true, e.reason, e.to_string())
-                    .await;
+    fn fetch(&self, _md: &ModelDeployment, _owner: &Owner) {}
+
+    fn previous(&self, md: &ModelDeployment, _: &()) -> Option<ModelDeploymentStatus> {
+        md.status.clone()
+    }
+
+    fn build(&self, md: &ModelDeployment, owner: &Owner, _: &()) -> Result<Children, BuildError> {
+        build(md, owner, &self.router_image)
+    }
+
+    fn invalid(
+        &self,
+        md: &ModelDeployment,
+        _: &(),
+        err: &BuildError,
+        now: &Time,
+    ) -> ModelDeploymentStatus {
+        invalid(md, err, now)
+    }
+
+    async fn apply(
+        &self,
+        md: &ModelDeployment,
+        owner: &Owner,
+        _: &(),
+        children: Children,
+        changes: &mut Changes,
+    ) -> Applied<Observed> {
+        match converge(md, owner, self, children, changes).await {
+            Ok(observed) => Applied {
+                observed,
+                error: None,
+            },
+            Err(e) => {
+                driver::record(
+                    &self.shared,
+                    md,
+                    Note::warning("ReconcileFailed", e.to_string()),
+                );
+                Applied {
+                    observed: Observed::default(),
+                    error: Some(e),
+                }
             }
-            shared.succeeded(&key(md.as_ref()));
-            return Ok(Action::await_change());
         }
-    };
+    }
 
-    let mut changes = Changes(Vec::new());
-    let observed = match converge(&md, &owner, &ctx, children, &mut changes).await {
-        Ok(o) => o,
-        Err(e) => {
-            shared
-                .event(md.as_ref(), true, "ReconcileFailed", e.to_string())
-                .await;
+    fn status(
+        &self,
+        md: &ModelDeployment,
+        _: &(),
+        observed: &Observed,
+        failed: Option<&Error>,
+        now: &Time,
+    ) -> Option<ModelDeploymentStatus> {
+        match failed {
+            None => Some(status(md, observed, now)),
             // A child the API server refuses: the status says so (reason ChildRefused), and the
-            // reconcile is retried with backoff.
-            if let Some(refused) = e.refusal() {
-                let st = invalid(&md, &refused, &now());
-                apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st)
-                    .await?;
-            }
-            if !changes.0.is_empty() {
-                tracing::info!(changes = ?changes.0, "reconciled in part");
-            }
-            return Err(e);
+            // reconcile is retried with backoff. Any other failure is only retried.
+            Some(e) => e.refusal().map(|r| invalid(md, &r, now)),
         }
-    };
+    }
 
-    let st = status(&md, &observed, &now());
-    let prev_ready = md
-        .status
-        .as_ref()
-        .and_then(|s| conditions::find(&s.conditions, READY).cloned());
-    if apply::patch_status(client, &shared.writes, md.as_ref(), md.status.as_ref(), &st).await? {
-        if let Some(r) = conditions::find(&st.conditions, READY) {
-            let moved = prev_ready
-                .as_ref()
-                .is_none_or(|p| p.status != r.status || p.reason != r.reason);
-            if moved && r.status == "True" {
-                shared
-                    .event(md.as_ref(), false, &r.reason, r.message.clone())
-                    .await;
-            } else if moved && FAILURE_REASONS.contains(&r.reason.as_str()) {
-                shared
-                    .event(md.as_ref(), true, &r.reason, r.message.clone())
-                    .await;
-            }
-        }
-        changes.0.push("status".into());
+    fn transition(
+        &self,
+        _md: &ModelDeployment,
+        prev: Option<&ModelDeploymentStatus>,
+        new: &ModelDeploymentStatus,
+        _observed: &Observed,
+    ) -> (Vec<Note>, Vec<Change>) {
+        let prev_ready = prev.and_then(|s| conditions::find(&s.conditions, READY));
+        let Some(r) = conditions::find(&new.conditions, READY) else {
+            return (Vec::new(), Vec::new());
+        };
+        let moved = prev_ready.is_none_or(|p| p.status != r.status || p.reason != r.reason);
+        let notes = if moved && r.status == "True" {
+            vec![Note::normal(r.reason.clone(), r.message.clone())]
+        } else if moved && FAILURE_REASONS.contains(&r.reason.as_str()) {
+            vec![Note::warning(r.reason.clone(), r.message.clone())]
+        } else {
+            Vec::new()
+        };
+        (notes, Vec::new())
     }
-    if !changes.0.is_empty() {
-        tracing::info!(changes = ?changes.0, "reconciled");
-    }
-    shared.succeeded(&key(md.as_ref()));
-    Ok(Action::requeue(
-        if router_kind(&md) == RouterKind::GatewayApi {
+
+    fn next(&self, md: &ModelDeployment, _observed: &Observed) -> Next {
+        Next::Requeue(if router_kind(md) == RouterKind::GatewayApi {
             ROUTE_RESYNC
         } else {
             RESYNC
-        },
-    ))
+        })
+    }
 }
 
 /// Brings the children to `children` and returns what the cluster holds afterwards.
@@ -332,17 +348,17 @@ async fn apply_child<K: Object>(
     let ns = desired.namespace().unwrap_or_default();
     let child = desired.object_ref(&());
     let existing = cached(store, &ns, &name);
+    let (made, updated) = (Change::created(&desired), Change::updated(&desired));
     let outcome =
         apply::apply(&shared.client, &shared.writes, desired, existing.as_deref()).await?;
-    let kind = K::kind(&());
     match outcome {
         Outcome::Unchanged => {}
         Outcome::Created => {
-            let note = format!("created {kind} {name}");
-            shared.child_event(md, "Created", "Create", note.clone(), child);
-            changes.0.push(note);
+            let note = format!("created {} {name}", K::kind(&()));
+            shared.child_event(md, "Created", "Create", note, child);
+            changes.push(made);
         }
-        Outcome::Updated => changes.0.push(format!("updated {kind} {name}")),
+        Outcome::Updated => changes.push(updated),
     }
     Ok(outcome)
 }
@@ -389,8 +405,8 @@ async fn delete_child<K: Object>(
     let shared = &ctx.shared;
     if apply::delete(&shared.client, &shared.writes, child).await? {
         let note = format!("deleted {} {}", K::kind(&()), child.name_any());
-        shared.child_event(md, "Deleted", "Delete", note.clone(), child.object_ref(&()));
-        changes.0.push(note);
+        shared.child_event(md, "Deleted", "Delete", note, child.object_ref(&()));
+        changes.push(Change::deleted(child, "orphan"));
     }
     Ok(())
 }
@@ -450,6 +466,17 @@ async fn apply_route(
     match apply::apply(client, &ctx.shared.writes, desired, existing.as_deref()).await {
         Ok(Outcome::Unchanged) => Ok(existing.map_or(RouteRead::Absent, RouteRead::Present)),
         Ok(outcome) => {
+            let change = if outcome == Outcome::Created {
+                Change::Created {
+                    kind: "HTTPRoute".into(),
+                    name: name.clone(),
+                }
+            } else {
+                Change::Updated {
+                    kind: "HTTPRoute".into(),
+                    name: name.clone(),
+                }
+            };
             let (reason, action, note) = if outcome == Outcome::Created {
                 ("Created", "Create", format!("created HTTPRoute {name}"))
             } else {
@@ -459,9 +486,8 @@ async fn apply_route(
                     format!("HTTPRoute {name} now splits traffic {}", spec_split(md)),
                 )
             };
-            ctx.shared
-                .child_event(md, reason, action, note.clone(), child);
-            changes.0.push(note);
+            ctx.shared.child_event(md, reason, action, note, child);
+            changes.push(change);
             get_route(&api, &name).await
         }
         // A server-side apply creates what is absent: a 404 means the type itself is not served.

@@ -1,26 +1,29 @@
-//! The Notebook reconciler: fetch -> build -> apply -> observe -> status.
+//! The Notebook reconciler: the steps of the [`driver`] pipeline for a Notebook. Fetch reads the
+//! token Secret (a token is made only when none exists); build is [`super::build`]; apply writes
+//! the token Secret, the workspace PVC, the Service and the pod, in that order; status is
+//! [`super::status`].
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::build::{build, pod_name, token_secret_name, workspace_name, Children};
 use super::status::{invalid, pod_action, status, Observed, PodAction};
-use crate::error::{BuildError, Error, Result};
+use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, applied_hash, stamp, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, error_policy, key, owner_of, parent_controller, timed, ChildStore, Shared,
-    Synced, RESYNC,
+    cached, child_cache, error_policy, owner_of, parent_controller, timed, ChildStore, Shared,
+    Synced,
 };
+use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Note};
+use keelson_api::conditions::{self, READY};
 use keelson_api::meta::Owner;
-use keelson_api::notebook::Notebook;
+use keelson_api::notebook::{Notebook, NotebookStatus};
 
 /// Length of a generated access token.
 const TOKEN_LEN: usize = 48;
@@ -43,6 +46,15 @@ pub fn needs_token(existing: Option<&Secret>) -> bool {
 
 fn new_token() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), TOKEN_LEN)
+}
+
+/// What a Notebook reconcile reads from the caches before it builds.
+pub struct Fetched {
+    owner: Owner,
+    /// The token Secret, if it exists.
+    token_secret: Option<Arc<Secret>>,
+    /// A new token, when there is no token Secret yet (else empty).
+    token: String,
 }
 
 /// Runs the Notebook controller until `shutdown` resolves.
@@ -90,7 +102,7 @@ pub async fn run(
         .watches_stream(pvc_events, |c| owner_of::<Notebook, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
-            move |o, c| timed(metrics.clone(), "Notebook", reconcile(o, c)),
+            move |o, c| timed(metrics.clone(), "Notebook", driver::reconcile(o, c)),
             |nb, err, ctx| error_policy(nb.as_ref(), err, &ctx.shared),
             ctx,
         )
@@ -98,97 +110,113 @@ pub async fn run(
         .await;
 }
 
-fn now() -> Time {
-    Time(Timestamp::now())
-}
+impl Kind for Ctx {
+    type Parent = Notebook;
+    type Fetched = Fetched;
+    type Children = Children;
+    type Observed = Observed;
+    type Status = NotebookStatus;
 
-/// One reconcile of one Notebook.
-#[tracing::instrument(skip_all, fields(kind = "Notebook", namespace = nb.namespace().unwrap_or_default(), name = nb.name_any()))]
-pub async fn reconcile(nb: Arc<Notebook>, ctx: Arc<Ctx>) -> Result<Action> {
-    if nb.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
-    let owner = Owner::of(nb.as_ref()).ok_or_else(|| Error::MissingMeta(nb.name_any()))?;
-    // Decisions are taken from the child caches: never from caches that have not listed yet.
-    ctx.synced.wait().await?;
-    let shared = &ctx.shared;
-    let client = &shared.client;
-    let ns = owner.namespace.as_str();
+    const KIND: &'static str = "Notebook";
 
-    let token_secret = cached(&ctx.secrets, ns, &token_secret_name(&owner.name));
-    let token = if needs_token(token_secret.as_deref()) {
-        new_token()
-    } else {
-        String::new()
-    };
-    let children = match build(&nb, &owner, &token) {
-        Ok(c) => c,
-        Err(e) => {
-            set_invalid(&nb, shared, &e).await?;
-            shared.succeeded(&key(nb.as_ref()));
-            return Ok(Action::await_change());
-        }
-    };
-    let mut changed = Vec::new();
-    let written = write_children(
-        &nb,
-        &ctx,
-        &owner,
-        token_secret.is_none(),
-        children,
-        &mut changed,
-    )
-    .await;
-    if let Err(e) = written {
-        // A child the API server refuses: the status says so (reason ChildRefused), and the
-        // reconcile is retried with backoff.
-        if let Some(refused) = e.refusal() {
-            set_invalid(&nb, shared, &refused).await?;
-        }
-        if !changed.is_empty() {
-            tracing::info!(changes = ?changed, "reconciled in part");
-        }
-        return Err(e);
+    fn context(&self) -> (&Shared, &Synced) {
+        (&self.shared, &self.synced)
     }
 
-    let observed = Observed {
-        pod: cached(&ctx.pods, ns, &pod_name(&owner.name)).map(|p| (*p).clone()),
-        workspace: cached(&ctx.pvcs, ns, &workspace_name(&owner.name)).map(|p| (*p).clone()),
-        token_exists: token_secret.is_some() || changed.iter().any(|c| c.contains("token")),
-    };
-    let st = status(&nb, &owner, &observed, &now());
-    let prev_phase = nb.status.as_ref().and_then(|s| s.phase);
-    if apply::patch_status(client, &shared.writes, nb.as_ref(), nb.status.as_ref(), &st).await? {
-        if prev_phase != st.phase {
-            if let Some(p) = st.phase.map(|p| format!("{p:?}")) {
-                shared
-                    .event_as(
-                        nb.as_ref(),
-                        false,
-                        "PhaseChanged",
-                        &p,
-                        format!("phase is now {p}"),
-                    )
-                    .await;
+    fn fetch(&self, _nb: &Notebook, owner: &Owner) -> Fetched {
+        let token_secret = cached(
+            &self.secrets,
+            &owner.namespace,
+            &token_secret_name(&owner.name),
+        );
+        let token = if needs_token(token_secret.as_deref()) {
+            new_token()
+        } else {
+            String::new()
+        };
+        Fetched {
+            owner: owner.clone(),
+            token_secret,
+            token,
+        }
+    }
+
+    fn previous(&self, nb: &Notebook, _: &Fetched) -> Option<NotebookStatus> {
+        nb.status.clone()
+    }
+
+    fn build(&self, nb: &Notebook, owner: &Owner, f: &Fetched) -> Result<Children, BuildError> {
+        build(nb, owner, &f.token)
+    }
+
+    fn invalid(&self, nb: &Notebook, _: &Fetched, err: &BuildError, now: &Time) -> NotebookStatus {
+        invalid(nb, err, now)
+    }
+
+    async fn apply(
+        &self,
+        nb: &Notebook,
+        owner: &Owner,
+        f: &Fetched,
+        children: Children,
+        changes: &mut Changes,
+    ) -> Applied<Observed> {
+        let written =
+            write_children(nb, self, owner, f.token_secret.is_none(), children, changes).await;
+        let ns = owner.namespace.as_str();
+        let observed = Observed {
+            pod: cached(&self.pods, ns, &pod_name(&owner.name)).map(|p| (*p).clone()),
+            workspace: cached(&self.pvcs, ns, &workspace_name(&owner.name)).map(|p| (*p).clone()),
+            token_exists: f.token_secret.is_some()
+                || changes.created::<Secret>(&token_secret_name(&owner.name)),
+        };
+        Applied {
+            observed,
+            error: written.err(),
+        }
+    }
+
+    fn status(
+        &self,
+        nb: &Notebook,
+        f: &Fetched,
+        observed: &Observed,
+        failed: Option<&Error>,
+        now: &Time,
+    ) -> Option<NotebookStatus> {
+        match failed {
+            None => Some(status(nb, &f.owner, observed, now)),
+            // A child the API server refuses: the status says so (reason ChildRefused), and the
+            // reconcile is retried with backoff. Any other failure is only retried.
+            Some(e) => e.refusal().map(|r| invalid(nb, &r, now)),
+        }
+    }
+
+    fn transition(
+        &self,
+        _nb: &Notebook,
+        prev: Option<&NotebookStatus>,
+        new: &NotebookStatus,
+        _observed: &Observed,
+    ) -> (Vec<Note>, Vec<Change>) {
+        if let Some(c) =
+            conditions::find(&new.conditions, READY).filter(|c| c.reason == CHILD_REFUSED)
+        {
+            return (
+                vec![Note::warning(CHILD_REFUSED, c.message.clone())],
+                Vec::new(),
+            );
+        }
+        let prev_phase = prev.and_then(|s| s.phase);
+        match new.phase.filter(|p| Some(*p) != prev_phase) {
+            Some(p) => {
+                let p = format!("{p:?}");
+                let note = Note::normal("PhaseChanged", format!("phase is now {p}")).action(&p);
+                (vec![note], vec![Change::Phase(p)])
             }
+            None => (Vec::new(), Vec::new()),
         }
-        changed.push("status".to_string());
     }
-    if !changed.is_empty() {
-        tracing::info!(changes = ?changed, "reconciled");
-    }
-    shared.succeeded(&key(nb.as_ref()));
-    Ok(Action::requeue(RESYNC))
-}
-
-/// Writes the status of a Notebook that cannot run as specified (phase Failed, Ready False with the
-/// reason), with a Warning Event when it changes.
-async fn set_invalid(nb: &Notebook, shared: &Shared, e: &BuildError) -> Result<()> {
-    let st = invalid(nb, e, &now());
-    if apply::patch_status(&shared.client, &shared.writes, nb, nb.status.as_ref(), &st).await? {
-        shared.event(nb, true, e.reason, e.to_string()).await;
-    }
-    Ok(())
 }
 
 /// Writes the children of `nb`: the token Secret (when `make_token`), the workspace PVC, the
@@ -199,7 +227,7 @@ async fn write_children(
     owner: &Owner,
     make_token: bool,
     children: Children,
-    changed: &mut Vec<String>,
+    changes: &mut Changes,
 ) -> Result<()> {
     let Children {
         service,
@@ -211,16 +239,20 @@ async fn write_children(
     let client = &shared.client;
     let ns = owner.namespace.as_str();
 
-    if make_token && apply::create_once(client, &shared.writes, secret).await? == Outcome::Created {
-        changed.push("created token Secret".to_string());
+    if make_token {
+        let made = Change::created(&secret);
+        if apply::create_once(client, &shared.writes, secret).await? == Outcome::Created {
+            changes.push(made);
+        }
     }
 
     let existing_pvc = cached(&ctx.pvcs, ns, &workspace_name(&owner.name));
     if let Some(pvc) = workspace {
         match existing_pvc.as_deref() {
             None => {
+                let made = Change::created(&pvc);
                 if apply::create_once(client, &shared.writes, pvc).await? == Outcome::Created {
-                    changed.push("created workspace PVC".to_string());
+                    changes.push(made);
                 }
             }
             Some(e) if e.metadata.owner_references != pvc.metadata.owner_references => {
@@ -230,17 +262,18 @@ async fn write_children(
                 shared.writes.apply.inc();
                 api.patch(&e.name_any(), &PatchParams::default(), &Patch::Merge(&body))
                     .await?;
-                changed.push("updated workspace deletePolicy".to_string());
+                changes.push(Change::updated(e));
             }
             Some(_) => {}
         }
     }
 
     let existing_svc = cached(&ctx.services, ns, &owner.name);
-    if apply::apply(client, &shared.writes, service, existing_svc.as_deref()).await?
-        != Outcome::Unchanged
-    {
-        changed.push("applied Service".to_string());
+    let (made, updated) = (Change::created(&service), Change::updated(&service));
+    match apply::apply(client, &shared.writes, service, existing_svc.as_deref()).await? {
+        Outcome::Unchanged => {}
+        Outcome::Created => changes.push(made),
+        Outcome::Updated => changes.push(updated),
     }
 
     let existing_pod = cached(&ctx.pods, ns, &pod_name(&owner.name));
@@ -258,31 +291,31 @@ async fn write_children(
         PodAction::Keep => {}
         PodAction::Create => {
             if let Some(p) = desired_pod {
+                let made = Change::created(&p);
                 if apply::create_once(client, &shared.writes, p).await? == Outcome::Created {
-                    shared
-                        .event(
-                            nb,
-                            false,
+                    driver::record(
+                        shared,
+                        nb,
+                        Note::normal(
                             "PodCreated",
                             format!("created pod {}", pod_name(&owner.name)),
-                        )
-                        .await;
-                    changed.push("created pod".to_string());
+                        ),
+                    );
+                    changes.push(made);
                 }
             }
         }
         PodAction::Delete(reason) => {
             if let Some(p) = existing_pod.as_deref() {
                 if apply::delete(client, &shared.writes, p).await? {
-                    shared
-                        .event(
-                            nb,
-                            reason != "Suspended" && reason != "SpecChanged",
-                            reason,
-                            format!("deleted pod {}", p.name_any()),
-                        )
-                        .await;
-                    changed.push(format!("deleted pod ({reason})"));
+                    let note = format!("deleted pod {}", p.name_any());
+                    let note = if reason.is_failure() {
+                        Note::warning(reason.reason(), note)
+                    } else {
+                        Note::normal(reason.reason(), note)
+                    };
+                    driver::record(shared, nb, note);
+                    changes.push(Change::deleted(p, reason.reason()));
                 }
             }
         }

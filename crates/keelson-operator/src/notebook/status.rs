@@ -27,20 +27,47 @@ pub enum PodAction {
     /// No pod and one is wanted: create it.
     Create,
     /// Delete the pod (it is re-created on the next reconcile), with the reason.
-    Delete(&'static str),
+    Delete(Replace),
+}
+
+/// Why a notebook pod is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replace {
+    /// `spec.suspend` is true.
+    Suspended,
+    /// The spec changed: the pod is replaced by one built from the new spec.
+    SpecChanged,
+    /// The pod ended (Failed or Succeeded): a notebook is meant to run.
+    PodFinished,
+}
+
+impl Replace {
+    /// The Event reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Replace::Suspended => "Suspended",
+            Replace::SpecChanged => "SpecChanged",
+            Replace::PodFinished => "PodFinished",
+        }
+    }
+
+    /// Whether it is a failure a person should see (a Warning Event), rather than what was asked.
+    pub fn is_failure(self) -> bool {
+        self == Replace::PodFinished
+    }
 }
 
 /// Decides the pod's fate. `desired_hash` is the stamped hash of the desired pod, `None` when suspended.
 pub fn pod_action(desired_hash: Option<&str>, existing: Option<&Pod>) -> PodAction {
     match (desired_hash, existing) {
         (_, Some(p)) if podstatus::terminating(p) => PodAction::Keep,
-        (None, Some(_)) => PodAction::Delete("Suspended"),
+        (None, Some(_)) => PodAction::Delete(Replace::Suspended),
         (None, None) => PodAction::Keep,
         (Some(_), None) => PodAction::Create,
         (Some(_), Some(p)) if matches!(podstatus::phase(p), "Failed" | "Succeeded") => {
-            PodAction::Delete("PodFinished")
+            PodAction::Delete(Replace::PodFinished)
         }
-        (Some(h), Some(p)) if applied_hash(p) != Some(h) => PodAction::Delete("SpecChanged"),
+        (Some(h), Some(p)) if applied_hash(p) != Some(h) => PodAction::Delete(Replace::SpecChanged),
         (Some(_), Some(_)) => PodAction::Keep,
     }
 }
@@ -292,17 +319,20 @@ mod tests {
         assert_eq!(pod_action(Some("h1"), Some(&p)), PodAction::Keep);
         assert_eq!(
             pod_action(Some("h2"), Some(&p)),
-            PodAction::Delete("SpecChanged")
+            PodAction::Delete(Replace::SpecChanged)
         );
-        assert_eq!(pod_action(None, Some(&p)), PodAction::Delete("Suspended"));
+        assert_eq!(
+            pod_action(None, Some(&p)),
+            PodAction::Delete(Replace::Suspended)
+        );
         assert_eq!(pod_action(None, None), PodAction::Keep);
         assert_eq!(
             pod_action(Some("h1"), Some(&evicted("alice-0"))),
-            PodAction::Delete("PodFinished")
+            PodAction::Delete(Replace::PodFinished)
         );
         assert_eq!(
             pod_action(Some("h1"), Some(&finished("alice-0", 1))),
-            PodAction::Delete("PodFinished")
+            PodAction::Delete(Replace::PodFinished)
         );
         let mut gone = p.clone();
         gone.metadata.deletion_timestamp = Some(now());

@@ -26,27 +26,28 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
+use super::build::Children;
 use super::build::{build, LABEL_QUEUE};
-use super::decide::{decide, DeleteReason, Deletion, Observed};
+use super::decide::{decide, Decision, DeleteReason, Deletion, Observed};
 use super::expectations::Expectations;
 use super::status::{invalid, status};
 use crate::cachedpod::CachedPod;
-use crate::error::{Error, Result, CHILD_REFUSED};
+use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, child_cache_trimmed, children_of, error_policy, key, owner_of,
+    cached, child_cache, child_cache_trimmed, children_of, error_policy, owner_of,
     parent_controller, timed, ChildStore, Shared, Synced, RESYNC,
 };
+use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{Owner, FIELD_MANAGER};
 use keelson_api::trainingjob::{JobPhase, TrainingJob, TrainingJobStatus};
@@ -113,7 +114,7 @@ pub async fn run_with_api(
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
-            move |o, c| timed(metrics.clone(), "TrainingJob", reconcile(o, c)),
+            move |o, c| timed(metrics.clone(), "TrainingJob", driver::reconcile(o, c)),
             |job, err, ctx| error_policy(job.as_ref(), err, &ctx.shared),
             ctx,
         )
@@ -151,17 +152,17 @@ async fn delete_pods(
     ctx: &Ctx,
     job: &TrainingJob,
     dels: Vec<Deletion>,
-) -> (Vec<String>, Vec<(Deletion, Error)>) {
+) -> (Vec<Change>, Vec<(Deletion, Error)>) {
     let shared = &ctx.shared;
     let results: Vec<(Deletion, Result<bool>)> = futures::stream::iter(dels)
         .map(|d| async move {
             let r = apply::delete(&shared.client, &shared.writes, d.pod.as_ref()).await;
             if let Ok(true) = r {
-                let (warning, reason) = match d.reason {
-                    DeleteReason::Restart => (true, "WorkerFailed"),
-                    _ => (false, "PodDeleted"),
+                let note = match d.reason {
+                    DeleteReason::Restart => Note::warning("WorkerFailed", d.message.clone()),
+                    _ => Note::normal("PodDeleted", d.message.clone()),
                 };
-                shared.event(job, warning, reason, d.message.clone()).await;
+                driver::record(shared, job, note);
             }
             (d, r)
         })
@@ -177,7 +178,7 @@ async fn delete_pods(
                     ctx.expectations.remember_deleted(job, uid);
                 }
                 if now_deleted {
-                    done.push(format!("deleted pod {} ({:?})", d.pod.name_any(), d.reason));
+                    done.push(Change::deleted(d.pod.as_ref(), format!("{:?}", d.reason)));
                 }
             }
             Err(e) => failed.push((d, e)),
@@ -228,9 +229,11 @@ async fn create_pods(
         batch = (batch * 2).min(MAX_BATCH);
     }
     if !created.is_empty() {
-        shared
-            .event(job, false, "PodCreated", created_note(&created))
-            .await;
+        driver::record(
+            shared,
+            job,
+            Note::normal("PodCreated", created_note(&created)),
+        );
     }
     (made, first_err)
 }
@@ -250,70 +253,202 @@ fn created_note(created: &[String]) -> String {
     note
 }
 
-/// Records the Event of a phase change.
-async fn phase_event(
-    shared: &Shared,
-    job: &TrainingJob,
-    st: &TrainingJobStatus,
-    d_outcome: Option<&(String, String)>,
-) {
-    let Some(phase) = st.phase else { return };
-    match (phase, d_outcome) {
+/// The Event of a phase change.
+fn phase_note(st: &TrainingJobStatus, outcome: Option<&(String, String)>) -> Option<Note> {
+    let phase = st.phase?;
+    Some(match (phase, outcome) {
         (JobPhase::Failed, Some((reason, message))) => {
-            shared.event(job, true, reason, message.clone()).await;
+            Note::warning(reason.clone(), message.clone())
         }
         (JobPhase::Succeeded, Some((reason, message))) => {
-            shared.event(job, false, reason, message.clone()).await;
+            Note::normal(reason.clone(), message.clone())
         }
         _ => {
             let p = format!("{phase:?}");
-            shared
-                .event_as(job, false, "PhaseChanged", &p, format!("phase is now {p}"))
-                .await;
+            Note::normal("PhaseChanged", format!("phase is now {p}")).action(p)
+        }
+    })
+}
+
+/// What a TrainingJob reconcile reads before it builds: the status to decide from and the pods,
+/// both as the caches show them corrected by the [`Expectations`].
+pub struct Recalled {
+    prev: TrainingJobStatus,
+    observed: Observed,
+    /// The time the decision and the status are taken at.
+    now: Time,
+}
+
+/// What the writes left: the pods that now exist, and the decision that was carried out (none
+/// when a write before it failed).
+pub struct Done {
+    observed: Observed,
+    decision: Option<Decision>,
+}
+
+fn refused_now(s: &TrainingJobStatus) -> Option<&Condition> {
+    conditions::find(&s.conditions, READY).filter(|c| c.reason == CHILD_REFUSED)
+}
+
+impl Kind for Ctx {
+    type Parent = TrainingJob;
+    type Fetched = Recalled;
+    type Children = Children;
+    type Observed = Done;
+    type Status = TrainingJobStatus;
+
+    const KIND: &'static str = "TrainingJob";
+
+    fn context(&self) -> (&Shared, &Synced) {
+        (&self.shared, &self.synced)
+    }
+
+    fn forget(&self, job: &TrainingJob) {
+        self.expectations.forget(job);
+    }
+
+    fn fetch(&self, job: &TrainingJob, owner: &Owner) -> Recalled {
+        let listed = children_of(&self.pods, &owner.namespace, &owner.name);
+        let (prev, deleted, created) = self.expectations.recall(job, &listed, Instant::now());
+        let pods = listed
+            .iter()
+            .chain(&created)
+            .map(|p| Arc::new(p.to_pod()))
+            .collect();
+        Recalled {
+            prev,
+            observed: Observed { pods, deleted },
+            now: now(),
+        }
+    }
+
+    fn previous(&self, _job: &TrainingJob, f: &Recalled) -> Option<TrainingJobStatus> {
+        Some(f.prev.clone())
+    }
+
+    fn build(
+        &self,
+        job: &TrainingJob,
+        owner: &Owner,
+        _: &Recalled,
+    ) -> Result<Children, BuildError> {
+        build(job, owner)
+    }
+
+    fn invalid(
+        &self,
+        job: &TrainingJob,
+        f: &Recalled,
+        err: &BuildError,
+        now: &Time,
+    ) -> TrainingJobStatus {
+        invalid(job, &f.prev, err, now)
+    }
+
+    async fn apply(
+        &self,
+        job: &TrainingJob,
+        owner: &Owner,
+        f: &Recalled,
+        children: Children,
+        changes: &mut Changes,
+    ) -> Applied<Done> {
+        let mut done = Done {
+            observed: f.observed.clone(),
+            decision: None,
+        };
+        let error = converge(self, job, owner, f, children, changes, &mut done)
+            .await
+            .err();
+        Applied {
+            observed: done,
+            error,
+        }
+    }
+
+    fn status(
+        &self,
+        job: &TrainingJob,
+        f: &Recalled,
+        done: &Done,
+        failed: Option<&Error>,
+        _now: &Time,
+    ) -> Option<TrainingJobStatus> {
+        // No decision was carried out (a write before the pods failed): nothing new to report.
+        let mut d = done.decision.clone()?;
+        d.refused = failed.and_then(Error::refusal);
+        Some(status(job, &f.prev, &done.observed, &d, &f.now))
+    }
+
+    fn transition(
+        &self,
+        _job: &TrainingJob,
+        prev: Option<&TrainingJobStatus>,
+        new: &TrainingJobStatus,
+        done: &Done,
+    ) -> (Vec<Note>, Vec<Change>) {
+        let (mut notes, mut moved) = (Vec::new(), Vec::new());
+        let prev_phase = prev.and_then(|p| p.phase);
+        if prev_phase != new.phase {
+            // A new job's first phase, Pending, needs no Event of its own: PodCreated says it.
+            if prev_phase.is_some() || new.phase != Some(JobPhase::Pending) {
+                let outcome = done.decision.as_ref().and_then(|d| d.outcome.as_ref());
+                notes.extend(phase_note(new, outcome));
+            }
+            moved.push(Change::Phase(format!(
+                "{:?}",
+                new.phase.unwrap_or_default()
+            )));
+        }
+        if let (Some(c), None) = (refused_now(new), prev.and_then(refused_now)) {
+            notes.push(Note::warning(c.reason.clone(), c.message.clone()));
+        }
+        (notes, moved)
+    }
+
+    fn hold(
+        &self,
+        job: &TrainingJob,
+        prev: Option<&TrainingJobStatus>,
+        new: &TrainingJobStatus,
+    ) -> Option<Duration> {
+        let prev = prev?;
+        if new == prev || new.phase != prev.phase {
+            return None;
+        }
+        self.expectations.batch_wait(job, Instant::now())
+    }
+
+    fn written(&self, job: &TrainingJob, st: &TrainingJobStatus) {
+        self.expectations
+            .remember_written(job, st.clone(), Instant::now());
+    }
+
+    fn next(&self, _job: &TrainingJob, done: &Done) -> Next {
+        match &done.decision {
+            Some(d) if d.delete_job => Next::DeleteParent(Box::new(Note::normal(
+                "TTLExpired",
+                "runPolicy.ttlSecondsAfterFinished has passed since the job finished: deleting it",
+            ))),
+            Some(d) => Next::Requeue(d.requeue_after.map_or(RESYNC, |r| r.min(RESYNC))),
+            None => Next::Requeue(RESYNC),
         }
     }
 }
 
-/// One reconcile of one TrainingJob.
-#[tracing::instrument(skip_all, fields(kind = "TrainingJob", namespace = job.namespace().unwrap_or_default(), name = job.name_any()))]
-pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
-    if job.metadata.deletion_timestamp.is_some() {
-        ctx.expectations.forget(&job);
-        return Ok(Action::await_change());
-    }
-    let owner = Owner::of(job.as_ref()).ok_or_else(|| Error::MissingMeta(job.name_any()))?;
-    // Decisions are taken from the child caches: never from caches that have not listed yet.
-    ctx.synced.wait().await?;
+/// The writes of one reconcile, in the order of the module docs: the queue label, the Service,
+/// the pod deletions, the pod creations. `done` follows what they did, also when one fails.
+async fn converge(
+    ctx: &Ctx,
+    job: &TrainingJob,
+    owner: &Owner,
+    f: &Recalled,
+    children: Children,
+    changes: &mut Changes,
+    done: &mut Done,
+) -> Result<()> {
     let shared = &ctx.shared;
-    let client = &shared.client;
     let ns = owner.namespace.as_str();
-    let now = now();
-    let mut changed: Vec<String> = Vec::new();
-
-    let listed = children_of(&ctx.pods, ns, &owner.name);
-    let (prev, deleted, created) = ctx.expectations.recall(&job, &listed, Instant::now());
-    let pods: Vec<Arc<Pod>> = listed
-        .iter()
-        .chain(&created)
-        .map(|p| Arc::new(p.to_pod()))
-        .collect();
-
-    let children = match build(&job, &owner) {
-        Ok(c) => c,
-        Err(e) => {
-            let st = invalid(&job, &prev, &e, &now);
-            if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
-                ctx.expectations.remember_written(&job, st, Instant::now());
-                shared
-                    .event(job.as_ref(), true, e.reason, e.to_string())
-                    .await;
-                tracing::info!(reason = e.reason, error = %e, "spec cannot be reconciled");
-            }
-            shared.succeeded(&key(job.as_ref()));
-            return Ok(Action::await_change());
-        }
-    };
-
     if let Some(queue) = job
         .spec
         .scheduling
@@ -321,29 +456,38 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         .and_then(|s| s.queue.as_deref())
     {
         if !job.labels().contains_key(LABEL_QUEUE) {
-            label_queue(shared, &job, ns, queue).await?;
-            changed.push(format!("labelled with queue {queue}"));
+            label_queue(shared, job, ns, queue).await?;
+            changes.push(Change::Labelled(format!("{LABEL_QUEUE}={queue}")));
         }
     }
 
     let existing_svc = cached(&ctx.services, ns, &owner.name);
-    if apply::apply(
-        client,
+    let (made, updated) = (
+        Change::created(&children.service),
+        Change::updated(&children.service),
+    );
+    match apply::apply(
+        &shared.client,
         &shared.writes,
         children.service,
         existing_svc.as_deref(),
     )
     .await?
-        != Outcome::Unchanged
     {
-        changed.push("applied Service".into());
+        Outcome::Unchanged => {}
+        Outcome::Created => changes.push(made),
+        Outcome::Updated => changes.push(updated),
     }
 
-    let mut observed = Observed { pods, deleted };
-    let mut decision = decide(&job, &prev, &observed, &now);
+    let decision = done
+        .decision
+        .insert(decide(job, &f.prev, &done.observed, &f.now));
 
     // Deletions first, then the status that counts them (see the module docs).
-    let (done, failed) = delete_pods(&ctx, &job, decision.delete.clone()).await;
+    let (deleted, failed) = delete_pods(ctx, job, decision.delete.clone()).await;
+    for c in deleted {
+        changes.push(c);
+    }
     let mut first_err: Option<Error> = None;
     for (d, e) in failed {
         if let Some(uid) = d.pod.uid() {
@@ -351,9 +495,11 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
         }
         first_err.get_or_insert(e);
     }
-    changed.extend(done);
+    if let Some(e) = first_err {
+        return Err(e);
+    }
 
-    if first_err.is_none() && !decision.create.is_empty() {
+    if !decision.create.is_empty() {
         let wanted: HashSet<i32> = decision.create.iter().copied().collect();
         let to_create: Vec<(i32, Pod)> = children
             .pods
@@ -362,87 +508,23 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Ctx>) -> Result<Action> {
             .filter(|(_, rank)| wanted.contains(rank))
             .map(|(p, rank)| (rank, p))
             .collect();
-        let (created, err) = create_pods(shared, &job, to_create).await;
+        let (created, err) = create_pods(shared, job, to_create).await;
+        for p in &created {
+            changes.push(Change::created(p.as_ref()));
+        }
         if !created.is_empty() {
-            changed.push(format!("created {} pod(s)", created.len()));
-            // The status below counts them, and the next reconciles too until the cache lists them.
+            // The status counts them, and the next reconciles too until the cache lists them.
             ctx.expectations
-                .remember_created(&job, &created, Instant::now());
-            observed
+                .remember_created(job, &created, Instant::now());
+            done.observed
                 .pods
                 .extend(created.iter().map(|p| Arc::new(p.to_pod())));
         }
         if let Some(e) = err {
-            first_err.get_or_insert(e);
+            return Err(e);
         }
     }
-
-    decision.refused = first_err.as_ref().and_then(Error::refusal);
-    let st = status(&job, &prev, &observed, &decision, &now);
-    if st != prev && st.phase == prev.phase && first_err.is_none() {
-        if let Some(wait) = ctx.expectations.batch_wait(&job, Instant::now()) {
-            if !changed.is_empty() {
-                tracing::info!(changes = ?changed, "reconciled");
-            }
-            tracing::debug!(?wait, "progress written within the last second: batched");
-            shared.succeeded(&key(job.as_ref()));
-            return Ok(Action::requeue(wait));
-        }
-    }
-    if apply::patch_status(client, &shared.writes, job.as_ref(), Some(&prev), &st).await? {
-        if prev.phase != st.phase {
-            // A new job's first phase, Pending, needs no Event of its own: PodCreated says it.
-            if prev.phase.is_some() || st.phase != Some(JobPhase::Pending) {
-                phase_event(shared, &job, &st, decision.outcome.as_ref()).await;
-            }
-            changed.push(format!("phase {:?}", st.phase.unwrap_or_default()));
-        }
-        let refused_now = |s: &TrainingJobStatus| {
-            conditions::find(&s.conditions, READY).is_some_and(|c| c.reason == CHILD_REFUSED)
-        };
-        if let (Some(e), false) = (&decision.refused, refused_now(&prev)) {
-            if refused_now(&st) {
-                shared
-                    .event(job.as_ref(), true, e.reason, e.to_string())
-                    .await;
-            }
-        }
-        ctx.expectations.remember_written(&job, st, Instant::now());
-        changed.push("status".into());
-    }
-    if let Some(e) = first_err {
-        if !changed.is_empty() {
-            tracing::info!(changes = ?changed, "reconciled in part");
-        }
-        return Err(e);
-    }
-
-    if decision.delete_job {
-        shared
-            .event(
-                job.as_ref(),
-                false,
-                "TTLExpired",
-                "runPolicy.ttlSecondsAfterFinished has passed since the job finished: deleting it"
-                    .into(),
-            )
-            .await;
-        if apply::delete(client, &shared.writes, job.as_ref()).await? {
-            changed.push("deleted the finished job (ttlSecondsAfterFinished)".into());
-        }
-        ctx.expectations.forget(&job);
-        tracing::info!(changes = ?changed, "reconciled");
-        shared.succeeded(&key(job.as_ref()));
-        return Ok(Action::await_change());
-    }
-
-    if !changed.is_empty() {
-        tracing::info!(changes = ?changed, "reconciled");
-    }
-    shared.succeeded(&key(job.as_ref()));
-    Ok(Action::requeue(
-        decision.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
-    ))
+    Ok(())
 }
 
 #[cfg(test)]
