@@ -69,33 +69,6 @@ impl Shared {
         }
     }
 
-    /// Records a Kubernetes Event on `obj`, in the background: a reconcile never waits for its
-    /// Events. A failure to record is logged, never fatal; past [`EVENT_QUEUE`] waiting, the Event
-    /// is dropped and counted.
-    pub async fn event<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
-    ) {
-        self.event_as(obj, warning, reason, reason, note).await;
-    }
-
-    /// [`Shared::event`] with its own `action`. Events of one object that share type, reason and
-    /// action are one series (a repeat only counts up, its note is not kept): a phase change names
-    /// the new phase as its action, so that "phase is now Running" is not folded into "Pending".
-    pub async fn event_as<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        self.queue_event(obj, event_type(warning), reason, action, note, None);
-    }
-
     /// A Normal Event on `obj` about one of its children, `related` (the Event's `related`
     /// object). Events fold into a series by reason, action and objects, so without the child the
     /// creation of a second Deployment would only count up the first one's Event. Queued like every
@@ -112,7 +85,10 @@ impl Shared {
     }
 
     /// Queues an Event on `obj`, about `related` if given: recorded in the background by the
-    /// Event workers, never awaited. Past [`EVENT_QUEUE`] waiting, it is dropped and counted.
+    /// Event workers, never awaited (a failure to record is logged, never fatal). Past
+    /// [`EVENT_QUEUE`] waiting, it is dropped and counted. Events of one object that share type,
+    /// reason and action are one series (a repeat only counts up, its note is not kept): a phase
+    /// change names the new phase as its action, so that "now Running" is not folded into "Pending".
     pub fn queue_event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -239,14 +215,6 @@ impl Shared {
     /// How many objects have a failure remembered.
     pub fn failing(&self) -> usize {
         self.failures.lock().map(|f| f.len()).unwrap_or(0)
-    }
-}
-
-fn event_type(warning: bool) -> EventType {
-    if warning {
-        EventType::Warning
-    } else {
-        EventType::Normal
     }
 }
 
