@@ -54,16 +54,8 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let stream = tokio::select! {
+            s = accept(&listener, "data") => s,
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -188,6 +180,20 @@ async fn close_when_idle(
     }
 }
 
+/// The next connection of `listener`. A failed accept (out of file descriptors and the like) is
+/// logged and retried a little later instead of spinning. Cancel-safe.
+async fn accept(listener: &TcpListener, port: &str) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => return s,
+            Err(e) => {
+                tracing::warn!(error = %e, port, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves `/healthz` (the process runs), `/readyz` (a valid config is loaded) and `/metrics`.
 pub async fn serve_admin(
     listener: TcpListener,
@@ -198,15 +204,8 @@ pub async fn serve_admin(
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let stream = tokio::select! {
+            s = accept(&listener, "admin") => s,
             () = &mut shutdown => return,
         };
         let (p, m) = (proxy.clone(), metrics.clone());
