@@ -58,3 +58,6 @@ bench-scale: cluster
 	$(CARGO) bench --bench scale
 
 include hack/cluster/cluster.mk
+
+# Helm (charts/keelson): helm built from its Go module, lint and template checks.
+-include hack/helm/helm.mk
