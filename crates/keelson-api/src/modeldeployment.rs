@@ -1,5 +1,8 @@
 //! The ModelDeployment kind: models served as microservices, with A/B traffic splits between variants.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -30,7 +33,8 @@ pub const MODEL_MOUNT: &str = "/mnt/models";
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS-1035 label of at most 40 characters (it prefixes every variant's Service)"),
     validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.mirror) || self.spec.variants.exists(v, v.name == self.spec.traffic.mirror.variant)").message("spec.traffic.mirror.variant must name one of spec.variants"),
-    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.gateway) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.gateway is only used with spec.traffic.router: GatewayAPI")
+    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.gateway) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.gateway is only used with spec.traffic.router: GatewayAPI"),
+    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.routerPod) || !has(self.spec.traffic.router) || self.spec.traffic.router == 'Builtin'").message("spec.traffic.routerPod is only used with spec.traffic.router: Builtin")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -113,6 +117,31 @@ pub struct Traffic {
     /// Gateway API attachment, for `router: GatewayAPI`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayAttachment>,
+
+    /// Placement and size of the Builtin router's pods (`<name>-router`), for `router: Builtin`:
+    /// e.g. the node pool and taints the model servers use. Default: no node selector, no
+    /// toleration, and the router's default resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_pod: Option<RouterPod>,
+}
+
+/// Where the Builtin router's pods run and what they ask for.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterPod {
+    /// Node labels the router pods must match, e.g. `{node-pool: serving}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of the router pods (core/v1 Toleration), e.g. for the taint of a dedicated
+    /// serving node pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// CPU and memory of the router container (core/v1 ResourceRequirements). Replaces the default
+    /// of requests `cpu: 50m, memory: 64Mi` and limits `memory: 256Mi` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 /// How the entry point splits traffic.

@@ -90,25 +90,31 @@ impl WorkloadSpec {
     /// `cpu: x` (a Deployment's server-side apply with a 500). `field` is where this workload is in
     /// the spec: `spec`, or `spec.variants[1]`.
     pub fn check_resources(&self, field: &str) -> Result<(), BuildError> {
-        let Some(r) = &self.resources else {
-            return Ok(());
-        };
-        for (which, map) in [("limits", &r.limits), ("requests", &r.requests)] {
-            for (name, q) in map.iter().flatten() {
-                if parse_quantity(&q.0).is_none() {
-                    return Err(BuildError::new(
-                        "InvalidQuantity",
-                        format!("{field}.resources.{which}.{name}"),
-                        format!(
-                            "{:?} is not a quantity; write one such as 500m, 2 or 8Gi",
-                            q.0
-                        ),
-                    ));
-                }
+        match &self.resources {
+            Some(r) => check_quantities(r, &format!("{field}.resources")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks that every quantity of `r` is one; `field` is where `r` is in the spec, e.g.
+/// `spec.traffic.routerPod.resources`.
+pub fn check_quantities(r: &ResourceRequirements, field: &str) -> Result<(), BuildError> {
+    for (which, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+        for (name, q) in map.iter().flatten() {
+            if parse_quantity(&q.0).is_none() {
+                return Err(BuildError::new(
+                    "InvalidQuantity",
+                    format!("{field}.{which}.{name}"),
+                    format!(
+                        "{:?} is not a quantity; write one such as 500m, 2 or 8Gi",
+                        q.0
+                    ),
+                ));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// GPUs asked for declaratively.

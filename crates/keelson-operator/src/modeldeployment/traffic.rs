@@ -37,7 +37,8 @@ use super::names::{
 use crate::error::BuildError;
 use crate::pod::DEFAULT_CONTAINER_ANNOTATION;
 use keelson_api::meta::Owner;
-use keelson_api::modeldeployment::{ModelDeployment, RouterKind};
+use keelson_api::modeldeployment::{ModelDeployment, RouterKind, RouterPod};
+use keelson_api::workload::check_quantities;
 
 /// What a traffic mode adds to the variants and the entry Service.
 #[derive(Clone, Debug, PartialEq)]
@@ -194,6 +195,10 @@ pub fn build(
                     ));
                 }
             }
+            let placement = t.and_then(|t| t.router_pod.as_ref());
+            if let Some(r) = placement.and_then(|p| p.resources.as_ref()) {
+                check_quantities(r, "spec.traffic.routerPod.resources")?;
+            }
             let config = router_config(md, &owner.name, &owner.namespace);
             let json = config
                 .to_json()
@@ -206,7 +211,7 @@ pub fn build(
             add_role_label(&mut cm.metadata, ROLE_ROUTER);
             Ok(Traffic::Builtin {
                 config: Box::new(cm),
-                router: Box::new(router_deployment(owner, router_image)),
+                router: Box::new(router_deployment(owner, router_image, placement)),
             })
         }
         RouterKind::GatewayApi => {
@@ -249,9 +254,25 @@ fn add_role_label(meta: &mut ObjectMeta, role: &str) {
         .insert(LABEL_ROLE.into(), role.into());
 }
 
-/// The router Deployment. It depends only on the owner and the image: weights, variants, the sticky
-/// header and the mirror live in the ConfigMap, so changing them never restarts the router.
-pub fn router_deployment(owner: &Owner, image: &str) -> Deployment {
+/// The router's resources when `routerPod.resources` is absent.
+fn default_router_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("50m".into())),
+            ("memory".to_string(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The router Deployment. It depends only on the owner, the image and `traffic.routerPod`
+/// (placement and resources): weights, variants, the sticky header and the mirror live in the
+/// ConfigMap, so changing them never restarts the router.
+pub fn router_deployment(owner: &Owner, image: &str, placement: Option<&RouterPod>) -> Deployment {
     let name = router_name(&owner.name);
     let mut labels = owner.labels();
     labels.insert(LABEL_ROLE.into(), ROLE_ROUTER.into());
@@ -280,17 +301,11 @@ pub fn router_deployment(owner: &Owner, image: &str) -> Deployment {
         // Ready once a valid config is loaded; alive while the process answers.
         readiness_probe: Some(admin_probe("/readyz", 5, 1)),
         liveness_probe: Some(admin_probe("/healthz", 10, 3)),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("50m".into())),
-                ("memory".to_string(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_string(),
-                Quantity("256Mi".into()),
-            )])),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(
+            placement
+                .and_then(|p| p.resources.clone())
+                .unwrap_or_else(default_router_resources),
+        ),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
@@ -319,6 +334,12 @@ pub fn router_deployment(owner: &Owner, image: &str) -> Deployment {
             }),
             ..Volume::default()
         }]),
+        node_selector: placement
+            .and_then(|p| p.node_selector.clone())
+            .filter(|m| !m.is_empty()),
+        tolerations: placement
+            .and_then(|p| p.tolerations.clone())
+            .filter(|t| !t.is_empty()),
         // The router talks to the variant Services only, never to the Kubernetes API.
         automount_service_account_token: Some(false),
         security_context: Some(PodSecurityContext {
@@ -384,6 +405,7 @@ mod tests {
                 variant: v.into(),
                 percent: p,
             }),
+            router_pod: None,
             gateway: (router == RouterKind::GatewayApi).then(|| GatewayAttachment {
                 parent_refs: vec![ParentRef {
                     name: "public".into(),
@@ -699,5 +721,99 @@ mod tests {
                 c.annotation
             );
         }
+    }
+
+    fn router_pod_spec(t: &Traffic) -> PodSpec {
+        let Traffic::Builtin { router, .. } = t else {
+            panic!("not Builtin: {t:?}")
+        };
+        router.spec.as_ref().unwrap().template.spec.clone().unwrap()
+    }
+
+    #[test]
+    fn router_pod_places_and_sizes_the_router() {
+        use k8s_openapi::api::core::v1::Toleration;
+        let (mut m, owner) = md(ab(), None);
+        // Absent: no placement, the default resources.
+        let ps = router_pod_spec(&build(&m, &owner, IMAGE).unwrap());
+        assert_eq!(ps.node_selector, None);
+        assert_eq!(ps.tolerations, None);
+        assert_eq!(ps.containers[0].resources, Some(default_router_resources()));
+
+        let toleration = Toleration {
+            key: Some("keelson.dev/real-node".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        };
+        let resources = ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "cpu".to_string(),
+                Quantity("200m".into()),
+            )])),
+            ..ResourceRequirements::default()
+        };
+        let mut t = traffic(RouterKind::Builtin, None, None);
+        t.router_pod = Some(RouterPod {
+            node_selector: Some(BTreeMap::from([(
+                "keelson.dev/real-node".to_string(),
+                "true".to_string(),
+            )])),
+            tolerations: Some(vec![toleration.clone()]),
+            resources: Some(resources.clone()),
+        });
+        m.spec.traffic = Some(t);
+        let built = build(&m, &owner, IMAGE).unwrap();
+        let ps = router_pod_spec(&built);
+        assert_eq!(ps.node_selector.unwrap()["keelson.dev/real-node"], "true");
+        assert_eq!(ps.tolerations.unwrap(), [toleration]);
+        assert_eq!(ps.containers[0].resources, Some(resources));
+        // The same spec builds the same Deployment (no write on an unchanged world), and weights
+        // still do not touch it.
+        assert_eq!(build(&m, &owner, IMAGE).unwrap(), built);
+        let mut w = m.clone();
+        w.spec.variants[0].weight = 30;
+        w.spec.variants[1].weight = 70;
+        let (Traffic::Builtin { router: a, .. }, Traffic::Builtin { router: b, .. }) =
+            (&built, &build(&w, &owner, IMAGE).unwrap())
+        else {
+            panic!("not Builtin")
+        };
+        assert_eq!(a, b);
+
+        // Empty lists and maps are the same as none.
+        let mut e = m.clone();
+        e.spec.traffic.as_mut().unwrap().router_pod = Some(RouterPod {
+            node_selector: Some(BTreeMap::new()),
+            tolerations: Some(vec![]),
+            resources: None,
+        });
+        let ps = router_pod_spec(&build(&e, &owner, IMAGE).unwrap());
+        assert_eq!((ps.node_selector, ps.tolerations), (None, None));
+    }
+
+    #[test]
+    fn router_pod_resources_that_are_not_quantities_are_a_spec_error() {
+        let (mut m, owner) = md(ab(), None);
+        let mut t = traffic(RouterKind::Builtin, None, None);
+        t.router_pod = Some(RouterPod {
+            resources: Some(ResourceRequirements {
+                limits: Some(BTreeMap::from([(
+                    "memory".to_string(),
+                    Quantity("lots".into()),
+                )])),
+                ..ResourceRequirements::default()
+            }),
+            ..RouterPod::default()
+        });
+        m.spec.traffic = Some(t);
+        let err = build(&m, &owner, IMAGE).unwrap_err();
+        assert_eq!(
+            (err.reason, err.field.as_str()),
+            (
+                "InvalidQuantity",
+                "spec.traffic.routerPod.resources.limits.memory"
+            )
+        );
     }
 }
