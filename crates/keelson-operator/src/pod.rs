@@ -194,9 +194,7 @@ pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        HostPathVolumeSource, PersistentVolumeClaimVolumeSource, SecurityContext,
-    };
+    use k8s_openapi::api::core::v1::SecurityContext;
     use keelson_api::workload::GpuSpec;
 
     fn workload() -> WorkloadSpec {
@@ -287,26 +285,8 @@ mod tests {
     fn volumes_are_mounted_in_place_with_their_source() {
         let mut w = workload();
         w.volumes = Some(vec![
-            VolumeSpec {
-                name: "datasets".into(),
-                mount_path: "/data".into(),
-                read_only: Some(true),
-                sub_path: Some("imagenet".into()),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: "shared-datasets".into(),
-                    read_only: None,
-                }),
-                ..VolumeSpec::default()
-            },
-            VolumeSpec {
-                name: "fabric".into(),
-                mount_path: "/mapr".into(),
-                host_path: Some(HostPathVolumeSource {
-                    path: "/mapr/cluster1".into(),
-                    type_: Some("Directory".into()),
-                }),
-                ..VolumeSpec::default()
-            },
+            fixtures::datasets(),
+            fixtures::fabric("/mapr/cluster1"),
         ]);
         let t = pod_template(&w, main(), BTreeMap::new());
         let s = spec_of(&t);
@@ -392,5 +372,39 @@ mod tests {
             meta.annotations.as_ref().unwrap()[DEFAULT_CONTAINER_ANNOTATION],
             "worker"
         );
+    }
+}
+
+/// Volumes the kinds' builder tests share: a dataset claim mounted read-only at a sub-path, and a
+/// data-fabric directory on the node.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use k8s_openapi::api::core::v1::{HostPathVolumeSource, PersistentVolumeClaimVolumeSource};
+    use keelson_api::workload::VolumeSpec;
+
+    pub fn datasets() -> VolumeSpec {
+        VolumeSpec {
+            name: "datasets".into(),
+            mount_path: "/data".into(),
+            read_only: Some(true),
+            sub_path: Some("imagenet".into()),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "shared-datasets".into(),
+                read_only: None,
+            }),
+            ..VolumeSpec::default()
+        }
+    }
+
+    pub fn fabric(path: &str) -> VolumeSpec {
+        VolumeSpec {
+            name: "fabric".into(),
+            mount_path: "/mapr".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.into(),
+                type_: Some("Directory".into()),
+            }),
+            ..VolumeSpec::default()
+        }
     }
 }

@@ -342,6 +342,19 @@ pub(crate) mod tests {
     use keelson_api::modeldeployment::{ModelDeploymentSpec, ModelSource, Traffic as TrafficSpec};
     use keelson_api::workload::{VolumeSpec, WorkloadSpec};
 
+    /// The pod template's labels of a Deployment spec.
+    pub(crate) fn template_labels(
+        ds: &k8s_openapi::api::apps::v1::DeploymentSpec,
+    ) -> &BTreeMap<String, String> {
+        ds.template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap()
+    }
+
     pub const IMAGE: &str = "ghcr.io/keelson/keelson:test";
 
     pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {
@@ -407,14 +420,7 @@ pub(crate) mod tests {
         assert_eq!(sel.len(), 2);
         assert_eq!(sel["keelson.dev/owner-name"], "fraud");
         assert_eq!(sel["keelson.dev/variant"], "champion");
-        let pl = ds
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .as_ref()
-            .unwrap();
+        let pl = template_labels(ds);
         assert!(sel.iter().all(|(k, v)| pl.get(k) == Some(v)));
         assert_eq!(pl["keelson.dev/role"], "model");
         assert_eq!(pl["app.kubernetes.io/managed-by"], "keelson");

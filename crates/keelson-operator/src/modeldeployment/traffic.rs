@@ -527,14 +527,7 @@ mod tests {
         assert_eq!(router.metadata.name.as_deref(), Some("fraud-router"));
         let spec = router.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(1));
-        let labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .as_ref()
-            .unwrap();
+        let labels = super::super::build::tests::template_labels(spec);
         assert_eq!(labels["keelson.dev/role"], "router");
         assert_eq!(labels["keelson.dev/owner-kind"], "ModelDeployment");
         let sel = spec.selector.match_labels.as_ref().unwrap();

@@ -201,7 +201,6 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::HostPathVolumeSource;
     use keelson_api::notebook::{NotebookSpec, WorkspaceSpec};
     use keelson_api::workload::{GpuSpec, VolumeSpec, WorkloadSpec};
 
@@ -359,15 +358,9 @@ mod tests {
             product: Some("NVIDIA-A100-SXM4-80GB".into()),
             ..GpuSpec::default()
         });
-        s.workload.volumes = Some(vec![VolumeSpec {
-            name: "fabric".into(),
-            mount_path: "/mapr".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: "/mapr/cluster1/projects".into(),
-                type_: Some("Directory".into()),
-            }),
-            ..VolumeSpec::default()
-        }]);
+        s.workload.volumes = Some(vec![crate::pod::fixtures::fabric(
+            "/mapr/cluster1/projects",
+        )]);
         let (nb, owner) = notebook(s);
         let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
         let ps = pod.spec.unwrap();

@@ -238,12 +238,10 @@ pub fn build(job: &TrainingJob, owner: &Owner) -> Result<Children, BuildError> {
 mod tests {
     use super::*;
     use crate::pod::DEFAULT_CONTAINER_ANNOTATION;
-    use k8s_openapi::api::core::v1::{
-        Container, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodTemplateSpec,
-    };
+    use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use keelson_api::trainingjob::{Scheduling, TrainingJobSpec};
-    use keelson_api::workload::{GpuSpec, VolumeSpec, WorkloadSpec, GPU_PRODUCT_LABEL};
+    use keelson_api::workload::{GpuSpec, WorkloadSpec, GPU_PRODUCT_LABEL};
     use serde_json::Value;
 
     pub(crate) fn job(spec: TrainingJobSpec) -> (TrainingJob, Owner) {
@@ -521,26 +519,8 @@ mod tests {
         });
         s.workload.node_selector = Some([("pool".to_string(), "train".to_string())].into());
         s.workload.volumes = Some(vec![
-            VolumeSpec {
-                name: "datasets".into(),
-                mount_path: "/data".into(),
-                read_only: Some(true),
-                sub_path: Some("imagenet".into()),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: "shared-datasets".into(),
-                    read_only: None,
-                }),
-                ..VolumeSpec::default()
-            },
-            VolumeSpec {
-                name: "fabric".into(),
-                mount_path: "/mapr".into(),
-                host_path: Some(HostPathVolumeSource {
-                    path: "/mapr/cluster1/projects".into(),
-                    type_: Some("Directory".into()),
-                }),
-                ..VolumeSpec::default()
-            },
+            crate::pod::fixtures::datasets(),
+            crate::pod::fixtures::fabric("/mapr/cluster1/projects"),
         ]);
         let (j, owner) = job(s);
         for pod in build(&j, &owner).unwrap().pods {
