@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build test test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale image clean-demo
+.PHONY: all build test test-real test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale bench-idle image clean-demo
 
 all: build
 
@@ -21,9 +21,18 @@ lint:
 fmt:
 	$(CARGO) fmt
 
-## test: lint, unit tests, then the integration tests against the local cluster (started if needed)
+## test: lint, unit tests, then the integration tests against the local cluster (started if needed);
+## with REAL_NODE=1 (the default in CI) also `test-real`
 test: lint cluster
-	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
+	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test helm_chart --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
+	if [[ $${REAL_NODE:-0} == 1 ]]; then $(MAKE) test-real; fi
+
+## test-real: the end-to-end suite on the real node (docs/real-node.md): the cluster with its node,
+## the images, then workloads that really run and the operator installed as a pod
+test-real:
+	REAL_NODE=1 $(CLUSTER_HACK)/up.sh
+	$(CURDIR)/hack/images/build.sh pause workloads keelson
+	$(CARGO) test --no-fail-fast --test real_node --test operator_pod -- --test-threads=1
 
 ## test-idempotence: a forced resync of settled resources makes zero writes, read from the API
 ## server's counters (also part of `make test`, where cargo runs it before the other cluster tests).
@@ -44,12 +53,16 @@ demo-down:
 	hack/demo.sh down
 
 ## bench: every benchmark; each prints a table and asserts nothing
-bench: bench-router bench-scale
+bench: bench-router bench-scale bench-idle
 
 ## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1, and instructions per
 ## request under callgrind (needs wrk, nginx and valgrind; installed from Debian when missing)
 bench-router:
 	hack/bench/router.sh
+
+## bench-idle: resident memory of an idle `keelson run` (release build), anonymous and file-backed
+bench-idle: cluster
+	hack/bench/idle.sh
 
 ## bench-scale: N TrainingJobs of 4 GPU workers at once on the local cluster (N=100 and 1,000;
 ## BENCH_FULL=1 adds 5,000), against the Kubeflow training-operator built from its Go module
