@@ -10,7 +10,9 @@
 //!   kubelet's probes (`/readyz` also answers on the pod IP);
 //! - it takes the Lease `keelson-system/keelson-leader` (holder = the pod's name) and reconciles a
 //!   TrainingJob (status with observedGeneration and conditions, its Service and worker pods), which
-//!   proves the RBAC of `config/rbac` from inside the cluster, through `https://kubernetes.default.svc`;
+//!   proves the RBAC of `config/rbac` from inside the cluster, with the pod's own token, through the
+//!   `kubernetes` Service (kube-rs' in-cluster config: `KUBERNETES_SERVICE_HOST`, the ClusterIP of
+//!   `kubernetes.default.svc`, routed by kube-proxy);
 //! - with the operator crashed in the middle of a burst of 30 TrainingJobs (its process SIGKILLed,
 //!   so the Lease is not released, and its pod force-deleted), the Deployment's new pod takes the
 //!   Lease once it expires and converges every job: each has exactly its Service and its worker pods, owned
@@ -658,6 +660,11 @@ async fn config_default_pod_reconciles_and_survives_a_killed_leader() {
         .expect("run kill");
     assert!(killed.success(), "kill -KILL {pid} (the operator process)");
     let killed_at = Instant::now();
+    assert_eq!(
+        lease_holder(KUSTOMIZE_NS),
+        first,
+        "a SIGKILLed leader cannot release its Lease"
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), KUSTOMIZE_NS);
     pods.delete(&first, &DeleteParams::default().grace_period(0))
         .await
@@ -673,6 +680,7 @@ async fn config_default_pod_reconciles_and_survives_a_killed_leader() {
     creator.await.expect("the burst's creator task");
 
     let second = ready_operator(&client, KUSTOMIZE_NS, Some(&first)).await;
+    assert_runs_hardened(&second);
     let second = second.name_any();
     wait_lease(KUSTOMIZE_NS, &second).await;
     eprintln!(
