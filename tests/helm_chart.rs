@@ -14,7 +14,8 @@
 //!   namespaced object and every ServiceAccount subject must be in it;
 //! - every rendered object carries Helm's standard labels, and the values (`image.*`, `routerImage`,
 //!   `replicas`, `resources`, `nodeSelector`, `tolerations`, `affinity`, `leaderElection`, `logFormat`,
-//!   `extraArgs`) reach the Deployment and nothing else changes.
+//!   `extraArgs`) reach the Deployment and nothing else changes;
+//! - `values.schema.json` refuses a misspelt or mistyped value.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -548,4 +549,24 @@ fn values_reach_the_deployment() {
         d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
         "ml"
     );
+}
+
+#[test]
+fn values_schema_refuses_mistakes() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    for (set, why) in [
+        (
+            "replicaCount=2",
+            "additional properties 'replicaCount' not allowed",
+        ),
+        ("logFormat=xml", "/logFormat"),
+        ("nodeSelector.zone=true", "/nodeSelector/zone"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("leaderElection.enabled=yes", "/leaderElection/enabled"),
+    ] {
+        let (ok, _, err) = helm(&["template", RELEASE, chart, "--set", set]);
+        assert!(!ok, "--set {set} rendered");
+        assert!(err.contains(why), "--set {set}: {err}");
+    }
 }
