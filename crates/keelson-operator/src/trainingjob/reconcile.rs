@@ -158,11 +158,7 @@ async fn delete_pods(
         .map(|d| async move {
             let r = apply::delete(&shared.client, &shared.writes, d.pod.as_ref()).await;
             if let Ok(true) = r {
-                let note = match d.reason {
-                    DeleteReason::Restart => Note::warning("WorkerFailed", d.message.clone()),
-                    _ => Note::normal("PodDeleted", d.message.clone()),
-                };
-                driver::record(shared, job, note);
+                driver::record(shared, job, deletion_note(&d));
             }
             (d, r)
         })
@@ -185,6 +181,18 @@ async fn delete_pods(
         }
     }
     (done, failed)
+}
+
+/// The Event of one pod deletion, about that pod. Events of one object fold into a series by type,
+/// reason, action and related object, and a series shows its first note only: about the pod, the
+/// failures of two ranks (or of one rank's two attempts) are two Events that each say which pod
+/// failed and how, instead of one Event that counts two and names the first.
+fn deletion_note(d: &Deletion) -> Note {
+    let note = match d.reason {
+        DeleteReason::Restart => Note::warning("WorkerFailed", d.message.clone()),
+        _ => Note::normal("PodDeleted", d.message.clone()),
+    };
+    note.about(d.pod.object_ref(&()))
 }
 
 /// Creates `pods` (rank, pod) with slow start, and records one Event that names every pod created.
@@ -531,6 +539,49 @@ async fn converge(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use kube::runtime::events::EventType;
+
+    #[test]
+    fn each_deleted_pod_is_its_own_event_series() {
+        let pod = |name: &str, uid: &str| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("team-a".into());
+            p.metadata.uid = Some(uid.into());
+            Arc::new(p)
+        };
+        let del = |p: Arc<Pod>, reason| Deletion {
+            pod: p,
+            reason,
+            message: "worker failed with exit code 137".into(),
+        };
+        let (a, b) = (
+            deletion_note(&del(pod("j-worker-0", "u0"), DeleteReason::Restart)),
+            deletion_note(&del(pod("j-worker-1", "u1"), DeleteReason::Restart)),
+        );
+        assert_eq!(
+            (a.reason.as_str(), a.type_),
+            ("WorkerFailed", EventType::Warning)
+        );
+        let related = a.related.as_ref().expect("about the pod");
+        assert_eq!(
+            (
+                related.kind.as_deref(),
+                related.name.as_deref(),
+                related.uid.as_deref()
+            ),
+            (Some("Pod"), Some("j-worker-0"), Some("u0"))
+        );
+        // Same type, reason and action: only the related pod keeps them apart.
+        assert_eq!((&a.reason, &a.action), (&b.reason, &b.action));
+        assert_ne!(a.related, b.related);
+        // A second attempt of the same rank is a new pod: a new series too.
+        let again = deletion_note(&del(pod("j-worker-0", "u2"), DeleteReason::Restart));
+        assert_ne!(a.related, again.related);
+        let cleanup = deletion_note(&del(pod("j-worker-0", "u0"), DeleteReason::Cleanup));
+        assert_eq!(cleanup.reason, "PodDeleted");
+        assert!(cleanup.related.is_some());
+    }
 
     #[test]
     fn one_created_event_names_every_pod_within_the_note_limit() {
