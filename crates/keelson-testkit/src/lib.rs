@@ -343,6 +343,97 @@ impl Ns {
     }
 }
 
+/// The real node of the local cluster (`REAL_NODE=1 make cluster`, docs/real-node.md).
+pub const REAL_NODE: &str = "keelson-node-0";
+
+/// The YAML lines that put a workload on the real node: its label and its taint.
+pub const REAL_NODE_PLACEMENT: &str = r#"nodeSelector: {keelson.dev/real-node: "true"}
+tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]"#;
+
+/// Panics, with what to run, unless the real node is registered, Ready and has `images` (e.g.
+/// `keelson.dev/trainer:dev`) in its containerd. Once per test binary.
+pub fn real_node(images: &[&str]) {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        cluster();
+        let o = kubectl(&["get", "node", REAL_NODE, "-o", "json"], None);
+        assert!(
+            o.status.success(),
+            "no real node: node {REAL_NODE} is not in the cluster ({}); run REAL_NODE=1 make cluster",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        let node: serde_json::Value = serde_json::from_slice(&o.stdout).expect("node JSON");
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(
+            ready,
+            "the real node {REAL_NODE} is not Ready; run REAL_NODE=1 make cluster (it repairs a stopped node)"
+        );
+        let have: Vec<&str> = node["status"]["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["names"].as_array().into_iter().flatten())
+            .filter_map(|n| n.as_str())
+            .collect();
+        for want in images {
+            assert!(
+                have.iter().any(|h| h.ends_with(want)),
+                "image {want} is not on the real node {REAL_NODE}; run make images (stand-ins) or make image (keelson)"
+            );
+        }
+    });
+}
+
+/// A `hostPath` PersistentVolume at `path` on one node (`nodeAffinity` to its hostname, so the pod
+/// that mounts it lands there), pre-bound to claim `claim` of this namespace. Deleted when dropped.
+pub struct NodePv {
+    pub name: String,
+}
+
+impl Ns {
+    /// A [`NodePv`] for claim `claim` of this namespace; `path` must be a directory on `node`.
+    pub fn node_pv(&self, claim: &str, size: &str, path: &Path, node: &str) -> NodePv {
+        let name = format!("{}-{claim}", self.name);
+        let yaml = format!(
+            r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {name}
+  labels: {{keelson.dev/test-volume: "true"}}
+spec:
+  capacity: {{storage: {size}}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  volumeMode: Filesystem
+  storageClassName: ""
+  hostPath: {{path: "{path}", type: Directory}}
+  claimRef: {{namespace: {ns}, name: {claim}}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions:
+        - {{key: kubernetes.io/hostname, operator: In, values: [{node}]}}
+"#,
+            path = path.display(),
+            ns = self.name,
+        );
+        kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+        NodePv { name }
+    }
+}
+
+impl Drop for NodePv {
+    fn drop(&mut self) {
+        if std::env::var("KEEP_NAMESPACES").is_err() {
+            let _ = kubectl(&["delete", "pv", &self.name, "--wait=false"], None);
+        }
+    }
+}
+
 impl Drop for Ns {
     fn drop(&mut self) {
         if std::env::var("KEEP_NAMESPACES").is_err() {
