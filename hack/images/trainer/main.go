@@ -206,7 +206,9 @@ func serve(ctx context.Context, port string, world int, sum string) {
 }
 
 func join(ctx context.Context, addr string, rank int, sum string) {
-	var d net.Dialer
+	// Each attempt resolves MASTER_ADDR again and gives up after a few seconds: a re-created rank 0
+	// has a new IP, and a dial to the old one would otherwise wait for the whole TIMEOUT.
+	d := net.Dialer{Timeout: 3 * time.Second}
 	for {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
