@@ -17,7 +17,9 @@
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
-//!   under steady load fails no request and moves the split to 30/70 without restarting a pod.
+//!   under steady load fails no request and moves the split to 30/70 without restarting a pod. The
+//!   router container runs as containerd shows it: non-root, no capability, read-only root, seccomp,
+//!   no service-account token.
 //!
 //! Without a real node every test fails with what to run. `KEEP_NAMESPACES=1` keeps the namespaces.
 
@@ -84,17 +86,34 @@ fn placement(n: usize) -> String {
         .collect()
 }
 
-/// A fresh directory of this test under target/real-node/, writable by the images' non-root user.
-fn host_dir(test: &str, ns: &Ns, sub: &str) -> PathBuf {
-    let dir = support::root()
-        .join("target/real-node")
-        .join(test)
-        .join(&ns.name)
-        .join(sub);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    dir
+/// A fresh directory on the node, `target/real-node/<test>/<namespace>/<sub>`, writable by the
+/// images' non-root user; the namespace's directory is removed when dropped (kept with
+/// `KEEP_NAMESPACES`).
+struct HostDir {
+    ns_dir: PathBuf,
+    path: PathBuf,
+}
+
+impl HostDir {
+    fn new(test: &str, ns: &Ns, sub: &str) -> HostDir {
+        let ns_dir = support::root()
+            .join("target/real-node")
+            .join(test)
+            .join(&ns.name);
+        let path = ns_dir.join(sub);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        HostDir { ns_dir, path }
+    }
+}
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        if std::env::var("KEEP_NAMESPACES").is_err() {
+            let _ = std::fs::remove_dir_all(&self.ns_dir);
+        }
+    }
 }
 
 /// What a person looks at when a wait times out: the namespace's objects and Events.
@@ -198,9 +217,9 @@ fn ready(p: &Pod) -> bool {
         .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-/// SIGKILLs the main container's process from the host, as the kernel's OOM killer would: the
-/// kubelet then reports exit code 137.
-fn sigkill(p: &Pod) {
+/// What containerd runs for the pod's main container: `crictl inspect` (its `info` holds the pid
+/// and the OCI runtime spec).
+fn inspect(p: &Pod) -> serde_json::Value {
     let id = p
         .status
         .as_ref()
@@ -211,23 +230,26 @@ fn sigkill(p: &Pod) {
         .unwrap_or_else(|| panic!("pod {} has no running container", p.name_any()))
         .to_string();
     let o = Command::new(support::root().join("target/cluster/bin/crictl"))
-        .args([
-            "--runtime-endpoint",
-            CONTAINERD_SOCK,
-            "inspect",
-            "-o",
-            "go-template",
-            "--template",
-            "{{.info.pid}}",
-            &id,
-        ])
+        .args(["--runtime-endpoint", CONTAINERD_SOCK, "inspect", &id])
         .output()
         .unwrap();
-    let pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(
-        o.status.success() && pid.parse::<u32>().is_ok_and(|p| p > 1),
-        "crictl inspect {id}: {pid} {}",
+        o.status.success(),
+        "crictl inspect {id}: {}",
         String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// SIGKILLs the main container's process from the host, as the kernel's OOM killer would: the
+/// kubelet then reports exit code 137.
+fn sigkill(p: &Pod) {
+    let info = inspect(p);
+    let pid = info["info"]["pid"].as_u64().unwrap_or(0).to_string();
+    assert!(
+        pid.parse::<u32>().is_ok_and(|p| p > 1),
+        "no pid in crictl inspect of {}: {info}",
+        p.name_any()
     );
     let st = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
     assert!(st.success(), "kill -KILL {pid}");
@@ -372,7 +394,8 @@ async fn trainingjob_ranks_meet_by_dns_and_read_the_same_data() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
 
     // The data fabric: one file on the node, 3 MiB of bytes only this run has.
-    let fabric = host_dir("trainingjob-data", &ns, "fabric");
+    let dir = HostDir::new("trainingjob-data", &ns, "fabric");
+    let fabric = dir.path.clone();
     let shard = fabric.join("shard.bin");
     let seed = ns.name.bytes().fold(0x9e37_79b9_u64, |h, b| {
         h.wrapping_mul(31).wrapping_add(u64::from(b))
@@ -816,7 +839,8 @@ async fn notebook_token_and_workspace_survive_pod_replacement_and_recreation() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let http = http();
 
-    let disk = host_dir("notebook", &ns, "workspace");
+    let dir = HostDir::new("notebook", &ns, "workspace");
+    let disk = dir.path.clone();
     let _pv = ns.node_pv("lab-workspace", "1Gi", &disk, REAL_NODE);
     ns.apply(&notebook_yaml("50m")).unwrap();
     let pod = notebook_running(&ns, "Notebook lab Running and Ready", None).await;
@@ -1160,6 +1184,31 @@ async fn modeldeployment_router_splits_pins_and_reweights_real_traffic() {
     assert_eq!(
         rp.spec.as_ref().unwrap().containers[0].image.as_deref(),
         Some(ROUTER)
+    );
+    // Locked down as containerd really runs it: the image's non-root user, no privilege
+    // escalation, no capability, a read-only root, seccomp, and no service-account token.
+    let spec = &inspect(rp)["info"]["runtimeSpec"];
+    assert_eq!(spec["process"]["user"]["uid"], 65532, "{spec}");
+    assert_eq!(spec["process"]["noNewPrivileges"], true, "{spec}");
+    assert_eq!(
+        spec["process"]["capabilities"]["bounding"]
+            .as_array()
+            .map_or(0, Vec::len),
+        0,
+        "{spec}"
+    );
+    assert_eq!(spec["root"]["readonly"], true, "{spec}");
+    assert!(spec["linux"]["seccomp"].is_object(), "{spec}");
+    let mounts: Vec<&str> = spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["destination"].as_str())
+        .collect();
+    assert!(mounts.contains(&"/etc/keelson-router"), "{mounts:?}");
+    assert!(
+        !mounts.iter().any(|m| m.contains("serviceaccount")),
+        "the router has a service-account token: {mounts:?}"
     );
     let router_deploy = deploys.get("fraud-router").await.unwrap();
     assert_eq!(router_deploy.status.and_then(|s| s.ready_replicas), Some(1));
