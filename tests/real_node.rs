@@ -10,10 +10,12 @@
 //! - TrainingJob `restartPolicy: ExitCode`: ranks killed with SIGKILL (exit 137, as the OOM killer
 //!   does) are re-created and the job then Succeeds with 2 restarts; a job whose ranks exit 1 fails at
 //!   once (reason `ExitCode`, no restart, no new pod).
+//! - TrainingJob `suspend: true` while the ranks run: the real pods are stopped and gone, the job is
+//!   Suspended with no restart counted; `suspend: false` starts a new group that meets and Succeeds.
 //! - Notebook: 403 without or with a wrong token, 200 with the token of `<name>-token`, through the
 //!   Service ClusterIP; a file written through the contents API lands on the workspace's
-//!   PersistentVolume and survives a `resources` edit (a new pod) and deleting and re-creating the
-//!   Notebook with `deletePolicy: Retain`.
+//!   PersistentVolume and survives a `resources` edit (a new pod), `suspend: true` then `false`, and
+//!   deleting and re-creating the Notebook with `deletePolicy: Retain`.
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
@@ -689,6 +691,118 @@ async fn trainingjob_exit_code_policy_retries_kills_and_fails_fast_on_errors() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainingjob_suspend_stops_real_pods_and_resume_starts_a_new_group() {
+    let t0 = Instant::now();
+    setup();
+    let ns = Ns::new("rn-tjs");
+    let client = support::client().await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+
+    // The ranks meet and hold; `restartPolicy: Never`, so a pod the suspension kills that were
+    // counted as a failure would fail the job.
+    ns.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: knobs}\ndata: {HOLD: 600s}\n")
+        .unwrap();
+    let hold = "  - {name: HOLD, valueFrom: {configMapKeyRef: {name: knobs, key: HOLD}}}\n";
+    ns.apply(&job_yaml(
+        "susp",
+        hold,
+        "{restartPolicy: Never, cleanPodPolicy: None}",
+        None,
+    ))
+    .unwrap();
+    let first = wait(
+        &ns,
+        "both ranks of susp running after the rendezvous",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            let ns = &ns;
+            async move {
+                let p = rank_pods(&pods, "susp").await;
+                let running = p.len() == 2 && p.values().all(|p| phase(p) == "Running");
+                (running && logs(ns, "susp-worker-0").contains("all 1 peers joined")).then_some(p)
+            }
+        },
+    )
+    .await;
+    let running = jobs.get("susp").await.unwrap().status.unwrap();
+    assert_eq!(running.phase, Some(JobPhase::Running), "{running:?}");
+    assert!(running.start_time.is_some());
+
+    ns.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: knobs}\ndata: {HOLD: 0s}\n")
+        .unwrap();
+    ns.kubectl(&[
+        "patch",
+        "trainingjob",
+        "susp",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ]);
+    let suspended = wait(
+        &ns,
+        "TrainingJob susp Suspended with no pod left",
+        Duration::from_secs(90),
+        || {
+            let (jobs, pods) = (jobs.clone(), pods.clone());
+            async move {
+                let st = jobs.get("susp").await.ok()?.status?;
+                let all_gone = pods
+                    .list(&ListParams::default().labels("keelson.dev/owner-name=susp"))
+                    .await
+                    .ok()?
+                    .items
+                    .is_empty();
+                (st.phase == Some(JobPhase::Suspended) && all_gone).then_some(st)
+            }
+        },
+    )
+    .await;
+    assert_eq!(suspended.start_time, None, "{suspended:?}");
+    assert_eq!(suspended.restarts, 0, "deleted pods are not failures");
+
+    ns.kubectl(&[
+        "patch",
+        "trainingjob",
+        "susp",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ]);
+    let done = wait(
+        &ns,
+        "TrainingJob susp to finish after the resume",
+        Duration::from_secs(180),
+        || {
+            let jobs = jobs.clone();
+            async move { job_finished(&jobs, "susp").await }
+        },
+    )
+    .await;
+    let st = done.status.unwrap();
+    assert_eq!(
+        st.phase,
+        Some(JobPhase::Succeeded),
+        "{st:?}\nrank 0: {}\nrank 1: {}",
+        logs(&ns, "susp-worker-0"),
+        logs(&ns, "susp-worker-1")
+    );
+    assert_eq!(st.restarts, 0);
+    let now = rank_pods(&pods, "susp").await;
+    assert_eq!(now.len(), 2);
+    for (n, p) in &now {
+        assert_ne!(p.uid(), first[n].uid(), "{n} is not from the new group");
+        assert_eq!(exit_code(p), Some(0), "{n}");
+    }
+    assert!(logs(&ns, "susp-worker-0").contains("all 1 peers joined with the same data"));
+    eprintln!(
+        "trainingjob_suspend_stops_real_pods_and_resume_starts_a_new_group: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 // --- HTTP from the host -----------------------------------------------------------------------------
 
 type Http = Client<HttpConnector, Full<Bytes>>;
@@ -932,6 +1046,51 @@ async fn notebook_token_and_workspace_survive_pod_replacement_and_recreation() {
         .map(|r| r["cpu"].0.clone());
     assert_eq!(cpu.as_deref(), Some("60m"));
     assert_eq!(token(&secrets).await, tok, "the token changed with the pod");
+    assert_eq!(
+        read_file(&ns, &http, &base, &tok, "notes/run.txt").await,
+        content
+    );
+
+    // Suspended: the pod really stops (the server shuts down on SIGTERM), the claim stays; resumed:
+    // a new pod serves the same file.
+    ns.kubectl(&[
+        "patch",
+        "notebook",
+        "lab",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ]);
+    let nbs: Api<Notebook> = Api::namespaced(client.clone(), &ns.name);
+    wait(
+        &ns,
+        "Notebook lab Suspended with its pod gone",
+        Duration::from_secs(90),
+        || {
+            let (nbs, pods) = (nbs.clone(), pods.clone());
+            async move {
+                let nb = nbs.get("lab").await.ok()?;
+                let suspended = nb
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| format!("{p:?}") == "Suspended");
+                let gone = pods.get_opt("lab-0").await.ok()?.is_none();
+                (suspended && gone).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(pvcs.get("lab-workspace").await.unwrap().uid(), pvc_uid);
+    ns.kubectl(&[
+        "patch",
+        "notebook",
+        "lab",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ]);
+    notebook_running(&ns, "Notebook lab resumed", pod2.uid()).await;
     assert_eq!(
         read_file(&ns, &http, &base, &tok, "notes/run.txt").await,
         content
