@@ -12,7 +12,8 @@
 //!   once (reason `ExitCode`, no restart, no new pod).
 //! - TrainingJob `suspend: true` while the ranks run: the real pods are stopped and gone, the job is
 //!   Suspended with no restart counted; `suspend: false` starts a new group that meets and Succeeds.
-//! - Notebook: 403 without or with a wrong token, 200 with the token of `<name>-token`, through the
+//! - Notebook: runs hardened as containerd shows it (non-root, no capability, no new privileges,
+//!   seccomp, no service-account token); 403 without or with a wrong token, 200 with the token of `<name>-token`, through the
 //!   Service ClusterIP; a file written through the contents API lands on the workspace's
 //!   PersistentVolume and survives a `resources` edit (a new pod), `suspend: true` then `false`, and
 //!   deleting and re-creating the Notebook with `deletePolicy: Retain`.
@@ -959,6 +960,31 @@ async fn notebook_token_and_workspace_survive_pod_replacement_and_recreation() {
     ns.apply(&notebook_yaml("50m")).unwrap();
     let pod = notebook_running(&ns, "Notebook lab Running and Ready", None).await;
     assert_eq!(node_of(&pod), REAL_NODE);
+    // Hardened as containerd runs it: the image's non-root user, no privilege escalation, no
+    // capability, seccomp, and no service-account token.
+    let spec = &inspect(&pod)["info"]["runtimeSpec"];
+    assert_eq!(spec["process"]["user"]["uid"], 65532, "{spec}");
+    assert_eq!(spec["process"]["noNewPrivileges"], true, "{spec}");
+    assert!(spec["process"]["capabilities"].is_object(), "{spec}");
+    for set in ["bounding", "effective", "permitted"] {
+        let caps = &spec["process"]["capabilities"][set];
+        assert!(
+            caps.as_array().is_none_or(Vec::is_empty),
+            "{set} capabilities: {caps}"
+        );
+    }
+    assert!(spec["linux"]["seccomp"].is_object(), "{spec}");
+    let mounts: Vec<&str> = spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["destination"].as_str())
+        .collect();
+    assert!(mounts.contains(&"/home/jovyan"), "{mounts:?}");
+    assert!(
+        !mounts.iter().any(|m| m.contains("serviceaccount")),
+        "the notebook has a service-account token: {mounts:?}"
+    );
 
     // The token: none or a wrong one is refused by the server, the Secret's one is let in.
     let tok = token(&secrets).await;

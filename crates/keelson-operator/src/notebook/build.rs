@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ContainerPort, EnvVar, EnvVarSource, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, Secret, SecretKeySelector, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, ContainerPort, EnvVar, EnvVarSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -183,6 +184,7 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
         let mut pod_spec = template.spec.unwrap_or_default();
         pod_spec.restart_policy = Some("Always".into());
         pod_spec.hostname = Some(pod_name(&owner.name));
+        harden(&mut pod_spec, spec.workload.service_account_name.is_some());
         Pod {
             metadata: meta,
             spec: Some(PodSpec { ..pod_spec }),
@@ -196,6 +198,34 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
         workspace,
         pod,
     })
+}
+
+/// The notebook pod's defaults (DESIGN §1.2): non-root, seccomp `RuntimeDefault`, no privilege
+/// escalation, every capability dropped, and no service-account token unless a ServiceAccount is
+/// named. Each is only a default: a value the user's `template` set (it is merged into `pod`
+/// already) is kept.
+fn harden(pod: &mut PodSpec, service_account: bool) {
+    let psc = pod
+        .security_context
+        .get_or_insert_with(PodSecurityContext::default);
+    psc.run_as_non_root.get_or_insert(true);
+    psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    });
+    if !service_account {
+        pod.automount_service_account_token.get_or_insert(false);
+    }
+    if let Some(c) = pod.containers.iter_mut().find(|c| c.name == CONTAINER) {
+        let sc = c
+            .security_context
+            .get_or_insert_with(SecurityContext::default);
+        sc.allow_privilege_escalation.get_or_insert(false);
+        sc.capabilities.get_or_insert_with(|| Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -333,6 +363,62 @@ mod tests {
                 "alice-workspace"
             );
         }
+    }
+
+    #[test]
+    fn pod_is_hardened_by_default_and_the_template_overrides_each_default() {
+        let (nb, owner) = notebook(spec());
+        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let ps = pod.spec.as_ref().unwrap();
+        let psc = ps.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(ps.automount_service_account_token, Some(false));
+        let sc = ps.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref().unwrap(),
+            ["ALL"]
+        );
+
+        // The template's values win, one by one; what it leaves out keeps the default.
+        let mut s = spec();
+        s.workload.template = Some(
+            serde_json::from_value(serde_json::json!({"spec": {
+                "securityContext": {"runAsNonRoot": false, "runAsUser": 0},
+                "automountServiceAccountToken": true,
+                "containers": [{"name": "notebook", "securityContext": {
+                    "capabilities": {"add": ["SYS_PTRACE"]}
+                }}]
+            }}))
+            .unwrap(),
+        );
+        let (nb, owner) = notebook(s);
+        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let ps = pod.spec.as_ref().unwrap();
+        let psc = ps.security_context.as_ref().unwrap();
+        assert_eq!(
+            (psc.run_as_non_root, psc.run_as_user),
+            (Some(false), Some(0))
+        );
+        assert!(psc.seccomp_profile.is_some());
+        assert_eq!(ps.automount_service_account_token, Some(true));
+        let sc = ps.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().add.as_deref().unwrap(),
+            ["SYS_PTRACE"]
+        );
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+
+        // A named ServiceAccount asks for its token.
+        let mut s = spec();
+        s.workload.service_account_name = Some("explorer".into());
+        let (nb, owner) = notebook(s);
+        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        assert_eq!(pod.spec.unwrap().automount_service_account_token, None);
     }
 
     #[test]
