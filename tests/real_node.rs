@@ -13,10 +13,10 @@
 //! - TrainingJob `suspend: true` while the ranks run: the real pods are stopped and gone, the job is
 //!   Suspended with no restart counted; `suspend: false` starts a new group that meets and Succeeds.
 //! - Notebook: runs hardened as containerd shows it (non-root, no capability, no new privileges,
-//!   seccomp, no service-account token); 403 without or with a wrong token, 200 with the token of `<name>-token`, through the
-//!   Service ClusterIP; a file written through the contents API lands on the workspace's
-//!   PersistentVolume and survives a `resources` edit (a new pod), `suspend: true` then `false`, and
-//!   deleting and re-creating the Notebook with `deletePolicy: Retain`.
+//!   seccomp, no service-account token); 403 without or with a wrong token, 200 with the token of
+//!   `<name>-token`, through the Service ClusterIP; a file written through the contents API lands on
+//!   the workspace's PersistentVolume and survives a `resources` edit (a new pod), `suspend: true`
+//!   then `false`, and deleting and re-creating the Notebook with `deletePolicy: Retain`.
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
