@@ -58,6 +58,10 @@ pub struct Route {
     pub split: Split,
     pub sticky_header: Option<HeaderName>,
     pub mirror: Option<MirrorTarget>,
+    /// The sticky hash's key when the router is given none: derived from the variants' names and
+    /// upstream addresses, so that every replica agrees and clients (who see neither) cannot
+    /// work it out from the values they send.
+    pub sticky_seed: (u64, u64),
 }
 
 impl Route {
@@ -125,11 +129,23 @@ impl Route {
             })
             .transpose()?
             .filter(|m| m.percent > 0);
+        let mut seed = Vec::new();
+        for v in &variants {
+            seed.extend_from_slice(v.name.as_bytes());
+            seed.push(0);
+            seed.extend_from_slice(v.authority.as_str().as_bytes());
+            seed.push(0);
+        }
+        let sticky_seed = (
+            crate::proxy::sticky_hash((0x6b65_656c, 1), &seed),
+            crate::proxy::sticky_hash((0x6b65_656c, 2), &seed),
+        );
         Ok(Route {
             variants,
             split,
             sticky_header,
             mirror,
+            sticky_seed,
         })
     }
 

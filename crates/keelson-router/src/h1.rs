@@ -49,7 +49,8 @@ pub enum RequestFraming {
 
 /// Writes the head of `req` (its URI in origin form, its headers, hop-by-hop ones already removed)
 /// into `out`, and says how its body follows. `exact` is the body's length when known, `empty`
-/// whether it has none.
+/// whether it has none. Exactly one framing header is written, from `empty` and `exact`: any
+/// `Content-Length` or `Transfer-Encoding` among the request's headers is left out.
 pub fn encode_request<B>(
     req: &Request<B>,
     empty: bool,
@@ -65,17 +66,18 @@ pub fn encode_request<B>(
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut has_length = false;
     for (name, value) in req.headers() {
-        has_length |= name == header::CONTENT_LENGTH;
+        // The framing is written from the body itself below: a client's Content-Length or
+        // Transfer-Encoding never reaches the variant as it came.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let framing = if has_length {
-        RequestFraming::Length
-    } else if empty {
+    let framing = if empty {
         // A method that defines a body says that it has none.
         if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
             out.extend_from_slice(b"content-length: 0\r\n");
@@ -142,6 +144,9 @@ pub fn parse_response(
             &mut headers,
         );
         let len = match parsed {
+            Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+                return Err(ProtocolError::HeadTooLarge)
+            }
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(ProtocolError::HeadTooLarge)
@@ -167,7 +172,8 @@ pub fn parse_response(
         let base = buf.as_ptr() as usize;
         let (mut keep_alive, mut close) = (false, false);
         let mut length: Option<u64> = None;
-        let mut chunked: Option<bool> = None;
+        let mut lengths = 0;
+        let mut chunked = false;
         let count = res.headers.len();
         // Offsets into the head, which is at most `MAX_HEAD` and one read long.
         let at = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
@@ -185,10 +191,14 @@ pub fn parse_response(
                     return Err(ProtocolError::Head("conflicting Content-Length values"));
                 }
                 length = Some(n);
+                lengths += 1;
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // Only the last coding counts: chunked there frames the body.
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                // As nginx: `chunked` alone, once. Any other coding (`gzip, chunked`,
+                // `chunked, gzip`) would have to be decoded to find the body's end.
+                if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err(ProtocolError::Head("unsupported Transfer-Encoding"));
+                }
+                chunked = true;
             } else if name.eq_ignore_ascii_case(b"connection") {
                 for token in h.value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
@@ -196,6 +206,13 @@ pub fn parse_response(
                     keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
+        }
+        if chunked && length.is_some() {
+            // RFC 9112 §6.3 lets a recipient pick chunked; nginx refuses, and so does the
+            // router: a message framed two ways is how requests get smuggled.
+            return Err(ProtocolError::Head(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         let head = buf.split_to(len).freeze();
         let mut map = HeaderMap::with_capacity(count);
@@ -216,6 +233,12 @@ pub fn parse_response(
                 .ok_or(ProtocolError::Head("invalid header value"))?;
             map.append(name, value);
         }
+        if lengths > 1 {
+            // The same length more than once: forwarded once.
+            if let Some(n) = length {
+                map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
         let mut keep_alive = !close && (http11 || keep_alive);
         let body = if head_request
             || status == StatusCode::NO_CONTENT
@@ -224,16 +247,12 @@ pub fn parse_response(
             Decoder::Length(0)
         } else {
             match (chunked, length) {
-                (Some(true), l) => {
-                    // Both framings at once (RFC 9112 §6.3): chunked wins and the connection ends.
-                    keep_alive &= l.is_none();
-                    Decoder::Chunked(Chunk::Size)
-                }
-                (Some(false), _) | (None, None) => {
+                (true, _) => Decoder::Chunked(Chunk::Size),
+                (false, None) => {
                     keep_alive = false;
                     Decoder::Close
                 }
-                (None, Some(n)) => Decoder::Length(n),
+                (false, Some(n)) => Decoder::Length(n),
             }
         };
         return Ok(Some(ResponseHead {
@@ -322,6 +341,9 @@ impl Decoder {
                     let Some(line) = take_line(buf, MAX_LINE)? else {
                         return Ok(Decoded::More);
                     };
+                    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+                        return Err(ProtocolError::Chunked("bare CR or LF in a chunk-size line"));
+                    }
                     // `size[;extensions]`; the extensions are ignored.
                     let hex = line[..].split(|&b| b == b';').next().unwrap_or_default();
                     let size = parse_hex(hex.trim_ascii())?;
@@ -359,6 +381,9 @@ impl Decoder {
                     let Some(line) = take_line(buf, MAX_TRAILERS)? else {
                         return Ok(Decoded::More);
                     };
+                    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+                        return Err(ProtocolError::Chunked("bare CR or LF in a trailer"));
+                    }
                     if line.is_empty() {
                         *self = Decoder::Done;
                     }
@@ -541,26 +566,14 @@ mod tests {
         };
         assert_eq!(
             framing(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
                 false
             ),
             (Decoder::Chunked(Chunk::Size), true)
         );
-        // Chunked and a length: chunked frames it, and the connection is not reused.
-        assert_eq!(
-            framing(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
-                false
-            ),
-            (Decoder::Chunked(Chunk::Size), false)
-        );
         // No length: the body ends with the connection.
         assert_eq!(
             framing(b"HTTP/1.1 200 OK\r\n\r\n", false),
-            (Decoder::Close, false)
-        );
-        assert_eq!(
-            framing(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false),
             (Decoder::Close, false)
         );
         // HEAD, 204 and 304 have no body, whatever the headers say.
@@ -627,6 +640,35 @@ mod tests {
             err(b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n"),
             ProtocolError::Head("invalid Content-Length")
         );
+        // Two framings, or a coding other than chunked alone: refused, as nginx does.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+        ] {
+            assert_eq!(
+                err(raw),
+                ProtocolError::Head("both Content-Length and Transfer-Encoding")
+            );
+        }
+        for te in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, gzip",
+            "chunked\r\ntransfer-encoding: chunked",
+            "",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert_eq!(
+                err(raw.as_bytes()),
+                ProtocolError::Head("unsupported Transfer-Encoding"),
+                "{te}"
+            );
+        }
+        // A complete head larger than the limit.
+        let mut long = b"HTTP/1.1 200 OK\r\nx-long: ".to_vec();
+        long.resize(MAX_HEAD + 6 * 1024, b'a');
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(err(&long), ProtocolError::HeadTooLarge);
         assert_eq!(
             err(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
             ProtocolError::Head("101 without an upgrade request")
@@ -682,6 +724,14 @@ mod tests {
         assert_eq!(
             err(b"2\r\nabXY"),
             ProtocolError::Chunked("no CRLF after a chunk")
+        );
+        assert_eq!(
+            err(b"5\nhello\r\n"),
+            ProtocolError::Chunked("bare CR or LF in a chunk-size line")
+        );
+        assert_eq!(
+            err(b"5;a\rb\r\nhello\r\n"),
+            ProtocolError::Chunked("bare CR or LF in a chunk-size line")
         );
         assert_eq!(
             err(&[b'1'; MAX_LINE + 8]),

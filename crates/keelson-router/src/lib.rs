@@ -64,6 +64,33 @@ pub struct RouterOptions {
     /// keep-alive connection, or one sending its request headers too slowly, is then closed.
     #[arg(long, default_value_t = 30_000)]
     pub idle_timeout_ms: u64,
+    /// Time a started response may go without moving towards the client, in milliseconds: a client
+    /// that stops reading (or an HTTP/2 client that grants no window) has its connection closed.
+    #[arg(long, default_value_t = 60_000)]
+    pub send_timeout_ms: u64,
+    /// Time a response body may go without a byte from the variant, in milliseconds; past it the
+    /// response is cut and the upstream connection closed.
+    #[arg(long, default_value_t = 60_000)]
+    pub upstream_read_timeout_ms: u64,
+    /// Connections open to one variant address at most, idle ones included; past it a request
+    /// waits up to --connect-timeout-ms for one, then gets a 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_upstream_conns: usize,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Bytes of a request head (HTTP/1.1, at least 8192; a larger head gets a 431) and of an
+    /// HTTP/2 header list.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Requests at once on one HTTP/2 connection.
+    #[arg(long, default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+    /// Secret key of the sticky hash (any string). Without it the key derives from the config's
+    /// variant names and upstreams: the same on every replica, but not secret from whoever can
+    /// read the config.
+    #[arg(long, env = "KEELSON_ROUTER_STICKY_KEY", hide_env_values = true)]
+    pub sticky_key: Option<String>,
     /// Mirror copies in flight at most; further copies are dropped and counted.
     #[arg(long, default_value_t = 256)]
     pub mirror_max_in_flight: usize,
@@ -82,7 +109,25 @@ impl RouterOptions {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             mirror_body_limit: self.mirror_max_body,
             mirror_slots: self.mirror_max_in_flight,
+            max_conns_per_host: self.max_upstream_conns,
+            upstream_read_timeout: Duration::from_millis(self.upstream_read_timeout_ms.max(1)),
+            sticky_key: self.sticky_key.as_deref().map(|k| {
+                (
+                    proxy::sticky_hash((1, 0), k.as_bytes()),
+                    proxy::sticky_hash((2, 0), k.as_bytes()),
+                )
+            }),
             ..Limits::default()
+        }
+    }
+
+    fn client_limits(&self) -> server::ClientLimits {
+        server::ClientLimits {
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms.max(1)),
+            send_timeout: Duration::from_millis(self.send_timeout_ms.max(1)),
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
         }
     }
 }
@@ -157,7 +202,7 @@ async fn run_async(opts: RouterOptions) -> ExitCode {
         proxy,
         wait(stopped),
         Duration::from_millis(opts.shutdown_grace_ms),
-        Duration::from_millis(opts.idle_timeout_ms.max(1)),
+        opts.client_limits(),
     )
     .await;
     reload.abort();

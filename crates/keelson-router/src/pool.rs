@@ -34,6 +34,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use super::h1::{self, Decoded, Decoder, ProtocolError, RequestFraming, ResponseHead};
@@ -64,6 +65,23 @@ pub enum UpstreamError {
     Protocol(#[from] ProtocolError),
     #[error("reading the request body: {0}")]
     RequestBody(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the client sent no request body bytes within {0:?}")]
+    RequestBodyTimeout(Duration),
+    #[error("no response body bytes within {0:?}")]
+    ReadTimeout(Duration),
+    #[error("{0} connections to the upstream are busy")]
+    Busy(usize),
+}
+
+impl UpstreamError {
+    /// Whether the client caused it (its request body broke off or stalled): not the variant's
+    /// failure.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::RequestBody(_) | UpstreamError::RequestBodyTimeout(_)
+        )
+    }
 }
 
 /// Limits of the pools.
@@ -74,6 +92,11 @@ pub struct PoolLimits {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
+    /// Connections open to one address at most, idle ones included; a request that finds them all
+    /// busy waits up to `connect_timeout` for one, then fails with [`UpstreamError::Busy`].
+    pub max_conns_per_host: usize,
+    /// Time a response body may go without a byte from the upstream.
+    pub read_timeout: Duration,
 }
 
 /// Every upstream address's pool.
@@ -101,6 +124,8 @@ impl Pools {
             authority: authority.clone(),
             idle: Mutex::new(Vec::new()),
             limits: self.limits,
+            conns: Arc::new(Semaphore::new(self.limits.max_conns_per_host)),
+            returned: Notify::new(),
         });
         hosts.push(h.clone());
         h
@@ -123,6 +148,10 @@ pub struct HostPool {
     authority: Authority,
     idle: Mutex<Vec<Idle>>,
     limits: PoolLimits,
+    /// One permit per open connection, held by the connection.
+    conns: Arc<Semaphore>,
+    /// Told when a connection goes back to the idle list, for a request waiting for one.
+    returned: Notify,
 }
 
 impl std::fmt::Debug for HostPool {
@@ -165,6 +194,8 @@ struct Conn {
     timer: Option<Pin<Box<Sleep>>>,
     /// Bytes to make room for when the buffer runs low.
     read_size: usize,
+    /// The pool's permit for this connection, given back when it closes.
+    permit: OwnedSemaphorePermit,
 }
 
 /// A failed exchange, and whether the request may go again over a new connection: the upstream
@@ -197,13 +228,14 @@ fn io_failed(e: std::io::Error) -> Failed {
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Box<Conn> {
+    fn new(stream: TcpStream, permit: OwnedSemaphorePermit) -> Box<Conn> {
         Box::new(Conn {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
             out: Vec::with_capacity(1024),
             timer: None,
             read_size: READ_BUF,
+            permit,
         })
     }
 
@@ -305,9 +337,14 @@ impl Conn {
                     None => {
                         self.flush_out(deadline).await?;
                         let mut next = body.frame();
+                        // Waiting for the client: past the deadline, the client's fault.
                         std::future::poll_fn(|cx| match Pin::new(&mut next).poll(cx) {
                             Poll::Ready(frame) => Poll::Ready(Ok(frame)),
-                            Poll::Pending => deadline.poll(&mut self.timer, cx).map(Err),
+                            Poll::Pending => deadline.poll(&mut self.timer, cx).map(|_| {
+                                Err(Failed::from(UpstreamError::RequestBodyTimeout(
+                                    deadline.timeout,
+                                )))
+                            }),
                         })
                         .await?
                     }
@@ -421,7 +458,7 @@ impl HostPool {
         // Connecting is boxed: its state would otherwise widen every request's future.
         let (mut conn, mut reused) = match self.checkout(now) {
             Some(c) => (c, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => Box::pin(self.checkout_or_connect(now)).await?,
         };
         let mut req = req;
         let repeatable = req.method().is_idempotent() && req.body().is_end_stream();
@@ -432,7 +469,9 @@ impl HostPool {
             {
                 Ok(head) => return Ok(self.response(conn, head, now)),
                 Err(f) if f.closed_before_response && reused && repeatable => {
-                    conn = Box::pin(self.connect()).await?;
+                    // The closed connection's permit is the new one's.
+                    let permit = conn.permit;
+                    conn = Box::pin(self.connect(permit)).await?;
                     reused = false;
                 }
                 Err(f) => return Err(f.error),
@@ -452,6 +491,8 @@ impl HostPool {
             since,
             decoder: head.body,
             keep_alive: head.keep_alive,
+            reads: 0,
+            watched: None,
         };
         if body.decoder.is_done() {
             body.release();
@@ -477,7 +518,36 @@ impl HostPool {
         }
     }
 
-    async fn connect(&self) -> Result<Box<Conn>, UpstreamError> {
+    /// A new connection when the cap allows one; otherwise the first connection given back to the
+    /// idle list or the first free permit, within the connect timeout. `bool`: a reused connection.
+    async fn checkout_or_connect(&self, now: Instant) -> Result<(Box<Conn>, bool), UpstreamError> {
+        if let Ok(p) = self.conns.clone().try_acquire_owned() {
+            return Ok((self.connect(p).await?, false));
+        }
+        let wait = async {
+            loop {
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                returned.as_mut().enable();
+                if let Some(c) = self.checkout(now) {
+                    return Ok((c, true));
+                }
+                tokio::select! {
+                    p = self.conns.clone().acquire_owned() => {
+                        let Ok(p) = p else { return Err(UpstreamError::Busy(0)) };
+                        return Ok((self.connect(p).await?, false));
+                    }
+                    () = &mut returned => {}
+                }
+            }
+        };
+        match tokio::time::timeout(self.limits.connect_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Busy(self.limits.max_conns_per_host)),
+        }
+    }
+
+    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Box<Conn>, UpstreamError> {
         let stream = match tokio::time::timeout(
             self.limits.connect_timeout,
             TcpStream::connect(self.authority.as_str()),
@@ -489,13 +559,18 @@ impl HostPool {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.limits.connect_timeout)),
         };
         let _ = stream.set_nodelay(true);
-        Ok(Conn::new(stream))
+        Ok(Conn::new(stream, permit))
     }
 
     fn push(&self, conn: Box<Conn>, since: Instant) {
         let mut idle = lock(&self.idle);
         if idle.len() < self.limits.max_idle_per_host {
             idle.push(Idle { conn, since });
+            drop(idle);
+            // Stores no permit when nobody waits: only requests at the cap ask.
+            if self.conns.available_permits() == 0 {
+                self.returned.notify_one();
+            }
         }
     }
 }
@@ -509,11 +584,49 @@ pub struct UpstreamBody {
     since: Instant,
     decoder: Decoder,
     keep_alive: bool,
+    /// Reads that brought bytes, and their count when the read timer last fired (`None`: the
+    /// timer is not armed for the body yet).
+    reads: u64,
+    watched: Option<u64>,
 }
 
 impl UpstreamBody {
+    /// Ready with [`UpstreamError::ReadTimeout`] once a whole read timeout has passed with no
+    /// byte read. The connection's timer is armed when the body first waits and moved on each
+    /// time it fires after bytes came, so no byte for between one and two timeouts ends the
+    /// body; a body that never waits arms nothing.
+    fn poll_read_timer(&mut self, cx: &mut Context<'_>) -> Poll<UpstreamError> {
+        let timeout = self.pool.limits.read_timeout;
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Pending;
+        };
+        if self.watched.is_none() {
+            self.watched = Some(self.reads);
+            let at = tokio::time::Instant::now() + timeout;
+            match conn.timer.as_mut() {
+                Some(t) => t.as_mut().reset(at),
+                None => conn.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        let Some(t) = conn.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        while t.as_mut().poll(cx).is_ready() {
+            if self.watched == Some(self.reads) {
+                return Poll::Ready(UpstreamError::ReadTimeout(timeout));
+            }
+            self.watched = Some(self.reads);
+            t.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        Poll::Pending
+    }
+
     fn release(&mut self) {
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
+            if self.watched.is_some() {
+                // The timer was moved for the body: the next request's deadline makes its own.
+                c.timer = None;
+            }
             // Bytes after the body were not asked for: the connection is not in step.
             if self.keep_alive && c.buf.is_empty() {
                 self.pool.push(c, self.since);
@@ -561,12 +674,20 @@ impl Body for UpstreamBody {
                     }
                     return Poll::Ready(Some(Err(UpstreamError::Closed)));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => this.reads += 1,
                 Poll::Ready(Err(e)) => {
                     this.conn = None;
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    return match this.poll_read_timer(cx) {
+                        Poll::Ready(e) => {
+                            this.conn = None;
+                            Poll::Ready(Some(Err(e)))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             }
         }
     }

@@ -12,6 +12,8 @@ fn limits() -> PoolLimits {
         request_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(60),
         max_idle_per_host: 8,
+        max_conns_per_host: 64,
+        read_timeout: Duration::from_secs(60),
     }
 }
 

@@ -48,6 +48,12 @@ pub struct Limits {
     pub mirror_slots: usize,
     /// Idle pooled connections kept per upstream.
     pub pool_idle_per_host: usize,
+    /// Connections open to one upstream address at most.
+    pub max_conns_per_host: usize,
+    /// Time a response body may go without a byte from the upstream.
+    pub upstream_read_timeout: Duration,
+    /// The secret key of the sticky hash; `None`: a key derived from the config's upstreams.
+    pub sticky_key: Option<(u64, u64)>,
 }
 
 impl Default for Limits {
@@ -59,6 +65,9 @@ impl Default for Limits {
             mirror_body_limit: 64 * 1024,
             mirror_slots: 256,
             pool_idle_per_host: 1024,
+            max_conns_per_host: 1024,
+            upstream_read_timeout: Duration::from_secs(60),
+            sticky_key: None,
         }
     }
 }
@@ -81,6 +90,8 @@ impl Proxy {
                 request_timeout: limits.request_timeout,
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_host: limits.pool_idle_per_host,
+                max_conns_per_host: limits.max_conns_per_host.max(1),
+                read_timeout: limits.upstream_read_timeout,
             }),
             mirror_slots: Arc::new(Semaphore::new(limits.mirror_slots)),
             limits,
@@ -117,16 +128,26 @@ impl Proxy {
                 "keelson router: no config loaded yet\n",
             );
         };
+        if let Some(reason) = check_request(&req, route.sticky_header.as_ref()) {
+            return text(StatusCode::BAD_REQUEST, reason);
+        }
         let index = match route
             .sticky_header
             .as_ref()
             .and_then(|h| req.headers().get(h))
         {
-            Some(key) => route.split.sticky(key.as_bytes()),
+            Some(key) => route.split.sticky_hash(sticky_hash(
+                self.limits.sticky_key.unwrap_or(route.sticky_seed),
+                key.as_bytes(),
+            )),
             None => route.split.random(),
         };
         // The request is changed in place: taking it apart and back together copies it.
         let mut req = req;
+        if req.version() == Version::HTTP_2 && req.headers().len() != req.headers().keys_len() {
+            join_cookies(req.headers_mut());
+        }
+        // Also removes a client's `x-keelson-mirror`: only the router marks mirror copies.
         strip_hop_by_hop(req.headers_mut());
         let req = match route.mirror.filter(|m| sampled(m.percent)) {
             None => req.map(Either::Left),
@@ -156,6 +177,19 @@ impl Proxy {
                 let mut resp = resp.map(Either::Left);
                 strip_hop_by_hop(resp.headers_mut());
                 resp
+            }
+            Err(e) if e.is_client_error() => {
+                // The client's request body broke off or stalled: not the variant's failure.
+                tracing::debug!(variant = %up.name, error = %e, "request body failed");
+                client_error(&e)
+            }
+            Err(UpstreamError::Busy(n)) => {
+                m.errors.inc();
+                tracing::debug!(variant = %up.name, upstream = %up.authority, conns = n, "upstream connections busy");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "keelson router: every connection to the variant's upstream is busy\n",
+                )
             }
             Err(UpstreamError::Timeout(_)) => {
                 m.errors.inc();
@@ -207,11 +241,11 @@ impl Proxy {
                     let b = c.to_bytes();
                     (Either::Right(Full::new(b.clone())), b)
                 }
-                _ => {
-                    return Err(text(
-                        StatusCode::BAD_REQUEST,
-                        "keelson router: could not read the request body\n",
-                    ))
+                Ok(Err(e)) => return Err(client_error(&UpstreamError::RequestBody(e.into()))),
+                Err(_) => {
+                    return Err(client_error(&UpstreamError::RequestBodyTimeout(
+                        self.limits.request_timeout,
+                    )))
                 }
             }
         };
@@ -252,13 +286,86 @@ fn sampled(percent: u32) -> bool {
     percent >= 100 || fast_random() % 100 < u64::from(percent)
 }
 
+/// What no variant should see, refused as nginx does with a `400` and this reason: a second
+/// `Host`, an HTTP/1.1 request without one, `CONNECT` (the router tunnels nothing), and the sticky
+/// header more than once (which value would choose?). Duplicates are looked for only when the
+/// request has some name twice.
+fn check_request<B>(req: &Request<B>, sticky: Option<&HeaderName>) -> Option<&'static str> {
+    let h = req.headers();
+    if req.method() == http::Method::CONNECT {
+        return Some("keelson router: CONNECT is not supported\n");
+    }
+    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
+        return Some("keelson router: an HTTP/1.1 request needs a Host header\n");
+    }
+    if h.len() != h.keys_len() {
+        let twice = |name: &HeaderName| h.get_all(name).iter().nth(1).is_some();
+        if twice(&header::HOST) {
+            return Some("keelson router: more than one Host header\n");
+        }
+        if sticky.is_some_and(twice) {
+            return Some("keelson router: the sticky header more than once\n");
+        }
+    }
+    None
+}
+
+/// Joins an HTTP/2 request's `cookie` fields into one, as RFC 9113 §8.2.3 asks before a request
+/// goes on over HTTP/1.1.
+fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    let Some(first) = all.next() else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    let mut more = false;
+    for c in all {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(c.as_bytes());
+        more = true;
+    }
+    if more {
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The sticky hash of a header value: SipHash-2-4 under `key`, so that a client cannot work out
+/// which values land on which variant without the key.
+#[allow(deprecated)] // `SipHasher` is deprecated for `HashMap`s only; it is SipHash-2-4 with a key.
+pub fn sticky_hash(key: (u64, u64), value: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::SipHasher::new_with_keys(key.0, key.1);
+    h.write(value);
+    h.finish()
+}
+
+/// The response to a client's own mistake with its request body: `400`, or `408` when it stalled.
+fn client_error(e: &UpstreamError) -> Response<Body> {
+    match e {
+        UpstreamError::RequestBodyTimeout(_) => text(
+            StatusCode::REQUEST_TIMEOUT,
+            "keelson router: the request body did not arrive in time\n",
+        ),
+        _ => text(
+            StatusCode::BAD_REQUEST,
+            "keelson router: could not read the request body\n",
+        ),
+    }
+}
+
 /// Readies a request's target for the variant's connection: the URI in origin form (its path and
-/// query), and a `Host` header when the request had none (HTTP/2 carries it in the URI): the
-/// authority the client asked for, else the variant's.
+/// query), and the `Host`: the target's authority when it has one (HTTP/2's `:authority`, or an
+/// absolute-form target, which RFC 9112 §3.2.2 puts before any `Host` header), else the client's
+/// `Host`, else (HTTP/1.0) the variant's.
 fn to_upstream<B>(up: &Upstream, req: &mut Request<B>) {
-    if !req.headers().contains_key(header::HOST) {
-        let host = req.uri().authority().unwrap_or(&up.authority);
-        if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+    if let Some(a) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    } else if !req.headers().contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
             req.headers_mut().insert(header::HOST, v);
         }
     }
@@ -298,17 +405,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
                 continue;
             }
+            // Token by token on the bytes: a value that is not ASCII still names its headers.
             named.extend(
-                c.to_str()
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(str::trim)
+                v.split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
                     .filter(|n| {
                         !n.is_empty()
-                            && !n.eq_ignore_ascii_case("keep-alive")
-                            && !n.eq_ignore_ascii_case("close")
+                            && !n.eq_ignore_ascii_case(b"keep-alive")
+                            && !n.eq_ignore_ascii_case(b"close")
                     })
-                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+                    .filter_map(|n| HeaderName::from_bytes(n).ok())
+                    // `Host` is end to end: a client must not make the router send its own.
+                    .filter(|n| n != header::HOST),
             );
         }
         h.remove(header::CONNECTION);
@@ -340,7 +448,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     let s = name.as_str();
     match s.len() {
         10 => s == "keep-alive",
-        16 => s == "proxy-connection",
+        16 => s == "proxy-connection" || s == MIRROR_HEADER,
         _ => false,
     }
 }

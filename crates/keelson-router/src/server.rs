@@ -4,9 +4,16 @@
 //!
 //! A client connection that has had no request in progress for the idle timeout is closed: an idle
 //! keep-alive connection, and one whose request headers come too slowly (a request is in progress
-//! from its complete headers to the end of its response). A watch task per connection checks four
-//! times per timeout, so a connection goes between 1 and 1.25 timeouts after its last response;
-//! requests themselves arm no timer.
+//! from its complete headers to the end of its response). One whose responses have started and
+//! none of which has moved for the send timeout is closed too: a client that stops reading, or an
+//! HTTP/2 client that grants no flow-control window. A watch task per connection checks four
+//! times per the shorter timeout, so a connection goes between 1 and 1.25 timeouts after it went
+//! quiet; requests themselves arm no timer.
+//!
+//! At most `max_connections` client connections are served at once; beyond that the listener's
+//! backlog holds the next ones until one closes. HTTP/1.1 request heads are bounded by
+//! `max_header_bytes` (hyper answers `431` past it), HTTP/2 header lists too, and an HTTP/2
+//! connection carries `max_concurrent_streams` requests at once.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,19 +32,46 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::metrics::Metrics;
 use super::proxy::{text, Body, Proxy};
 
+/// Limits of the client side.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLimits {
+    /// A connection without a request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection whose started responses have not moved for this long is closed.
+    pub send_timeout: Duration,
+    /// Client connections served at once.
+    pub max_connections: usize,
+    /// Bytes of an HTTP/1.1 request head (hyper's read buffer), and of an HTTP/2 header list.
+    pub max_header_bytes: usize,
+    /// Requests at once on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> ClientLimits {
+        ClientLimits {
+            idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 128,
+        }
+    }
+}
+
 /// Serves the data port until `shutdown` resolves, then lets open connections finish their
-/// requests for up to `grace`. A connection without a request in progress for `idle_timeout` is
-/// closed.
+/// requests for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-    idle_timeout: Duration,
+    limits: ClientLimits,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The idle watch below bounds the time to send request headers: hyper's own header timeout
@@ -46,14 +80,24 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        // A free slot first: past the cap, connections wait in the listener's backlog.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slot else { break };
         let stream = tokio::select! {
             s = accept(&listener, "data") => s,
             () = &mut shutdown => break,
@@ -67,10 +111,8 @@ pub async fn serve(
             let in_progress = InProgress::start(&a);
             async move {
                 let resp = p.handle(req).await;
-                Ok::<_, Infallible>(resp.map(|body| Tracked {
-                    body,
-                    _in_progress: in_progress,
-                }))
+                in_progress.0.responding.fetch_add(1, Relaxed);
+                Ok::<_, Infallible>(resp.map(|body| Tracked { body, in_progress }))
             }
         });
         let conn = graceful.watch(
@@ -83,7 +125,10 @@ pub async fn serve(
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
-        tokio::spawn(close_when_idle(task, activity, idle_timeout));
+        tokio::spawn(async move {
+            close_when_idle(task, activity, limits).await;
+            drop(slot);
+        });
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -97,11 +142,14 @@ pub async fn serve(
     }
 }
 
-/// Requests in progress on one client connection, and responses finished on it.
+/// Requests in progress on one client connection, responses finished on it, responses started
+/// (their body handed to hyper) and not finished, and the body frames hyper has taken.
 #[derive(Default)]
 struct Activity {
     in_progress: AtomicU32,
     finished: AtomicU64,
+    responding: AtomicU32,
+    frames: AtomicU64,
 }
 
 /// One request in progress, from its complete headers until its response body is dropped (hyper
@@ -125,7 +173,13 @@ impl Drop for InProgress {
 /// A response body that keeps its request in progress while hyper holds it.
 pub struct Tracked {
     body: Body,
-    _in_progress: InProgress,
+    in_progress: InProgress,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.in_progress.0.responding.fetch_sub(1, Relaxed);
+    }
 }
 
 impl hyper::body::Body for Tracked {
@@ -136,7 +190,12 @@ impl hyper::body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if frame.is_ready() {
+            this.in_progress.0.frames.fetch_add(1, Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -149,34 +208,55 @@ impl hyper::body::Body for Tracked {
 }
 
 /// Aborts the connection `task` (closing its socket) once it has had no request in progress and
-/// finished none for `timeout`, checked every quarter of it; returns when the task ends.
+/// finished none for the idle timeout, or once it has responses started and none of them has
+/// moved (no body frame taken, no response finished) for the send timeout; checked every quarter
+/// of the shorter one. Returns when the task ends.
 async fn close_when_idle(
     task: tokio::task::JoinHandle<()>,
     activity: Arc<Activity>,
-    timeout: Duration,
+    limits: ClientLimits,
 ) {
-    let tick = (timeout / 4).max(Duration::from_millis(1));
+    let idle_timeout = limits.idle_timeout.max(Duration::from_millis(1));
+    let send_timeout = limits.send_timeout.max(Duration::from_millis(1));
+    let tick = (idle_timeout.min(send_timeout) / 4).max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = activity.finished.load(Relaxed);
-    let mut quiet = 0;
+    let mut last = (
+        activity.finished.load(Relaxed),
+        activity.frames.load(Relaxed),
+    );
+    let (mut idle, mut stalled) = (Duration::ZERO, Duration::ZERO);
     loop {
         ticks.tick().await;
         if task.is_finished() {
             return;
         }
-        let finished = activity.finished.load(Relaxed);
-        if activity.in_progress.load(Relaxed) == 0 && finished == last {
-            quiet += 1;
-            if quiet == 4 {
-                tracing::debug!(?timeout, "closing an idle connection");
-                task.abort();
-                return;
-            }
+        let now = (
+            activity.finished.load(Relaxed),
+            activity.frames.load(Relaxed),
+        );
+        let moved = now != last;
+        last = now;
+        if activity.in_progress.load(Relaxed) == 0 && !moved {
+            idle += tick;
         } else {
-            quiet = 0;
+            idle = Duration::ZERO;
         }
-        last = finished;
+        if activity.responding.load(Relaxed) > 0 && !moved {
+            stalled += tick;
+        } else {
+            stalled = Duration::ZERO;
+        }
+        if idle >= idle_timeout {
+            tracing::debug!(timeout = ?idle_timeout, "closing an idle connection");
+            task.abort();
+            return;
+        }
+        if stalled >= send_timeout {
+            tracing::debug!(timeout = ?send_timeout, "closing a connection whose responses do not move");
+            task.abort();
+            return;
+        }
     }
 }
 
@@ -290,7 +370,11 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let never = std::future::pending::<()>();
-        tokio::spawn(serve(l, proxy, never, Duration::from_secs(1), idle_timeout));
+        let limits = ClientLimits {
+            idle_timeout,
+            ..ClientLimits::default()
+        };
+        tokio::spawn(serve(l, proxy, never, Duration::from_secs(1), limits));
         addr
     }
 

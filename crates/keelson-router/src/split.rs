@@ -56,7 +56,11 @@ impl Split {
 
     /// The variant for a sticky key: always the same for the same key, names and weights.
     pub fn sticky(&self, key: &[u8]) -> usize {
-        let k = fnv1a(key);
+        self.sticky_hash(fnv1a(key))
+    }
+
+    /// The variant for a sticky key's hash (the router uses a keyed hash, [`crate::proxy::sticky_hash`]).
+    pub fn sticky_hash(&self, k: u64) -> usize {
         let mut best = 0;
         let mut best_score = f64::NEG_INFINITY;
         for (i, &(weight, seed)) in self.sticky.iter().enumerate() {
