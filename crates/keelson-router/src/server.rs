@@ -120,15 +120,14 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), svc)
                 .into_owned(),
         );
+        // The slot goes with the connection's task: when it ends, or is aborted.
         let task = tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
-        tokio::spawn(async move {
-            close_when_idle(task, activity, limits).await;
-            drop(slot);
-        });
+        tokio::spawn(close_when_idle(task, activity, limits));
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())
