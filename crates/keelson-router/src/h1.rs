@@ -429,6 +429,11 @@ fn parse_hex(v: &[u8]) -> Result<u64, ProtocolError> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "h1_fuzz.rs"]
+mod fuzz;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
