@@ -16,7 +16,8 @@
 //!   seccomp, no service-account token); 403 without or with a wrong token, 200 with the token of
 //!   `<name>-token`, through the Service ClusterIP; a file written through the contents API lands on
 //!   the workspace's PersistentVolume and survives a `resources` edit (a new pod), `suspend: true`
-//!   then `false`, and deleting and re-creating the Notebook with `deletePolicy: Retain`.
+//!   then `false`, the pod deleted by hand, and deleting and re-creating the Notebook with
+//!   `deletePolicy: Retain`.
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
@@ -1116,7 +1117,15 @@ async fn notebook_token_and_workspace_survive_pod_replacement_and_recreation() {
         "-p",
         r#"{"spec":{"suspend":false}}"#,
     ]);
-    notebook_running(&ns, "Notebook lab resumed", pod2.uid()).await;
+    let pod3 = notebook_running(&ns, "Notebook lab resumed", pod2.uid()).await;
+    assert_eq!(
+        read_file(&ns, &http, &base, &tok, "notes/run.txt").await,
+        content
+    );
+
+    // A pod deleted by hand (a drain, a person) is re-created, and serves the file again.
+    ns.kubectl(&["delete", "pod", "lab-0", "--wait=false"]);
+    notebook_running(&ns, "lab-0 re-created after it was deleted", pod3.uid()).await;
     assert_eq!(
         read_file(&ns, &http, &base, &tok, "notes/run.txt").await,
         content
