@@ -7,4 +7,4 @@
 ## fuzz: property-based fuzzing of the router's HTTP/1.1 request encoder and response decoder
 ## (arbitrary bytes and splits); PROPTEST_CASES cases per property (default 100000)
 fuzz:
-	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(or $(CARGO),cargo) test --release -p keelson-router --lib h1::fuzz -- --test-threads=$${TEST_THREADS:-2}
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(or $(CARGO),cargo) test -p keelson-router --lib h1::fuzz -- --test-threads=$${TEST_THREADS:-2}
