@@ -80,8 +80,8 @@ pub struct RouterOptions {
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
     /// Bytes of a request head (HTTP/1.1, at least 8192; a larger head gets a 431) and of an
-    /// HTTP/2 header list.
-    #[arg(long, default_value_t = 64 * 1024)]
+    /// HTTP/2 header list (nginx reads heads up to 4 buffers of 8 KiB).
+    #[arg(long, default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
     /// Requests at once on one HTTP/2 connection.
     #[arg(long, default_value_t = 128)]

@@ -58,7 +58,7 @@ impl Default for ClientLimits {
             idle_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(60),
             max_connections: 4096,
-            max_header_bytes: 64 * 1024,
+            max_header_bytes: 32 * 1024,
             max_concurrent_streams: 128,
         }
     }
