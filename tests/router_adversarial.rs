@@ -231,44 +231,55 @@ impl Router {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("config.json");
         std::fs::write(&file, config.to_string()).unwrap();
-        let (addr, admin) = (free_port(), free_port());
-        let child = Command::new(keelson_testkit::keelson_bin())
-            .arg("router")
-            .args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
-            .args(["--config", file.to_str().unwrap()])
-            .args(["--workers", "2"])
-            .args(flags)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("keelson router starts");
-        let r = Router {
-            addr,
-            admin,
-            _child: child,
-            _dir: TempDir(dir),
-        };
-        let ready = async {
-            loop {
-                if let Ok(mut s) = TcpStream::connect(r.admin).await {
-                    let _ = s
-                        .write_all(b"GET /readyz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-                        .await;
-                    let mut out = Vec::new();
-                    let _ = s.read_to_end(&mut out).await;
-                    if out.starts_with(b"HTTP/1.1 200") {
-                        return;
+        // A port found free may be taken again before the router binds it: then the router
+        // exits, and starts again on other ports.
+        for _ in 0..5 {
+            let (addr, admin) = (free_port(), free_port());
+            let mut child = Command::new(keelson_testkit::keelson_bin())
+                .arg("router")
+                .args(["--listen", &addr.to_string()])
+                .args(["--admin-listen", &admin.to_string()])
+                .args(["--config", file.to_str().unwrap()])
+                .args(["--workers", "2"])
+                .args(flags)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("keelson router starts");
+            let ready = async {
+                loop {
+                    if child.try_wait().unwrap().is_some() {
+                        return false;
                     }
+                    if let Ok(mut s) = TcpStream::connect(admin).await {
+                        let _ = s
+                            .write_all(
+                                b"GET /readyz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+                            )
+                            .await;
+                        let mut out = Vec::new();
+                        let _ = s.read_to_end(&mut out).await;
+                        if out.starts_with(b"HTTP/1.1 200") {
+                            return true;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let ready = tokio::time::timeout(PATIENCE, ready)
+                .await
+                .expect("the router is ready");
+            if ready {
+                return Router {
+                    addr,
+                    admin,
+                    _child: child,
+                    _dir: TempDir(dir),
+                };
             }
-        };
-        tokio::time::timeout(PATIENCE, ready)
-            .await
-            .expect("the router is ready");
-        r
+        }
+        panic!("the router did not start on five pairs of free ports");
     }
 
     /// The router in front of one variant `a` at `up`.
