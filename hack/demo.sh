@@ -3,6 +3,10 @@
 #
 #   hack/demo.sh up     cluster up, CRDs installed, `keelson run` as a local process, examples applied
 #   hack/demo.sh down   stops the operator and the cluster (make demo-down)
+#
+# REAL_NODE=1 adds the real node (docs/real-node.md): the images are built (the first `make image` is a
+# release build), the fraud model's variants and its router run there as the stand-in model server, and
+# the demo ends with 20 requests through the Service `fraud`, each printing the variant that answered.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -41,6 +45,10 @@ say "starting the local cluster (the first run builds it from Go modules: severa
 hack/cluster/up.sh
 say "building keelson"
 cargo build --bin keelson
+if [[ ${REAL_NODE:-0} == 1 ]]; then
+  say "building the images for the real node (the first time: a release build of keelson)"
+  hack/images/build.sh pause workloads keelson
+fi
 say "installing the CRDs"
 "${K[@]}" apply --server-side --force-conflicts -f crds/ >/dev/null
 # A new CRD has no conditions for a moment, which `kubectl wait` treats as an error: poll instead.
@@ -53,7 +61,7 @@ done
 
 stop_operator
 say "starting the operator: target/debug/keelson run (log: $STATE/keelson.log)"
-KUBECONFIG=$KUBECONFIG_FILE setsid target/debug/keelson run --health-addr 127.0.0.1:18080 >>"$STATE/keelson.log" 2>&1 < /dev/null &
+KUBECONFIG=$KUBECONFIG_FILE KEELSON_ROUTER_IMAGE=keelson.dev/keelson:dev setsid target/debug/keelson run --health-addr 127.0.0.1:18080 >>"$STATE/keelson.log" 2>&1 < /dev/null &
 echo $! >"$STATE/keelson.pid"
 sleep 1
 kill -0 "$(cat "$STATE/keelson.pid")" 2>/dev/null || { tail -20 "$STATE/keelson.log"; echo "the operator exited" >&2; exit 1; }
@@ -69,7 +77,49 @@ for claim in shared-datasets:100Gi models:10Gi alice-workspace:10Gi scratch-work
   hack/cluster/pv.sh "$NS-${claim%%:*}" "${claim#*:}" --claim "$NS/${claim%%:*}" >/dev/null
 done
 say "applying examples/ to namespace $NS"
-"${K[@]}" -n "$NS" apply --server-side -f examples/
+"${K[@]}" -n "$NS" apply --server-side --force-conflicts -f examples/
+if [[ ${REAL_NODE:-0} == 1 ]]; then
+  # Two model versions in the `models` volume, read in place by the variants (MODEL_PATH).
+  for v in v7 v8; do
+    mkdir -p "target/cluster/volumes/$NS-models/fraud/$v"
+    echo "fraud model $v" >"target/cluster/volumes/$NS-models/fraud/$v/model.bin"
+  done
+  say "running the fraud model on the real node: the stand-in model server, its router there too"
+  "${K[@]}" -n "$NS" apply --server-side --force-conflicts --field-manager=keelson-demo -f - <<'YAML'
+apiVersion: keelson.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: fraud
+spec:
+  port: 8080
+  variants:
+    - name: champion
+      image: keelson.dev/modelserver:dev
+      replicas: 2
+      weight: 90
+      model: {uri: "pvc://models/fraud/v7"}
+      env: [{name: VARIANT, value: champion}]
+      resources:
+        requests: {cpu: 50m, memory: 32Mi}
+      nodeSelector: {keelson.dev/real-node: "true"}
+      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
+    - name: challenger
+      image: keelson.dev/modelserver:dev
+      weight: 10
+      model: {uri: "pvc://models/fraud/v8"}
+      env: [{name: VARIANT, value: challenger}]
+      resources:
+        requests: {cpu: 50m, memory: 32Mi}
+      nodeSelector: {keelson.dev/real-node: "true"}
+      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
+  traffic:
+    router: Builtin
+    stickyHeader: x-user-id
+    routerPod:
+      nodeSelector: {keelson.dev/real-node: "true"}
+      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
+YAML
+fi
 
 say "waiting for Ready"
 "${K[@]}" -n "$NS" wait --for=condition=Ready --timeout=120s notebooks --all
@@ -84,6 +134,17 @@ done < <("${K[@]}" -n "$NS" get trainingjobs -o jsonpath='{range .items[*]}{.met
 
 echo
 "${K[@]}" get keelson -A
+if [[ ${REAL_NODE:-0} == 1 ]]; then
+  "${K[@]}" -n "$NS" rollout status deploy/fraud-router --timeout=120s >/dev/null
+  addr=$("${K[@]}" -n "$NS" get svc fraud -o jsonpath='{.spec.clusterIP}:{.spec.ports[0].port}')
+  echo
+  say "20 requests to the Service fraud ($addr, through kube-proxy and the router pod):"
+  for i in $(seq 1 20); do
+    variant=$({ curl -sS --max-time 5 -o /dev/null -D - "http://$addr/predict" 2>/dev/null || true; } |
+      tr -d '\r' | awk -F': ' 'tolower($1) == "x-variant" {print $2; exit}')
+    printf '  request %2d -> %s\n' "$i" "${variant:-(no answer)}"
+  done
+fi
 cat <<MSG
 
 The operator runs as a local process (pid $(cat "$STATE/keelson.pid"), log $STATE/keelson.log).
