@@ -85,7 +85,23 @@ if [[ ${REAL_NODE:-0} == 1 ]]; then
     echo "fraud model $v" >"target/cluster/volumes/$NS-models/fraud/$v/model.bin"
   done
   say "running the fraud model on the real node: the stand-in model server, its router there too"
-  "${K[@]}" -n "$NS" apply --server-side --force-conflicts --field-manager=keelson-demo -f - <<'YAML'
+  # One variant of the stand-in model server on the real node: name, weight, model version, replicas.
+  variant() {
+    cat <<YAML
+    - name: $1
+      image: keelson.dev/modelserver:dev
+      replicas: $4
+      weight: $2
+      model: {uri: "pvc://models/fraud/$3"}
+      env: [{name: VARIANT, value: $1}]
+      resources:
+        requests: {cpu: 50m, memory: 32Mi}
+      nodeSelector: {keelson.dev/real-node: "true"}
+      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
+YAML
+  }
+  {
+    cat <<'YAML'
 apiVersion: keelson.dev/v1alpha1
 kind: ModelDeployment
 metadata:
@@ -93,25 +109,10 @@ metadata:
 spec:
   port: 8080
   variants:
-    - name: champion
-      image: keelson.dev/modelserver:dev
-      replicas: 2
-      weight: 90
-      model: {uri: "pvc://models/fraud/v7"}
-      env: [{name: VARIANT, value: champion}]
-      resources:
-        requests: {cpu: 50m, memory: 32Mi}
-      nodeSelector: {keelson.dev/real-node: "true"}
-      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
-    - name: challenger
-      image: keelson.dev/modelserver:dev
-      weight: 10
-      model: {uri: "pvc://models/fraud/v8"}
-      env: [{name: VARIANT, value: challenger}]
-      resources:
-        requests: {cpu: 50m, memory: 32Mi}
-      nodeSelector: {keelson.dev/real-node: "true"}
-      tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
+YAML
+    variant champion 90 v7 2
+    variant challenger 10 v8 1
+    cat <<'YAML'
   traffic:
     router: Builtin
     stickyHeader: x-user-id
@@ -119,6 +120,7 @@ spec:
       nodeSelector: {keelson.dev/real-node: "true"}
       tolerations: [{key: keelson.dev/real-node, operator: Exists, effect: NoSchedule}]
 YAML
+  } | "${K[@]}" -n "$NS" apply --server-side --force-conflicts --field-manager=keelson-demo -f -
 fi
 
 say "waiting for Ready"
