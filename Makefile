@@ -22,7 +22,7 @@ fmt:
 	$(CARGO) fmt
 
 ## test: lint, unit tests, then the integration tests against the local cluster (started if needed);
-## with REAL_NODE=1 (the default in CI) also `test-real`
+## with REAL_NODE=1 also `test-real`
 test: lint cluster
 	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test helm_chart --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_adversarial --test router_e2e -- --test-threads=$${TEST_THREADS:-4}
 	if [[ $${REAL_NODE:-0} == 1 ]]; then $(MAKE) test-real; fi
