@@ -38,6 +38,13 @@ P_NGINX=$((PORT_BASE + 5))
 P_CG_ROUTER=$((PORT_BASE + 6))
 P_CG_ADMIN=$((PORT_BASE + 7))
 P_CG_NGINX=$((PORT_BASE + 8))
+P_H2_CHAMPION=$((PORT_BASE + 9))
+P_H2_CHALLENGER=$((PORT_BASE + 10))
+P_H2_ROUTER=$((PORT_BASE + 11))
+P_H2_ADMIN=$((PORT_BASE + 12))
+P_H2_NGINX=$((PORT_BASE + 13))
+H2_STREAMS=${H2_STREAMS:-8}
+H2_CONNS=${H2_CONNS:-4}
 
 log() { printf '[bench-router] %s\n' "$*" >&2; }
 
@@ -46,6 +53,7 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX ]] || missing+=(nginx-light)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
 CALLGRIND=${CALLGRIND:-1}
 CALLGRIND_DURATION=${CALLGRIND_DURATION:-5}
 [[ $CALLGRIND == 0 ]] || command -v valgrind >/dev/null || missing+=(valgrind)
@@ -111,10 +119,17 @@ CONF
   echo "$d"
 }
 
-# The variants: one nginx worker answering each variant's name.
+# The variants: one nginx worker answering each variant's name, over HTTP/1.1 and, for the gRPC
+# row, over h2c as a gRPC server would (content-type application/grpc, a grpc-status trailer).
+h2c_variant() { # port name
+  echo "server { listen 127.0.0.1:$1 http2; location / { default_type application/grpc;
+    add_trailer grpc-status 0; return 200 \"$2\n\"; } }"
+}
 d=$(nginx_conf upstreams "
   server { listen 127.0.0.1:$P_CHAMPION; location / { return 200 \"champion\n\"; } }
-  server { listen 127.0.0.1:$P_CHALLENGER; location / { return 200 \"challenger\n\"; } }")
+  server { listen 127.0.0.1:$P_CHALLENGER; location / { return 200 \"challenger\n\"; } }
+  $(h2c_variant "$P_H2_CHAMPION" champion)
+  $(h2c_variant "$P_H2_CHALLENGER" challenger)")
 taskset -c "$LOAD_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
 pids+=($!)
 
@@ -133,7 +148,11 @@ split_proxy() { # port
     }
   }"
 }
-d=$(nginx_conf proxy "$(split_proxy "$P_NGINX")")
+d=$(nginx_conf proxy "$(split_proxy "$P_NGINX")
+  upstream h2champion { server 127.0.0.1:$P_H2_CHAMPION; keepalive 128; }
+  upstream h2challenger { server 127.0.0.1:$P_H2_CHALLENGER; keepalive 128; }
+  split_clients \"\${request_id}\" \$h2variant { 90% h2champion; * h2challenger; }
+  server { listen 127.0.0.1:$P_H2_NGINX http2; location / { grpc_pass grpc://\$h2variant; } }")
 taskset -c "$PROXY_CPU" "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
 pids+=($!)
 
@@ -148,8 +167,19 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$KEELSON" router --workers 1 --config "$w
   --listen "127.0.0.1:$P_ROUTER" --admin-listen "127.0.0.1:$P_ADMIN" >"$work/router.log" 2>&1 &
 router_pid=$!
 pids+=($!)
+cat >"$work/router-h2c.json" <<JSON
+{"version": 1, "variants": [
+  {"name": "champion", "weight": 90, "upstream": "127.0.0.1:$P_H2_CHAMPION", "protocol": "h2c"},
+  {"name": "challenger", "weight": 10, "upstream": "127.0.0.1:$P_H2_CHALLENGER", "protocol": "h2c"}
+]}
+JSON
+RUST_LOG=warn taskset -c "$PROXY_CPU" "$KEELSON" router --workers 1 --config "$work/router-h2c.json" \
+  --listen "127.0.0.1:$P_H2_ROUTER" --admin-listen "127.0.0.1:$P_H2_ADMIN" >"$work/router-h2c.log" 2>&1 &
+h2_router_pid=$!
+pids+=($!)
 
-for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN"; do wait_port "$p"; done
+for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN" \
+  "$P_H2_CHAMPION" "$P_H2_CHALLENGER" "$P_H2_NGINX" "$P_H2_ROUTER" "$P_H2_ADMIN"; do wait_port "$p"; done
 
 cat >"$work/report.lua" <<'LUA'
 done = function(summary, latency, requests)
@@ -250,6 +280,68 @@ awk -v tck="$tck" -v rounds="$ROUNDS" '
     printf "keelson throughput %.2fx nginx, median of the rounds (ratio of the medians %.2fx; target: at least 1.20x): %s\n", q, rps["keelson"] / rps["nginx"], (q >= 1.2) ? "met" : "NOT met"
   }' <<<"$results"
 echo "keelson split observed: $shares"
+
+# The h2c/gRPC row: h2load sends unary gRPC calls (POST, content-type application/grpc, te:
+# trailers, one framed 5-byte message) over HTTP/2 cleartext, H2_CONNS connections with H2_STREAMS
+# streams each; direct to the champion, through keelson (both variants `protocol: h2c`) and through
+# nginx `grpc_pass` with the same split_clients.
+printf '\0\0\0\0\5hello' >"$work/grpc-body.bin"
+h2measure() { # name port pid: prints "name rps mean_ms failed requests user0 sys0 user1 sys1"
+  local name=$1 url="http://127.0.0.1:$2/keelson.Model/Predict" out before after
+  local args=(-c"$H2_CONNS" -m"$H2_STREAMS" -t1 -d "$work/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
+  timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$WARMUP" "$url" >/dev/null
+  before=$(cpu_ticks "$3")
+  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$DURATION" "$url")
+  after=$(cpu_ticks "$3")
+  echo "$out" >"$work/h2load-$name.txt"
+  awk -v name="$name" -v cpu="$before $after" '
+    function ms(v) { return (v ~ /us$/) ? v / 1000 : (v ~ /ms$/) ? v + 0 : v * 1000 }
+    /^finished in/ { rps = $4 }
+    /^requests:/ { total = $2; ok = $8; failed = total - ok }
+    /^time for request:/ { mean = ms($6) }
+    END { printf "%s %.0f %.3f %d %d %s\n", name, rps, mean, failed, total, cpu }' <<<"$out"
+}
+log "measuring h2c/gRPC: $ROUNDS rounds of ${DURATION}s per target, h2load $H2_CONNS connections x $H2_STREAMS streams"
+declare -A h2port=([direct]=$P_H2_CHAMPION [keelson]=$P_H2_ROUTER [nginx]=$P_H2_NGINX)
+declare -A h2pid=([direct]="$(worker_of upstreams)" [keelson]=$h2_router_pid [nginx]="$(worker_of proxy)")
+h2results=$(
+  for ((r = 0; r < ROUNDS; r++)); do
+    if ((r % 2)); then order=(direct nginx keelson); else order=(direct keelson nginx); fi
+    for t in "${order[@]}"; do echo "$r $(h2measure "$t" "${h2port[$t]}" "${h2pid[$t]}")"; done
+  done
+)
+echo
+echo "h2c/gRPC unary calls: h2load -c$H2_CONNS -m$H2_STREAMS -t1, same rounds; variants are nginx h2c servers"
+echo "answering 200 with a grpc-status trailer; keelson (protocol h2c) vs nginx grpc_pass. Medians over"
+echo "the rounds; \"vs nginx\" is the median of the rounds' keelson/nginx ratios."
+echo
+awk -v tck="$tck" -v rounds="$ROUNDS" '
+  function median(a, n,    i, j, v) {
+    for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  function med(t, col,    i, a) { for (i = 1; i <= rounds; i++) a[i] = v[t, col, i]; return median(a, rounds) }
+  {
+    r = $1 + 1; t = $2; v[t, 3, r] = $3; v[t, 4, r] = $4; failed[t] += $5; req[t] += $6
+    ut[t] += $9 - $7; kt[t] += $10 - $8; round_rps[r, t] = $3
+  }
+  END {
+    for (r = 1; r <= rounds; r++) ratios[r] = round_rps[r, "keelson"] / round_rps[r, "nginx"]
+    q = median(ratios, rounds)
+    printf "| %-8s | %10s | %12s | %8s | %6s | %19s |\n", "target", "calls/s", "mean ms", "vs nginx", "failed", "CPU us/call (kernel)"
+    printf "|----------|-----------:|-------------:|---------:|-------:|---------------------:|\n"
+    split("direct keelson nginx", order, " ")
+    for (i = 1; i <= 3; i++) {
+      t = order[i]; ticks = ut[t] + kt[t]
+      cpu = (ticks / tck) * 1e6 / req[t]; sys = (ticks > 0) ? 100 * kt[t] / ticks : 0
+      ratio = (t == "direct") ? "-" : sprintf("%.2fx", (t == "keelson") ? q : 1)
+      printf "| %-8s | %10.0f | %12.3f | %8s | %6d | %11.1f (%2.0f%%) |\n", t, med(t, 3), med(t, 4), ratio, failed[t], cpu, sys
+    }
+  }' <<<"$h2results"
+h2shares=$(curl -s "http://127.0.0.1:$P_H2_ADMIN/metrics" | awk -F'[ "]' '
+  /^keelson_router_requests_total/ { n[$2] = $NF; t += $NF }
+  END { for (v in n) printf "%s=%.1f%% ", v, 100 * n[v] / t }')
+echo "keelson h2c split observed: $h2shares"
 
 # Instructions per request in user space, under callgrind: each proxy alone, started under valgrind
 # on ports of its own, warmed up, its counters zeroed, then CALLGRIND_DURATION s of the same load.

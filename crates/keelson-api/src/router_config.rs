@@ -47,7 +47,8 @@ pub const DEFAULT_MIRROR_PERCENT: i32 = 100;
 ///   fields it does not know.
 /// - `variants` are in spec order; `weight`s are integers that sum to 100. A request goes to one
 ///   variant chosen by weight; a variant with weight 0 gets no primary traffic (it may still be the
-///   mirror target). `upstream` is `host:port` of the variant's Service, spoken to over plain HTTP.
+///   mirror target). `upstream` is `host:port` of the variant's Service, spoken to over plain
+///   HTTP/1.1, or over HTTP/2 cleartext when `protocol` is `h2c` (gRPC).
 /// - `stickyHeader` (lower case): when a request carries this header, the variant is chosen from a
 ///   hash of its value over the weight ranges, so one caller stays on one variant while the weights
 ///   stay the same; requests without it are split at random.
@@ -73,6 +74,29 @@ pub struct RouterVariant {
     pub weight: u32,
     /// `host:port` of the variant's Service.
     pub upstream: String,
+    /// How the router speaks to `upstream`: `http1` (the default, left out of the JSON) or `h2c`
+    /// (HTTP/2 over cleartext, prior knowledge: gRPC servers).
+    #[serde(default, skip_serializing_if = "RouterProtocol::is_http1")]
+    pub protocol: RouterProtocol,
+}
+
+/// The protocol a variant's upstream speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge, one stream per request: what gRPC servers speak.
+    /// Trailers pass both ways.
+    H2c,
+}
+
+impl RouterProtocol {
+    /// Whether this is the default, HTTP/1.1.
+    pub fn is_http1(&self) -> bool {
+        *self == RouterProtocol::Http1
+    }
 }
 
 /// Shadow traffic.

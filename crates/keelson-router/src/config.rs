@@ -7,10 +7,11 @@ use std::sync::{Arc, OnceLock};
 use http::uri::Authority;
 use http::HeaderName;
 
+use super::h2c::H2Pool;
 use super::metrics::{Metrics, VariantMetrics};
 use super::pool::HostPool;
 use super::split::Split;
-pub use keelson_api::router_config::RouterConfig;
+pub use keelson_api::router_config::{RouterConfig, RouterProtocol};
 
 /// Why a config was refused (the router then keeps the last good one).
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +40,13 @@ pub struct Upstream {
     pub name: String,
     pub weight: u32,
     pub authority: Authority,
+    /// HTTP/1.1, or HTTP/2 cleartext (gRPC).
+    pub protocol: RouterProtocol,
     pub metrics: Arc<VariantMetrics>,
-    /// The connection pool of `authority`, looked up on first use.
+    /// The HTTP/1.1 connection pool of `authority`, looked up on first use.
     pub pool: OnceLock<Arc<HostPool>>,
+    /// The HTTP/2 connection pool of `authority` (`protocol: h2c`), looked up on first use.
+    pub h2: OnceLock<Arc<H2Pool>>,
 }
 
 /// Shadow traffic: a copy of `percent` percent of the requests goes to `variants[index]`.
@@ -98,8 +103,10 @@ impl Route {
                 name: v.name.clone(),
                 weight: v.weight,
                 authority,
+                protocol: v.protocol,
                 metrics: metrics.variant(&v.name),
                 pool: OnceLock::new(),
+                h2: OnceLock::new(),
             });
         }
         let split = Split::new(c.variants.iter().map(|v| (v.name.as_str(), v.weight)))
@@ -154,7 +161,10 @@ impl Route {
         let mut s = self
             .variants
             .iter()
-            .map(|v| format!("{}={}", v.name, v.weight))
+            .map(|v| match v.protocol {
+                RouterProtocol::Http1 => format!("{}={}", v.name, v.weight),
+                RouterProtocol::H2c => format!("{}={}(h2c)", v.name, v.weight),
+            })
             .collect::<Vec<_>>()
             .join(",");
         if let Some(h) = &self.sticky_header {
@@ -224,6 +234,7 @@ mod tests {
                 name: "only".into(),
                 weight: 100,
                 upstream: "m-only.ns.svc.cluster.local:80".into(),
+                protocol: RouterProtocol::Http1,
             }],
             sticky_header: None,
             mirror: Some(RouterMirror {
@@ -250,6 +261,29 @@ mod tests {
         let mut v = good();
         v.as_object_mut().unwrap().remove("version");
         assert!(matches!(parse(v), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn a_variant_speaks_http1_unless_it_says_h2c() {
+        let mut v = good();
+        v["variants"][1]["protocol"] = json!("h2c");
+        let r = parse(v).unwrap();
+        assert_eq!(r.variants[0].protocol, RouterProtocol::Http1);
+        assert_eq!(r.variants[1].protocol, RouterProtocol::H2c);
+        assert!(r.summary().starts_with("champion=90,challenger=10(h2c)"));
+        let mut v = good();
+        v["variants"][0]["protocol"] = json!("http1");
+        assert_eq!(
+            parse(v).unwrap().variants[0].protocol,
+            RouterProtocol::Http1
+        );
+        // An HTTP/1.1 variant's JSON stays as the operator writes it today.
+        let c = RouterConfig::parse(&good().to_string()).unwrap();
+        assert!(!c.to_json().unwrap().contains("protocol"));
+        let mut v = good();
+        v["variants"][1]["protocol"] = json!("h2c");
+        let c = RouterConfig::parse(&v.to_string()).unwrap();
+        assert!(c.to_json().unwrap().contains("\"protocol\": \"h2c\""));
     }
 
     #[test]
@@ -294,6 +328,10 @@ mod tests {
             ),
             (
                 Box::new(|v| v["variants"][0]["weight"] = json!(-1)),
+                "not a router config",
+            ),
+            (
+                Box::new(|v| v["variants"][0]["protocol"] = json!("h3")),
                 "not a router config",
             ),
             (Box::new(|v| *v = json!("{")), "not a router config"),

@@ -8,12 +8,13 @@
 //! - [`config`]: the file format, checked and compiled into a [`config::Route`];
 //! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
 //! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections,
-//!   and [`h1`]: the HTTP/1.1 messages on them;
+//!   and [`h1`]: the HTTP/1.1 messages on them; [`h2c`]: HTTP/2 upstreams (gRPC);
 //! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
 //! - [`metrics`]: per-variant counters and latency histograms.
 
 pub mod config;
 pub mod h1;
+pub mod h2c;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -76,6 +77,10 @@ pub struct RouterOptions {
     /// waits up to --connect-timeout-ms for one, then gets a 503.
     #[arg(long, default_value_t = 1024)]
     pub max_upstream_conns: usize,
+    /// HTTP/2 connections kept open to one `h2c` (gRPC) variant address; requests take them in
+    /// turn, so behind a Service they spread over several pods.
+    #[arg(long, default_value_t = 4)]
+    pub h2_upstream_conns: usize,
     /// Client connections served at once; further ones wait in the listen backlog.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
@@ -111,6 +116,7 @@ impl RouterOptions {
             mirror_slots: self.mirror_max_in_flight,
             max_conns_per_host: self.max_upstream_conns,
             upstream_read_timeout: Duration::from_millis(self.upstream_read_timeout_ms.max(1)),
+            h2_conns_per_host: self.h2_upstream_conns.max(1),
             sticky_key: self.sticky_key.as_deref().map(|k| {
                 (
                     proxy::sticky_hash((1, 0), k.as_bytes()),

@@ -71,6 +71,8 @@ pub enum UpstreamError {
     ReadTimeout(Duration),
     #[error("{0} connections to the upstream are busy")]
     Busy(usize),
+    #[error("HTTP/2 upstream: {0}")]
+    H2(hyper::Error),
 }
 
 impl UpstreamError {

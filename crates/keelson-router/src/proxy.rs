@@ -1,5 +1,6 @@
 //! Forwarding one request: choose the variant, copy to the mirror when asked, send upstream over a
-//! pooled HTTP/1.1 connection ([`super::pool`]), stream the response back.
+//! pooled HTTP/1.1 connection ([`super::pool`]) or, for an `h2c` variant, as one stream of a pooled
+//! HTTP/2 connection ([`super::h2c`]), stream the response back.
 //!
 //! Bodies stream in both directions; nothing is buffered on the main path except for the requests
 //! that are mirrored. A mirror copy needs the body twice, so a request is mirrored only when its body
@@ -22,13 +23,15 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
 use tokio::sync::Semaphore;
 
-use super::config::{MirrorTarget, Route, Upstream};
+use super::config::{MirrorTarget, Route, RouterProtocol, Upstream};
+use super::h2c::{grpc_timeout, H2Limits, H2Pool, H2Pools};
 use super::metrics::MirrorOutcome;
 use super::pool::{HostPool, PoolLimits, Pools, ReqBody, UpstreamBody, UpstreamError};
 use super::split::fast_random;
 
-/// A response body: the upstream's, streamed, or one made by the router.
-pub type Body = Either<UpstreamBody, Full<Bytes>>;
+/// A response body: the upstream's, streamed (from an HTTP/1.1 or an HTTP/2 upstream), or one made
+/// by the router.
+pub type Body = Either<Either<UpstreamBody, Incoming>, Full<Bytes>>;
 
 /// The header that marks a mirror copy, so that a model server can tell shadow traffic apart.
 pub const MIRROR_HEADER: &str = "x-keelson-mirror";
@@ -54,6 +57,8 @@ pub struct Limits {
     pub upstream_read_timeout: Duration,
     /// The secret key of the sticky hash; `None`: a key derived from the config's upstreams.
     pub sticky_key: Option<(u64, u64)>,
+    /// HTTP/2 connections kept open to one `h2c` upstream address.
+    pub h2_conns_per_host: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +73,7 @@ impl Default for Limits {
             max_conns_per_host: 1024,
             upstream_read_timeout: Duration::from_secs(60),
             sticky_key: None,
+            h2_conns_per_host: 4,
         }
     }
 }
@@ -77,6 +83,7 @@ impl Default for Limits {
 pub struct Proxy {
     pub route: ArcSwapOption<Route>,
     pools: Pools,
+    h2: H2Pools,
     mirror_slots: Arc<Semaphore>,
     limits: Limits,
 }
@@ -93,6 +100,11 @@ impl Proxy {
                 max_conns_per_host: limits.max_conns_per_host.max(1),
                 read_timeout: limits.upstream_read_timeout,
             }),
+            h2: H2Pools::new(H2Limits {
+                connect_timeout: limits.connect_timeout,
+                conns_per_host: limits.h2_conns_per_host.max(1),
+                keep_alive: Duration::from_secs(20),
+            }),
             mirror_slots: Arc::new(Semaphore::new(limits.mirror_slots)),
             limits,
         }
@@ -103,16 +115,29 @@ impl Proxy {
         up.pool.get_or_init(|| self.pools.host(&up.authority))
     }
 
+    /// The HTTP/2 connection pool of an `h2c` variant's upstream.
+    fn h2_pool<'a>(&self, up: &'a Upstream) -> &'a Arc<H2Pool> {
+        up.h2.get_or_init(|| self.h2.host(&up.authority))
+    }
+
     /// Closes idle upstream connections past their timeout and forgets the pools of addresses the
-    /// config in effect does not name.
+    /// config in effect does not name. Requests in flight hold their pool and connection, so an
+    /// upstream that left the config is drained: its requests finish, and new ones go elsewhere.
     pub fn sweep(&self) {
         let route = self.route.load();
-        let named = |a: &http::uri::Authority| {
-            route
-                .as_ref()
-                .is_some_and(|r| r.variants.iter().any(|v| v.authority == *a))
+        let named = |protocol: RouterProtocol| {
+            let route = &route;
+            move |a: &http::uri::Authority| {
+                route.as_ref().is_some_and(|r| {
+                    r.variants
+                        .iter()
+                        .any(|v| v.authority == *a && v.protocol == protocol)
+                })
+            }
         };
-        self.pools.sweep(Instant::now(), named);
+        self.pools
+            .sweep(Instant::now(), named(RouterProtocol::Http1));
+        self.h2.sweep(named(RouterProtocol::H2c));
     }
 
     /// Whether a config has been loaded.
@@ -144,11 +169,26 @@ impl Proxy {
         };
         // The request is changed in place: taking it apart and back together copies it.
         let mut req = req;
-        if req.version() == Version::HTTP_2 && req.headers().len() != req.headers().keys_len() {
+        let up = &route.variants[index];
+        let h2 = up.protocol == RouterProtocol::H2c;
+        // `TE: trailers` is the one `TE` HTTP/2 allows, and gRPC servers look for it.
+        let te_trailers = h2
+            && req
+                .headers()
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !h2
+            && req.version() == Version::HTTP_2
+            && req.headers().len() != req.headers().keys_len()
+        {
             join_cookies(req.headers_mut());
         }
         // Also removes a client's `x-keelson-mirror`: only the router marks mirror copies.
         strip_hop_by_hop(req.headers_mut());
+        if te_trailers {
+            req.headers_mut()
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let req = match route.mirror.filter(|m| sampled(m.percent)) {
             None => req.map(Either::Left),
             // Boxed: the mirror's state would otherwise widen every request's future.
@@ -160,7 +200,10 @@ impl Proxy {
                 }
             }
         };
-        self.forward(&route.variants[index], req).await
+        if h2 {
+            return Box::pin(self.forward_h2(up, req)).await;
+        }
+        self.forward(up, req).await
     }
 
     async fn forward(&self, up: &Upstream, mut req: Request<ReqBody>) -> Response<Body> {
@@ -174,7 +217,7 @@ impl Proxy {
             Ok(resp) => {
                 m.latency(start.elapsed());
                 m.response(resp.status().as_u16());
-                let mut resp = resp.map(Either::Left);
+                let mut resp = resp.map(|b| Either::Left(Either::Left(b)));
                 strip_hop_by_hop(resp.headers_mut());
                 resp
             }
@@ -202,6 +245,65 @@ impl Proxy {
             Err(e) => {
                 m.errors.inc();
                 tracing::debug!(variant = %up.name, upstream = %up.authority, error = %e, "upstream request failed");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "keelson router: the variant's upstream is unreachable\n",
+                )
+            }
+        }
+    }
+
+    /// Forwards a request to an `h2c` variant as one HTTP/2 stream. The response head must come
+    /// within the request timeout, or within the request's own `grpc-timeout` when that is
+    /// shorter; the body then streams with its trailers. The router's own errors for a gRPC
+    /// request (`content-type: application/grpc...`) are gRPC statuses in a trailers-only
+    /// response: `UNAVAILABLE` for an upstream that cannot be reached, `DEADLINE_EXCEEDED` when
+    /// no response came in time; a gRPC client would read an HTTP `504` as `UNAVAILABLE`.
+    async fn forward_h2(&self, up: &Upstream, mut req: Request<ReqBody>) -> Response<Body> {
+        let m = &up.metrics;
+        m.requests.inc();
+        let grpc = is_grpc(req.headers());
+        let deadline = req
+            .headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+            .map_or(self.limits.request_timeout, |t| {
+                t.min(self.limits.request_timeout)
+            });
+        to_h2_upstream(up, &mut req);
+        let start = Instant::now();
+        let sent = tokio::time::timeout(deadline, self.h2_pool(up).send(req)).await;
+        match sent {
+            Ok(Ok(resp)) => {
+                m.latency(start.elapsed());
+                m.response(resp.status().as_u16());
+                let mut resp = resp.map(|b| Either::Left(Either::Right(b)));
+                *resp.version_mut() = Version::HTTP_11;
+                resp
+            }
+            Err(_) => {
+                m.errors.inc();
+                tracing::debug!(variant = %up.name, upstream = %up.authority, ?deadline, "HTTP/2 upstream request timed out");
+                if grpc {
+                    return grpc_error(
+                        GRPC_DEADLINE_EXCEEDED,
+                        "keelson router: the variant did not answer within the deadline",
+                    );
+                }
+                text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "keelson router: the variant's upstream did not answer in time\n",
+                )
+            }
+            Ok(Err(e)) => {
+                m.errors.inc();
+                tracing::debug!(variant = %up.name, upstream = %up.authority, error = %e, "HTTP/2 upstream request failed");
+                if grpc {
+                    return grpc_error(
+                        GRPC_UNAVAILABLE,
+                        "keelson router: the variant's upstream is unreachable",
+                    );
+                }
                 text(
                     StatusCode::BAD_GATEWAY,
                     "keelson router: the variant's upstream is unreachable\n",
@@ -253,21 +355,38 @@ impl Proxy {
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
         *req.headers_mut() = parts.headers.clone();
-        to_upstream(target, &mut req);
+        let pool = match target.protocol {
+            RouterProtocol::Http1 => {
+                to_upstream(target, &mut req);
+                Either::Left(self.pool(target).clone())
+            }
+            RouterProtocol::H2c => {
+                to_h2_upstream(target, &mut req);
+                Either::Right(self.h2_pool(target).clone())
+            }
+        };
         req.headers_mut().insert(
             HeaderName::from_static(MIRROR_HEADER),
             HeaderValue::from_static("1"),
         );
-        let pool = self.pool(target).clone();
         let timeout = self.limits.mirror_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let run = async {
-                let resp = pool.send(req, Instant::now()).await.ok()?;
                 // Read the body to its end so that the connection goes back to the pool.
-                let mut b = resp.into_body();
-                while let Some(frame) = b.frame().await {
-                    frame.ok()?;
+                match pool {
+                    Either::Left(pool) => {
+                        let mut b = pool.send(req, Instant::now()).await.ok()?.into_body();
+                        while let Some(frame) = b.frame().await {
+                            frame.ok()?;
+                        }
+                    }
+                    Either::Right(pool) => {
+                        let mut b = pool.send(req).await.ok()?.into_body();
+                        while let Some(frame) = b.frame().await {
+                            frame.ok()?;
+                        }
+                    }
                 }
                 Some(())
             };
@@ -353,6 +472,64 @@ fn client_error(e: &UpstreamError) -> Response<Body> {
             "keelson router: could not read the request body\n",
         ),
     }
+}
+
+/// The header of a gRPC call's deadline.
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// gRPC status codes of the router's own answers.
+const GRPC_DEADLINE_EXCEEDED: u8 = 4;
+const GRPC_UNAVAILABLE: u8 = 14;
+
+/// Whether a request is a gRPC call: its `content-type` is `application/grpc` or
+/// `application/grpc+<codec>`.
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+/// A gRPC error made by the router: a trailers-only response (`200`, with `grpc-status` and
+/// `grpc-message` in its only header block), as gRPC servers send it.
+fn grpc_error(code: u8, message: &'static str) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    // Percent-encoding leaves these messages (printable ASCII without `%`) as they are.
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    r
+}
+
+/// Readies a request for an HTTP/2 upstream: the target in absolute form (HTTP/2 sends its
+/// scheme and authority as `:scheme` and `:authority`), the authority being the client's (its
+/// `:authority`, absolute-form target or `Host`), else the variant's; `Host` itself is left out.
+fn to_h2_upstream<B>(up: &Upstream, req: &mut Request<B>) {
+    let host = req.headers_mut().remove(header::HOST);
+    let authority = req
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| host.and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok()))
+        .unwrap_or_else(|| up.authority.clone());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
 }
 
 /// Readies a request's target for the variant's connection: the URI in origin form (its path and
@@ -514,8 +691,10 @@ mod tests {
             name: "a".into(),
             weight: 1,
             authority: "10.0.0.1:8080".parse().unwrap(),
+            protocol: RouterProtocol::Http1,
             metrics: crate::metrics::Metrics::default().variant("a"),
             pool: Default::default(),
+            h2: Default::default(),
         };
         let target = |uri: &str, host: Option<&str>| {
             let mut req = Request::new(());

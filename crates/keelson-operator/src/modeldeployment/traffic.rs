@@ -81,6 +81,7 @@ pub fn router_config(md: &ModelDeployment, name: &str, namespace: &str) -> Route
                 name: v.name.clone(),
                 weight: to_u32(v.weight),
                 upstream: variant_upstream(name, namespace, &v.name),
+                protocol: Default::default(),
             })
             .collect(),
         sticky_header: t
