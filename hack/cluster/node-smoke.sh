@@ -169,6 +169,15 @@ spec:
   ports: [{port: 80, targetPort: 8080}]
 YAML
 check "model server Deployment is available" k -n "$NS" wait deploy/ms --for=condition=Available --timeout=90s
+# A ready pod reaches the Service only once kube-proxy has written its rules (until then the
+# ClusterIP rejects: "connection refused"); on a loaded host that takes seconds, so poll for it.
+ms_ip=$(k -n "$NS" get svc ms -o 'jsonpath={.spec.clusterIP}')
+check "the host reaches the model server at its ClusterIP $ms_ip (kube-proxy iptables)" bash -c "
+  for _ in \$(seq 60); do
+    curl -fsS --max-time 5 http://$ms_ip/ 2>&1 | grep '\"variant\":\"smoke-champion\"' && exit 0
+    sleep 1
+  done
+  curl -sS --max-time 5 http://$ms_ip/ 2>&1; exit 1"
 k -n "$NS" apply -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Pod
@@ -187,9 +196,6 @@ check "a pod reaches the API server at https://kubernetes.default.svc and the mo
 check "the API server answered the pod with its version" logs_have client '"gitVersion": "'"$KUBE_VERSION"'"'
 check "the model server answered through its Service with its variant and model files" \
   logs_have client '"variant":"smoke-champion".*"name":"shard.txt"'
-ms_ip=$(k -n "$NS" get svc ms -o 'jsonpath={.spec.clusterIP}')
-check "the host reaches the model server at its ClusterIP $ms_ip (kube-proxy iptables)" \
-  bash -c "curl -fsS --max-time 5 http://$ms_ip/ | grep '\"variant\":\"smoke-champion\"'"
 
 # --- notebook stand-in: token ------------------------------------------------------
 k -n "$NS" apply -f - >/dev/null <<YAML
