@@ -4,7 +4,8 @@
 //! write. Per job it keeps the uids of pods deleted (treated as gone, so a failure is never counted
 //! twice), the pods created (counted as there until the cache lists them or [`CREATED_TTL`] passes)
 //! and the last status written (used as the previous status until the cache shows it, so a restart
-//! count never goes back and a finished job never looks unfinished).
+//! count never goes back and a finished job never looks unfinished). It also keeps a status change
+//! within a phase that has not lasted [`SETTLE`] yet, and when it was first seen.
 //!
 //! It is dropped when the cache catches up or the job is gone; after a restart of the operator the
 //! caches are freshly listed, so nothing is lost. It only remembers: it never reads or writes the
