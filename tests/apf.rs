@@ -123,10 +123,14 @@ fn converged(j: &TrainingJob) -> bool {
 async fn a_starved_flow_is_retried_after_429_and_converges() {
     cluster();
     // The operator reconciles every namespace: one still being deleted would add its own errors.
-    wait_for("no namespace terminating", Duration::from_secs(180), || async {
-        let out = kubectl_ok(&["get", "namespaces", "--no-headers"], None);
-        (!out.contains("Terminating")).then_some(())
-    })
+    wait_for(
+        "no namespace terminating",
+        Duration::from_secs(180),
+        || async {
+            let out = kubectl_ok(&["get", "namespaces", "--no-headers"], None);
+            (!out.contains("Terminating")).then_some(())
+        },
+    )
     .await;
     let ns = Ns::new("apf");
     let client = client().await;
