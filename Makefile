@@ -24,7 +24,7 @@ fmt:
 ## test: lint, unit tests, then the integration tests against the local cluster (started if needed);
 ## with REAL_NODE=1 also `test-real`
 test: lint cluster
-	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test helm_chart --test crash --test disruptions --test faults --test idempotence --test integration --test random_specs --test rbac_audit --test router_adversarial --test router_e2e --test router_grpc -- --test-threads=$${TEST_THREADS:-4}
+	$(CARGO) test --workspace --no-fail-fast --lib --bins --test crds_offline --test proptests --test docs_paths --test helm_chart --test crash --test disruptions --test faults --test idempotence --test write_budget --test apf --test integration --test random_specs --test rbac_audit --test router_adversarial --test router_e2e --test router_grpc -- --test-threads=$${TEST_THREADS:-4}
 	if [[ $${REAL_NODE:-0} == 1 ]]; then $(MAKE) test-real; fi
 
 ## test-real: the end-to-end suite on the real node (docs/real-node.md): the cluster with its node,

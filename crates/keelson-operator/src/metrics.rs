@@ -10,6 +10,7 @@
 //! | `keelson_writes_total` | `op` (`apply`, `create`, `delete`, `status`) | API writes made for children and status |
 //! | `keelson_leader` | | 1 while this replica holds the lease |
 //! | `keelson_events_dropped_total` | | Events not recorded because their queue was full |
+//! | `keelson_api_retried_total` | `code` (`429`, `503`, `504`) | API answers that asked for a retry (APF's 429 above all), each retried after its `Retry-After` ([`crate::runtime::retry`]) |
 
 use std::time::Duration;
 
@@ -24,6 +25,12 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
+}
+
+/// Labels of the retried answers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
 }
 
 /// Labels of the write counter.
@@ -46,6 +53,7 @@ pub struct Metrics {
     errors: Family<KindLabels, Counter>,
     duration: HistogramFamily,
     writes: Family<WriteLabels, Counter>,
+    retried: Family<CodeLabels, Counter>,
     /// 1 while this replica is the leader.
     pub leader: Gauge,
     /// Events dropped because the queue of Events waiting to be recorded was full.
@@ -59,6 +67,7 @@ impl Default for Metrics {
         let errors = Family::<KindLabels, Counter>::default();
         let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let writes = Family::<WriteLabels, Counter>::default();
+        let retried = Family::<CodeLabels, Counter>::default();
         let leader = Gauge::default();
         let events_dropped = Counter::default();
         registry.register("reconciles", "Reconciles finished", reconciles.clone());
@@ -78,6 +87,11 @@ impl Default for Metrics {
             writes.clone(),
         );
         registry.register(
+            "api_retried",
+            "API answers that asked for a retry (429 Too Many Requests, 503, 504), by status code",
+            retried.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader lease",
             leader.clone(),
@@ -93,6 +107,7 @@ impl Default for Metrics {
             errors,
             duration,
             writes,
+            retried,
             leader,
             events_dropped,
         }
@@ -119,6 +134,20 @@ impl Metrics {
             .clone()
     }
 
+    /// The counters of the client's retry layer (shared with [`crate::runtime::retry::Retried`]).
+    pub fn retried(&self) -> crate::runtime::retry::Retried {
+        let code = |c: &str| {
+            self.retried
+                .get_or_create(&CodeLabels { code: c.into() })
+                .clone()
+        };
+        crate::runtime::retry::Retried {
+            too_many_requests: code("429"),
+            unavailable: code("503"),
+            gateway_timeout: code("504"),
+        }
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -140,6 +169,7 @@ mod tests {
         m.reconciled("Notebook", Duration::from_millis(5), true);
         m.write_counter("apply").inc();
         m.leader.set(1);
+        m.retried().too_many_requests.inc();
         let text = m.encode();
         for line in [
             "keelson_reconciles_total{kind=\"Notebook\"} 2",
@@ -148,6 +178,8 @@ mod tests {
             "keelson_writes_total{op=\"apply\"} 1",
             "keelson_leader 1",
             "keelson_events_dropped_total 0",
+            "keelson_api_retried_total{code=\"429\"} 1",
+            "keelson_api_retried_total{code=\"503\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -10,8 +10,10 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::runtime::controller::Shared;
 use crate::runtime::ratelimit::RateLimitLayer;
+use crate::runtime::retry::{Retried, RetryLayer};
 
 /// Options of `keelson run`.
 #[derive(Clone, Debug, clap::Args)]
@@ -34,15 +36,16 @@ pub struct RunOptions {
     /// Seconds a leader's Lease lasts without renewal; a standby takes over after it.
     #[arg(long, env = "KEELSON_LEASE_SECONDS", default_value_t = 10)]
     pub lease_seconds: u64,
-    /// Client-side limit of API requests per second (0: none).
-    #[arg(long, env = "KEELSON_QPS", default_value_t = 100.0)]
+    /// Client-side limit of API requests per second (default 0: none; the API server's Priority and
+    /// Fairness paces the operator, and a 429 is retried after its Retry-After).
+    #[arg(long, env = "KEELSON_QPS", default_value_t = 0.0)]
     pub qps: f64,
     /// Seconds that in-flight reconciles get to finish after SIGTERM before the process stops anyway.
     #[arg(long, env = "KEELSON_SHUTDOWN_GRACE_SECONDS", default_value_t = 15)]
     pub shutdown_grace_seconds: u64,
-    /// Requests allowed at once above the rate.
-    #[arg(long, env = "KEELSON_BURST", default_value_t = 200)]
-    pub burst: u32,
+    /// Requests allowed at once above the `--qps` rate (default: twice `--qps`).
+    #[arg(long, env = "KEELSON_BURST")]
+    pub burst: Option<u32>,
 }
 
 impl Default for RunOptions {
@@ -55,7 +58,7 @@ impl Default for RunOptions {
             lease_name: "keelson-leader".into(),
             lease_seconds: 10,
             qps: 0.0,
-            burst: 200,
+            burst: None,
             shutdown_grace_seconds: 15,
         }
     }
@@ -126,12 +129,31 @@ pub async fn run_with(shared: Arc<Shared>, opts: &RunOptions, shutdown: Shutdown
     );
 }
 
-/// A client from the kubeconfig or the in-cluster service account, limited to `qps` requests per
-/// second with bursts of `burst`.
-pub async fn client(qps: f64, burst: u32) -> Result<Client, String> {
+/// A client from the kubeconfig or the in-cluster service account that retries what the API server
+/// turns away (counted in `retried`), and, with `qps` above 0, is limited to `qps` requests per second
+/// with bursts of `burst` (default twice `qps`).
+pub async fn client(qps: f64, burst: Option<u32>, retried: Retried) -> Result<Client, String> {
     let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+    client_from(config, qps, burst, retried)
+}
+
+/// [`client`] from a given config.
+pub fn client_from(
+    mut config: kube::Config,
+    qps: f64,
+    burst: Option<u32>,
+    retried: Retried,
+) -> Result<Client, String> {
+    // kube's own retry would take the 429s first: ours replaces it.
+    config.default_retry = false;
+    let burst = burst.unwrap_or_else(|| (qps * 2.0).ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
     let builder = ClientBuilder::try_from(config).map_err(|e| e.to_string())?;
-    Ok(builder.with_layer(&RateLimitLayer::new(qps, burst)).build())
+    Ok(builder
+        .with_layer(&RateLimitLayer::new(qps, burst))
+        // The retry layer sends a request again through a clone of the service under it.
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
+        .with_layer(&RetryLayer::new(retried))
+        .build())
 }
 
 /// This replica's identity in the Lease: the pod name, else host name and pid.
@@ -179,10 +201,11 @@ pub enum Exit {
 /// `keelson run`: probes and metrics, leader election, then the controllers until SIGTERM (or
 /// until the Lease is lost).
 pub async fn serve(opts: RunOptions) -> Result<Exit, String> {
-    let client = client(opts.qps, opts.burst)
+    let metrics = Arc::new(Metrics::default());
+    let client = client(opts.qps, opts.burst, metrics.retried())
         .await
         .map_err(|e| format!("cannot reach the Kubernetes API (check KUBECONFIG or the in-cluster service account): {e}"))?;
-    let shared = Arc::new(Shared::new(client.clone()));
+    let shared = Arc::new(Shared::with_metrics(client.clone(), metrics));
     let (stop, shutdown) = shutdown_channel();
     let term = Arc::new(AtomicBool::new(false));
     {

@@ -52,11 +52,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(client: Client) -> Self {
+        Self::with_metrics(client, Arc::new(Metrics::default()))
+    }
+
+    /// Shared state that records into `metrics` (which the client's retry layer may count into too).
+    pub fn with_metrics(client: Client, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: "keelson".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let metrics = Arc::new(Metrics::default());
         Shared {
             recorder: Recorder::new(client.clone(), reporter),
             client,

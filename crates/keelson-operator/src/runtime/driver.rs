@@ -269,7 +269,8 @@ pub trait Kind: Send + Sync + 'static {
         observed: &Self::Observed,
     ) -> (Vec<Note>, Vec<Change>);
 
-    /// How long to hold a status write back (to write progress at most so often), if at all.
+    /// How long to hold a status write back, if at all (a change that need not be written before it
+    /// has lasted); the parent is reconciled again after that long.
     fn hold(
         &self,
         _parent: &Self::Parent,
@@ -376,7 +377,7 @@ async fn run<K: Kind>(parent: &K::Parent, kind: &K) -> Result<Action> {
             if !changes.is_empty() {
                 tracing::info!(changes = %changes, "reconciled");
             }
-            tracing::debug!(?wait, "progress written within the batch period: held back");
+            tracing::debug!(?wait, "status change held back until it lasts");
             shared.succeeded(&key(parent));
             return Ok(Action::requeue(wait));
         }

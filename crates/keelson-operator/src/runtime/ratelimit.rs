@@ -1,5 +1,5 @@
-//! A client-side request rate limit for the Kubernetes client: a token bucket as a tower layer
-//! (`--qps`, `--burst`). A watch counts once, when it is opened.
+//! The opt-in client-side request rate limit for the Kubernetes client: a token bucket as a tower layer
+//! (`--qps`, `--burst`; off by default, see [`super::retry`]). A watch counts once, when it is opened.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -4,7 +4,8 @@
 //! write. Per job it keeps the uids of pods deleted (treated as gone, so a failure is never counted
 //! twice), the pods created (counted as there until the cache lists them or [`CREATED_TTL`] passes)
 //! and the last status written (used as the previous status until the cache shows it, so a restart
-//! count never goes back and a finished job never looks unfinished).
+//! count never goes back and a finished job never looks unfinished). It also keeps a status change
+//! within a phase that has not lasted [`SETTLE`] yet, and when it was first seen.
 //!
 //! It is dropped when the cache catches up or the job is gone; after a restart of the operator the
 //! caches are freshly listed, so nothing is lost. It only remembers: it never reads or writes the
@@ -25,10 +26,13 @@ use keelson_api::trainingjob::{TrainingJob, TrainingJobStatus};
 /// is created again.
 const CREATED_TTL: Duration = Duration::from_secs(60);
 
-/// Progress within a phase (worker counts, a condition's message) is written at most this often
-/// per job, as the Job controller batches pod events (`syncJobBatchPeriod`): the pods of a job that
-/// start together make one status write, not one each. A phase change is written at once.
-const STATUS_BATCH: Duration = Duration::from_secs(1);
+/// A status change within a phase (worker counts, a condition that moves while the phase stays) is
+/// written once it has lasted this long unchanged: the pods of a job that start together make no
+/// write of their own between the write at their creation and the one of the phase they reach, while
+/// a state that lasts (a worker that cannot be scheduled, three of four workers ready) is written
+/// this long after it began, with that time as its `lastTransitionTime`. A change of phase,
+/// generation or restart count is written at once.
+pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// What the reconciler remembers about one job between reconciles (see the module docs).
 #[derive(Debug, Default)]
@@ -43,8 +47,17 @@ struct Memory {
     /// The resourceVersion of the job that status was written over. A cache that shows another
     /// version has seen that write, or a later one (perhaps another manager's): it is the truth.
     written_over: Option<String>,
-    /// When this process last wrote the job's status.
-    written_at: Option<Instant>,
+    /// A status change within the phase not written yet, and when it was first computed.
+    held: Option<(TrainingJobStatus, Instant)>,
+}
+
+/// Whether two statuses are the same but for the conditions' `lastTransitionTime`.
+pub fn same_status(a: &TrainingJobStatus, b: &TrainingJobStatus) -> bool {
+    let bare = |s: &TrainingJobStatus| TrainingJobStatus {
+        conditions: Vec::new(),
+        ..s.clone()
+    };
+    bare(a) == bare(b) && keelson_api::conditions::same(&a.conditions, &b.conditions)
 }
 
 /// The per-job [`Memory`], pruned against the job cache.
@@ -150,21 +163,60 @@ impl Expectations {
         });
     }
 
-    pub fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus, at: Instant) {
+    pub fn remember_written(&self, job: &TrainingJob, st: TrainingJobStatus) {
         let over = job.resource_version();
         self.entry(job, |m| {
             m.written = Some(st);
             m.written_over = over;
-            m.written_at = Some(at);
+            m.held = None;
         });
     }
 
-    /// How long a progress write must wait to keep to one per [`STATUS_BATCH`], if at all.
-    pub fn batch_wait(&self, job: &TrainingJob, now: Instant) -> Option<Duration> {
-        let last = self.entry(job, |m| m.written_at)?;
-        STATUS_BATCH
-            .checked_sub(now.saturating_duration_since(last))
-            .filter(|d| !d.is_zero())
+    /// How long the change `new` must still wait before it is written (`None`: write it now): until it
+    /// has lasted [`SETTLE`], counted from the first reconcile that computed it. Another change starts
+    /// the wait again.
+    pub fn settle_wait(
+        &self,
+        job: &TrainingJob,
+        new: &TrainingJobStatus,
+        now: Instant,
+    ) -> Option<Duration> {
+        self.entry(job, |m| match &m.held {
+            Some((held, since)) if same_status(held, new) => SETTLE
+                .checked_sub(now.saturating_duration_since(*since))
+                .filter(|d| !d.is_zero()),
+            _ => {
+                m.held = Some((new.clone(), now));
+                Some(SETTLE)
+            }
+        })
+    }
+
+    /// `new`, or the change held back if it is the same but for timestamps: its conditions keep the
+    /// time the change was first seen.
+    pub fn as_held(&self, job: &TrainingJob, new: TrainingJobStatus) -> TrainingJobStatus {
+        let uid = job.uid().unwrap_or_default();
+        self.with(|mem| {
+            mem.get(&ObjectRef::from_obj(job))
+                .filter(|m| m.uid == uid)
+                .and_then(|m| m.held.as_ref())
+                .filter(|(held, _)| same_status(held, &new))
+                .map(|(held, _)| held.clone())
+        })
+        .unwrap_or(new)
+    }
+
+    /// Drops a change held back (the status went back to what is written).
+    pub fn release(&self, job: &TrainingJob) {
+        let uid = job.uid().unwrap_or_default();
+        self.with(|mem| {
+            if let Some(m) = mem
+                .get_mut(&ObjectRef::from_obj(job))
+                .filter(|m| m.uid == uid)
+            {
+                m.held = None;
+            }
+        });
     }
 
     pub fn forget(&self, job: &TrainingJob) {
@@ -202,17 +254,56 @@ mod tests {
     }
 
     #[test]
-    fn progress_is_written_at_most_once_per_batch_period() {
+    fn a_change_is_written_once_it_has_lasted() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        use k8s_openapi::jiff::Timestamp;
         let (store, mut writer) = reflector::store::<TrainingJob>();
         let mem = Expectations::new(store);
         let j = job("u1", None);
         writer.apply_watcher_event(&watcher::Event::Apply(j.clone()));
+        let ready = |n: &str, at: i64| TrainingJobStatus {
+            workers_ready: Some(format!("{n}/4")),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "WorkersStarting".into(),
+                message: format!("{n} of 4 workers are ready"),
+                observed_generation: Some(1),
+                last_transition_time: Time(Timestamp::from_second(at).unwrap()),
+            }],
+            ..restarts(0)
+        };
         let t0 = Instant::now();
-        assert_eq!(mem.batch_wait(&j, t0), None, "nothing written yet");
-        mem.remember_written(&j, restarts(0), t0);
-        let wait = mem.batch_wait(&j, t0 + Duration::from_millis(300));
-        assert_eq!(wait, Some(Duration::from_millis(700)));
-        assert_eq!(mem.batch_wait(&j, t0 + STATUS_BATCH), None);
+        let ms = Duration::from_millis;
+        // First seen: it waits the whole period.
+        assert_eq!(mem.settle_wait(&j, &ready("1", 100), t0), Some(SETTLE));
+        // The same change later (another timestamp): the rest of the period.
+        assert_eq!(
+            mem.settle_wait(&j, &ready("1", 101), t0 + ms(1500)),
+            Some(SETTLE - ms(1500))
+        );
+        // It keeps the time it was first seen.
+        assert_eq!(mem.as_held(&j, ready("1", 103)), ready("1", 100));
+        assert_eq!(mem.as_held(&j, ready("2", 103)), ready("2", 103));
+        // Another change before the end: the wait starts again.
+        assert_eq!(
+            mem.settle_wait(&j, &ready("2", 104), t0 + ms(2000)),
+            Some(SETTLE)
+        );
+        // Lasted: written now.
+        assert_eq!(
+            mem.settle_wait(&j, &ready("2", 105), t0 + ms(2000) + SETTLE),
+            None
+        );
+        // Once written, nothing is held.
+        mem.remember_written(&j, ready("2", 104));
+        assert_eq!(mem.as_held(&j, ready("2", 109)), ready("2", 109));
+        assert_eq!(
+            mem.settle_wait(&j, &ready("3", 110), t0 + ms(9000)),
+            Some(SETTLE)
+        );
+        mem.release(&j);
+        assert_eq!(mem.as_held(&j, ready("3", 111)), ready("3", 111));
     }
 
     #[test]
@@ -232,7 +323,7 @@ mod tests {
 
         // This process deleted the failed pod and wrote restarts 2; the caches lag behind.
         mem.remember_deleted(&stale, "uid-resnet-worker-0".into());
-        mem.remember_written(&stale, restarts(2), Instant::now());
+        mem.remember_written(&stale, restarts(2));
         let (prev, deleted, _) = mem.recall(&stale, &pods, Instant::now());
         assert_eq!(prev, restarts(2));
         assert!(deleted.contains("uid-resnet-worker-0"));
@@ -255,7 +346,7 @@ mod tests {
         let mut seen = job("u1", Some(restarts(1)));
         seen.metadata.resource_version = Some("10".into());
         writer.apply_watcher_event(&watcher::Event::Apply(seen.clone()));
-        mem.remember_written(&seen, restarts(2), Instant::now());
+        mem.remember_written(&seen, restarts(2));
         // Still version 10: the cache has not seen the write.
         assert_eq!(mem.recall(&seen, &[], Instant::now()).0, restarts(2));
         // Version 12 with another manager's status: that is what the next decision starts from.
@@ -271,7 +362,7 @@ mod tests {
         let mem = Expectations::new(store);
         let old = job("u1", None);
         writer.apply_watcher_event(&watcher::Event::Apply(old.clone()));
-        mem.remember_written(&old, restarts(3), Instant::now());
+        mem.remember_written(&old, restarts(3));
         assert_eq!(mem.len(), 1);
 
         // Re-created under the same name: the old job's status is not carried over.
@@ -283,7 +374,7 @@ mod tests {
         );
         assert_eq!(mem.len(), 0);
 
-        mem.remember_written(&new, restarts(1), Instant::now());
+        mem.remember_written(&new, restarts(1));
         writer.apply_watcher_event(&watcher::Event::Delete(new.clone()));
         let other = job("u3", None);
         let mut other = other;
@@ -291,7 +382,7 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
         mem.recall(&other, &[], Instant::now());
         assert_eq!(mem.len(), 0);
-        mem.remember_written(&other, restarts(1), Instant::now());
+        mem.remember_written(&other, restarts(1));
         mem.forget(&other);
         assert_eq!(mem.len(), 0);
     }

@@ -278,6 +278,30 @@ fn phase_note(st: &TrainingJobStatus, outcome: Option<&(String, String)>) -> Opt
     })
 }
 
+/// Whether a phase change is the ordinary course of a job, which gets no Event of its own: Pending
+/// (PodCreated says it), and Running after Pending (the Running condition's `lastTransitionTime`
+/// says when). A job that starts costs one Event; a restart, a suspension and the outcome get theirs.
+fn ordinary_course(prev: Option<JobPhase>, new: Option<JobPhase>) -> bool {
+    match new {
+        Some(JobPhase::Pending) => true,
+        Some(JobPhase::Running) => matches!(prev, None | Some(JobPhase::Pending)),
+        _ => false,
+    }
+}
+
+/// Whether `new` differs from `prev` only within the phase (worker counts, a condition that moves
+/// while the phase stays), so that it can wait until it has lasted (see [`super::expectations::SETTLE`]).
+/// A new phase, generation, restart count, start or completion time is written at once.
+fn within_phase(prev: &TrainingJobStatus, new: &TrainingJobStatus) -> bool {
+    prev.phase.is_some()
+        && prev.phase == new.phase
+        && prev.observed_generation == new.observed_generation
+        && prev.restarts == new.restarts
+        && prev.start_time == new.start_time
+        && prev.completion_time == new.completion_time
+        && prev.gpus == new.gpus
+}
+
 /// What a TrainingJob reconcile reads before it builds: the status to decide from and the pods,
 /// both as the caches show them corrected by the [`Expectations`].
 pub struct Recalled {
@@ -385,7 +409,9 @@ impl Kind for Ctx {
         // No decision was carried out (a write before the pods failed): nothing new to report.
         let mut d = done.decision.clone()?;
         d.refused = failed.and_then(Error::refusal);
-        Some(status(job, &f.prev, &done.observed, &d, &f.now))
+        let st = status(job, &f.prev, &done.observed, &d, &f.now);
+        // A change held back until it lasted keeps the time it was first seen.
+        Some(self.expectations.as_held(job, st))
     }
 
     fn transition(
@@ -398,8 +424,7 @@ impl Kind for Ctx {
         let (mut notes, mut moved) = (Vec::new(), Vec::new());
         let prev_phase = prev.and_then(|p| p.phase);
         if prev_phase != new.phase {
-            // A new job's first phase, Pending, needs no Event of its own: PodCreated says it.
-            if prev_phase.is_some() || new.phase != Some(JobPhase::Pending) {
+            if !ordinary_course(prev_phase, new.phase) {
                 let outcome = done.decision.as_ref().and_then(|d| d.outcome.as_ref());
                 notes.extend(phase_note(new, outcome));
             }
@@ -421,15 +446,18 @@ impl Kind for Ctx {
         new: &TrainingJobStatus,
     ) -> Option<Duration> {
         let prev = prev?;
-        if new == prev || new.phase != prev.phase {
+        if new == prev {
+            self.expectations.release(job);
             return None;
         }
-        self.expectations.batch_wait(job, Instant::now())
+        if !within_phase(prev, new) {
+            return None;
+        }
+        self.expectations.settle_wait(job, new, Instant::now())
     }
 
     fn written(&self, job: &TrainingJob, st: &TrainingJobStatus) {
-        self.expectations
-            .remember_written(job, st.clone(), Instant::now());
+        self.expectations.remember_written(job, st.clone());
     }
 
     fn next(&self, _job: &TrainingJob, done: &Done) -> Next {
@@ -581,6 +609,55 @@ mod tests {
         let cleanup = deletion_note(&del(pod("j-worker-0", "u0"), DeleteReason::Cleanup));
         assert_eq!(cleanup.reason, "PodDeleted");
         assert!(cleanup.related.is_some());
+    }
+
+    #[test]
+    fn a_job_that_starts_gets_no_phase_event_but_restarts_and_outcomes_do() {
+        use JobPhase::*;
+        assert!(ordinary_course(None, Some(Pending)));
+        assert!(ordinary_course(Some(Pending), Some(Running)));
+        assert!(ordinary_course(None, Some(Running)));
+        assert!(ordinary_course(Some(Suspended), Some(Pending)));
+        assert!(!ordinary_course(Some(Restarting), Some(Running)));
+        assert!(!ordinary_course(Some(Running), Some(Restarting)));
+        assert!(!ordinary_course(Some(Pending), Some(Suspended)));
+        assert!(!ordinary_course(Some(Running), Some(Succeeded)));
+        assert!(!ordinary_course(Some(Running), Some(Failed)));
+    }
+
+    #[test]
+    fn only_a_change_within_the_phase_may_wait() {
+        let pending = TrainingJobStatus {
+            phase: Some(JobPhase::Pending),
+            observed_generation: Some(1),
+            workers_ready: Some("0/4".into()),
+            ..TrainingJobStatus::default()
+        };
+        let progress = TrainingJobStatus {
+            workers_ready: Some("2/4".into()),
+            ..pending.clone()
+        };
+        assert!(within_phase(&pending, &progress));
+        let running = TrainingJobStatus {
+            phase: Some(JobPhase::Running),
+            ..progress.clone()
+        };
+        assert!(!within_phase(&pending, &running));
+        let edited = TrainingJobStatus {
+            observed_generation: Some(2),
+            ..progress.clone()
+        };
+        assert!(
+            !within_phase(&pending, &edited),
+            "observedGeneration is written at once"
+        );
+        let restarted = TrainingJobStatus {
+            restarts: 1,
+            ..progress.clone()
+        };
+        assert!(!within_phase(&pending, &restarted));
+        // A first status is never held.
+        assert!(!within_phase(&TrainingJobStatus::default(), &pending));
     }
 
     #[test]
