@@ -259,7 +259,7 @@ impl Kind for Ctx {
             prev_degraded,
             conditions::find(&new.conditions, TRAFFIC_DEGRADED),
         ) {
-            if p.status != d.status && d.reason == "VariantNotReady" {
+            if d.reason == "VariantNotReady" && (p.status != d.status || p.reason != d.reason) {
                 notes.push(Note::warning(d.reason.clone(), d.message.clone()));
             } else if p.status == "True" && d.status == "False" {
                 notes.push(Note::normal("TrafficRestored", d.message.clone()));
