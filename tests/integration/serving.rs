@@ -87,7 +87,19 @@ async fn a_variant_without_ready_pods_gets_no_traffic_until_it_is_ready() {
     let c = conditions::find(&st.conditions, "TrafficDegraded").unwrap();
     assert!(c.message.contains("challenger"), "{}", c.message);
 
-    // No hot loop: the status and the router config stay as they are while nothing changes.
+    // No hot loop: once the champion and the router run, the status and the router config stay as
+    // they are while nothing changes.
+    let md = wait_for("champion and router ready", Duration::from_secs(60), || async {
+        for d in ["fraud-champion", "fraud-router"] {
+            let d = deps.get(d).await.ok()?;
+            (d.status?.ready_replicas? == 1).then_some(())?;
+        }
+        // The status the operator wrote after that.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let md = mds.get("fraud").await.ok()?;
+        (md.status.as_ref()?.ready.as_deref() == Some("1/2")).then_some(md)
+    })
+    .await;
     let rv = |md: &ModelDeployment| md.metadata.resource_version.clone();
     let cm_rv = cms
         .get("fraud-router")
