@@ -89,16 +89,20 @@ async fn a_variant_without_ready_pods_gets_no_traffic_until_it_is_ready() {
 
     // No hot loop: once the champion and the router run, the status and the router config stay as
     // they are while nothing changes.
-    let md = wait_for("champion and router ready", Duration::from_secs(60), || async {
-        for d in ["fraud-champion", "fraud-router"] {
-            let d = deps.get(d).await.ok()?;
-            (d.status?.ready_replicas? == 1).then_some(())?;
-        }
-        // The status the operator wrote after that.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let md = mds.get("fraud").await.ok()?;
-        (md.status.as_ref()?.ready.as_deref() == Some("1/2")).then_some(md)
-    })
+    let md = wait_for(
+        "champion and router ready",
+        Duration::from_secs(60),
+        || async {
+            for d in ["fraud-champion", "fraud-router"] {
+                let d = deps.get(d).await.ok()?;
+                (d.status?.ready_replicas? == 1).then_some(())?;
+            }
+            // The status the operator wrote after that.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let md = mds.get("fraud").await.ok()?;
+            (md.status.as_ref()?.ready.as_deref() == Some("1/2")).then_some(md)
+        },
+    )
     .await;
     let rv = |md: &ModelDeployment| md.metadata.resource_version.clone();
     let cm_rv = cms
@@ -148,13 +152,18 @@ async fn a_variant_without_ready_pods_gets_no_traffic_until_it_is_ready() {
             let w = config_weights(&cms, "fraud").await?;
             let md = mds.get("fraud").await.ok()?;
             (w == weights(&[("champion", 90), ("challenger", 10)])
-                && cond(&md, "TrafficDegraded")?
-                    == ("False".into(), "AllVariantsServing".into()))
-            .then_some(())
+                && cond(&md, "TrafficDegraded")? == ("False".into(), "AllVariantsServing".into()))
+                .then_some(())
         },
     )
     .await;
-    let events = ns.kubectl(&["get", "events", "-o", "custom-columns=R:.reason", "--no-headers"]);
+    let events = ns.kubectl(&[
+        "get",
+        "events",
+        "-o",
+        "custom-columns=R:.reason",
+        "--no-headers",
+    ]);
     assert!(events.contains("VariantNotReady"), "{events}");
     assert!(events.contains("TrafficRestored"), "{events}");
 }
@@ -257,12 +266,7 @@ async fn autoscaling_takes_replicas_over_and_hands_them_back() {
     );
     let metric = &spec.metrics.unwrap()[0];
     assert_eq!(
-        metric
-            .resource
-            .as_ref()
-            .unwrap()
-            .target
-            .average_utilization,
+        metric.resource.as_ref().unwrap().target.average_utilization,
         Some(60)
     );
     let owner = &hpa.metadata.owner_references.clone().unwrap()[0];
@@ -327,7 +331,10 @@ async fn autoscaling_takes_replicas_over_and_hands_them_back() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = fresh.kill();
     let _ = fresh.wait();
-    let writes: Vec<_> = lines.iter().filter(|v| v.get("changes").is_some()).collect();
+    let writes: Vec<_> = lines
+        .iter()
+        .filter(|v| v.get("changes").is_some())
+        .collect();
     assert!(writes.is_empty(), "the fresh operator wrote: {writes:#?}");
     let d = deps.get("scaled-champion").await.unwrap();
     assert_eq!(d.metadata.generation, gen);
@@ -387,7 +394,10 @@ fn serving_settings_that_cannot_work_are_refused_naming_the_field() {
     let cases: Vec<(String, Vec<&str>)> = vec![
         (
             one(", autoscaling: {minReplicas: 4, maxReplicas: 2}"),
-            vec!["spec.variants[0].autoscaling", "minReplicas must not exceed"],
+            vec![
+                "spec.variants[0].autoscaling",
+                "minReplicas must not exceed",
+            ],
         ),
         (
             one(", autoscaling: {maxReplicas: 0}"),
@@ -395,7 +405,10 @@ fn serving_settings_that_cannot_work_are_refused_naming_the_field() {
         ),
         (
             one(", replicas: 2, autoscaling: {maxReplicas: 3}"),
-            vec!["spec.variants[0]", "replicas and variants[].autoscaling are exclusive"],
+            vec![
+                "spec.variants[0]",
+                "replicas and variants[].autoscaling are exclusive",
+            ],
         ),
         (
             md_yaml(

@@ -9,8 +9,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-    MetricSpec, MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler,
@@ -794,7 +794,12 @@ pub(crate) mod tests {
         let c = build(&m, &owner, IMAGE).unwrap();
         let ps = pod_spec(&c.variants[0].deployment);
         assert_eq!(ps.termination_grace_period_seconds, Some(6));
-        let pre_stop = ps.containers[0].lifecycle.as_ref().unwrap().pre_stop.as_ref();
+        let pre_stop = ps.containers[0]
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref();
         assert_eq!(pre_stop.unwrap().sleep.as_ref().unwrap().seconds, 3);
     }
 
@@ -826,7 +831,14 @@ pub(crate) mod tests {
         let get = http.http_get.unwrap();
         assert_eq!(get.path.as_deref(), Some("/v2/health/ready"));
         assert_eq!(get.port, IntOrString::String("http".into()));
-        vs[1].readiness.as_mut().unwrap().http_get.as_mut().unwrap().port = Some(9001);
+        vs[1]
+            .readiness
+            .as_mut()
+            .unwrap()
+            .http_get
+            .as_mut()
+            .unwrap()
+            .port = Some(9001);
         let (m, owner) = md(vs, None);
         let c = build(&m, &owner, IMAGE).unwrap();
         let probe = pod_spec(&c.variants[1].deployment).containers[0]
@@ -880,7 +892,10 @@ pub(crate) mod tests {
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 6));
         let metric = &spec.metrics.as_ref().unwrap()[0];
         let res = metric.resource.as_ref().unwrap();
-        assert_eq!((metric.type_.as_str(), res.name.as_str()), ("Resource", "cpu"));
+        assert_eq!(
+            (metric.type_.as_str(), res.name.as_str()),
+            ("Resource", "cpu")
+        );
         assert_eq!(res.target.average_utilization, Some(80));
         // The other variant keeps its replicas and has no autoscaler.
         assert_eq!(c.variants[1].autoscaler, None);

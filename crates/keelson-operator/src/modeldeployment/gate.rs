@@ -145,7 +145,8 @@ mod tests {
                 variant("c", 30, None),
             ]
         };
-        let cases: Vec<(Vec<(&str, i32)>, Vec<i32>, GateState)> = vec![
+        type Case<'a> = (Vec<(&'a str, i32)>, Vec<i32>, GateState);
+        let cases: Vec<Case> = vec![
             (
                 vec![("a", 2), ("b", 1), ("c", 1)],
                 vec![60, 10, 30],

@@ -238,7 +238,9 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
     let weights = effective_weights(md, &name, observed);
     let gated = gate(
         md,
-        &ready_pods(md, |d| observed.deployment(d).map(|d| ready_replicas(Some(d)))),
+        &ready_pods(md, |d| {
+            observed.deployment(d).map(|d| ready_replicas(Some(d)))
+        }),
     );
     let mut variants = Vec::with_capacity(md.spec.variants.len());
     let mut not_ready = Vec::new();

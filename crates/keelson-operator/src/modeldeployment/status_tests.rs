@@ -542,9 +542,20 @@ fn a_variant_without_ready_pods_gets_no_traffic_and_the_status_says_so() {
     assert_eq!(w, [(90, 100), (10, 0)]);
     assert_eq!(s.traffic.as_deref(), Some("champion=100,challenger=0"));
     let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
-    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "VariantNotReady"));
-    assert!(d.message.contains("no ready pod in challenger"), "{}", d.message);
-    assert!(d.message.contains("instead of champion=90,challenger=10"), "{}", d.message);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "VariantNotReady")
+    );
+    assert!(
+        d.message.contains("no ready pod in challenger"),
+        "{}",
+        d.message
+    );
+    assert!(
+        d.message.contains("instead of champion=90,challenger=10"),
+        "{}",
+        d.message
+    );
     // The router config carries the gated split: the weights are in effect, nothing pending.
     let p = conditions::find(&s.conditions, PROGRESSING).unwrap();
     assert_eq!(p.reason, "WeightsApplied");
@@ -569,7 +580,10 @@ fn a_variant_without_ready_pods_gets_no_traffic_and_the_status_says_so() {
     };
     let s = status(&m, &obs, &now());
     let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
-    assert_eq!((d.status.as_str(), d.reason.as_str()), ("False", "AllVariantsServing"));
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("False", "AllVariantsServing")
+    );
     assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
 }
 
@@ -590,7 +604,10 @@ fn no_ready_variant_keeps_the_spec_weights() {
     let s = status(&m, &obs, &now());
     assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
     let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
-    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "NoVariantReady"));
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "NoVariantReady")
+    );
     let r = conditions::find(&s.conditions, READY).unwrap();
     assert_eq!(r.reason, "ProgressDeadlineExceeded");
 }
@@ -654,7 +671,10 @@ fn an_autoscaled_variant_reports_the_autoscalers_count() {
         ..Observed::default()
     };
     let s = status(&m, &obs, &now());
-    assert_eq!((s.variants[0].replicas, s.variants[0].ready_replicas), (4, 4));
+    assert_eq!(
+        (s.variants[0].replicas, s.variants[0].ready_replicas),
+        (4, 4)
+    );
     assert_eq!(s.ready.as_deref(), Some("5/5"));
     assert!(conditions::is_true(&s.conditions, READY));
 }

@@ -651,7 +651,9 @@ mod tests {
         let f = &spec.rules.as_ref().unwrap()[0].filters.as_ref().unwrap()[0];
         assert_eq!(f.request_mirror.as_ref().unwrap().percent, None);
         m.spec.traffic = Some(traffic(RouterKind::GatewayApi, None, None));
-        assert!(route_spec(&m, "fraud", &spec_weights(&m)).rules.unwrap()[0].filters.is_none());
+        assert!(route_spec(&m, "fraud", &spec_weights(&m)).rules.unwrap()[0]
+            .filters
+            .is_none());
     }
 
     #[test]
