@@ -312,7 +312,7 @@ async fn converge(
     // Variants first, so that whatever routes to them finds their Services.
     for v in variants {
         if v.autoscaler.is_some() {
-            hand_over_replicas(ctx, &v.deployment).await?;
+            hand_over_replicas(ctx, &v.deployment, changes).await?;
         }
         apply_child(ctx, md, &ctx.deployments, v.deployment, changes).await?;
         apply_child(ctx, md, &ctx.services, v.service, changes).await?;
@@ -408,7 +408,11 @@ async fn converge(
 /// on), applies its current count under [`HANDOVER_MANAGER`], so that the field keeps its value
 /// when `keelson` stops owning it. Nothing to do for a new Deployment (the autoscaler sets the count
 /// from the default of 1) or one already applied for autoscaling (the annotation says so).
-async fn hand_over_replicas(ctx: &Ctx, desired: &Deployment) -> Result<()> {
+async fn hand_over_replicas(
+    ctx: &Ctx,
+    desired: &Deployment,
+    changes: &mut Changes,
+) -> Result<()> {
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
     let Some(existing) = cached(&ctx.deployments, &ns, &name) else {
@@ -434,6 +438,7 @@ async fn hand_over_replicas(ctx: &Ctx, desired: &Deployment) -> Result<()> {
         &Patch::Apply(&patch),
     )
     .await?;
+    changes.push(Change::updated(desired));
     Ok(())
 }
 
