@@ -31,6 +31,7 @@ const OURS: &[&str] = &[
     "trainingjobs",
     "modeldeployments",
     "httproutes",
+    "horizontalpodautoscalers",
 ];
 
 fn our_writes() -> std::collections::BTreeMap<String, f64> {

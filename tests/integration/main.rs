@@ -11,4 +11,5 @@ mod gitops;
 mod leader;
 mod modeldeployment;
 mod notebook;
+mod serving;
 mod trainingjob;

@@ -361,9 +361,15 @@ async fn gateway_api_mode_says_when_its_crds_are_missing_and_writes_the_http_rou
             }]
         }])
     };
-    let route = wait_for("the HTTPRoute", Duration::from_secs(60), || async {
-        routes.get_opt("gw").await.ok()?
-    })
+    // Traffic is gated on ready pods: the route carries 70/30 once both variants have one.
+    let route = wait_for(
+        "the HTTPRoute at 70/30",
+        Duration::from_secs(60),
+        || async {
+            let r = routes.get_opt("gw").await.ok()??;
+            (route_json(&r)["spec"]["rules"] == expected_rules(70, 30)).then_some(r)
+        },
+    )
     .await;
     let v = route_json(&route);
     assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");

@@ -60,6 +60,8 @@ pub struct ModelDeploymentSpec {
 /// One model server variant: a Deployment and a Service `<name>-<variant>`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.replicas)").message("variants[].replicas and variants[].autoscaling are exclusive: with autoscaling the HorizontalPodAutoscaler sets the replica count between minReplicas and maxReplicas; remove replicas"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || (has(self.resources) && ((has(self.resources.requests) && 'cpu' in self.resources.requests) || (has(self.resources.limits) && 'cpu' in self.resources.limits)))").message("variants[].autoscaling scales on CPU utilization, a share of the CPU request: set variants[].resources.requests.cpu"))]
 pub struct Variant {
     /// Variant name, a DNS-1123 label of at most 22 characters, unique among the variants.
     #[schemars(
@@ -68,10 +70,20 @@ pub struct Variant {
     )]
     pub name: String,
 
-    /// Model server pods of this variant. Default 1.
+    /// Model server pods of this variant. Default 1. Not with `autoscaling`, which sets the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
+
+    /// A HorizontalPodAutoscaler `<name>-<variant>` that sets the replica count on CPU
+    /// utilization, e.g. `{minReplicas: 2, maxReplicas: 10, targetCPUUtilization: 70}`. The operator
+    /// then leaves `replicas` of the variant's Deployment to it. Needs `resources.requests.cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
+    /// How the model server tells that it can take requests. Default: a TCP connection to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Readiness>,
 
     /// Share of the traffic in percent, 0 to 100; the weights of all variants sum to 100.
     #[schemars(range(min = 0, max = 100))]
@@ -83,6 +95,56 @@ pub struct Variant {
 
     #[serde(flatten)]
     pub workload: WorkloadSpec,
+}
+
+/// Replica count set by a HorizontalPodAutoscaler (`autoscaling/v2`) on CPU utilization.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+pub struct Autoscaling {
+    /// Fewest pods, 1 to 1000. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: Option<i32>,
+
+    /// Most pods, 1 to 1000, at least `minReplicas`.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Average CPU use the autoscaler aims for, in percent of the CPU request, 1 to 1000 (above 100
+    /// when the limit is above the request). Default 80.
+    #[serde(
+        default,
+        rename = "targetCPUUtilization",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_cpu_utilization: Option<i32>,
+}
+
+/// Readiness of a model server pod: only ready pods get traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    /// An HTTP GET that must answer 200..399, e.g. `{path: /v2/health/ready}`. Without it, a TCP
+    /// connection to the serving port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpReadiness>,
+}
+
+/// An HTTP readiness check.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpReadiness {
+    /// Absolute path of the check, e.g. `/v2/health/ready`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("readiness.httpGet.path must be an absolute path such as /v2/health/ready"))]
+    pub path: String,
+
+    /// Port of the check, 1 to 65535. Default: the serving port (`spec.port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
 }
 
 /// Where the model files are.
@@ -202,11 +264,15 @@ pub struct ParentRef {
 pub struct VariantStatus {
     /// Variant name.
     pub name: String,
-    /// Desired model server pods.
+    /// Desired model server pods (with autoscaling, the count the autoscaler set).
     pub replicas: i32,
     /// Model server pods ready.
     pub ready_replicas: i32,
-    /// Traffic share in effect, in percent.
+    /// Traffic share the spec asks for, in percent.
+    #[serde(default)]
+    pub desired_weight: i32,
+    /// Traffic share in effect, in percent: 0 while the variant has no ready pod, its share then
+    /// going to the others in proportion to their weights.
     pub weight: i32,
 }
 
@@ -229,7 +295,7 @@ pub struct ModelDeploymentStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready and Progressing.
+    /// Ready, Progressing and TrafficDegraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

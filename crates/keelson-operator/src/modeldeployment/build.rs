@@ -5,14 +5,22 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerPort, PersistentVolumeClaimVolumeSource, Probe, Service, ServicePort,
-    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    ConfigMap, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler,
+    PersistentVolumeClaimVolumeSource, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
+    SleepAction, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::gate::{gate, ReadyPods};
 use super::names::*;
 use super::traffic::{self, Traffic};
 use crate::error::BuildError;
@@ -28,6 +36,8 @@ pub struct VariantChildren {
     pub name: String,
     pub deployment: Deployment,
     pub service: Service,
+    /// With `autoscaling`, the HorizontalPodAutoscaler `<name>-<variant>`.
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
 }
 
 /// Every child a ModelDeployment wants.
@@ -63,6 +73,14 @@ impl Children {
             .collect();
         out.extend(self.entry.metadata.name.clone());
         out
+    }
+
+    /// Names of the HorizontalPodAutoscalers that must exist.
+    pub fn autoscaler_names(&self) -> BTreeSet<String> {
+        self.variants
+            .iter()
+            .filter_map(|v| v.autoscaler.as_ref()?.metadata.name.clone())
+            .collect()
     }
 
     /// Names of the ConfigMaps that must exist.
@@ -171,6 +189,27 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
             ));
         }
         v.workload.check_resources(&format!("spec.variants[{i}]"))?;
+        if let Some(a) = &v.autoscaling {
+            let field = format!("spec.variants[{i}].autoscaling");
+            if v.replicas.is_some() {
+                return Err(BuildError::new(
+                    "ReplicasWithAutoscaling",
+                    format!("spec.variants[{i}].replicas"),
+                    "replicas and autoscaling are exclusive: the autoscaler sets the count; remove replicas",
+                ));
+            }
+            let min = a.min_replicas.unwrap_or(1);
+            if min < 1 || a.max_replicas < min {
+                return Err(BuildError::new(
+                    "InvalidAutoscaling",
+                    format!("{field}.minReplicas"),
+                    format!(
+                        "minReplicas {min} must be at least 1 and at most maxReplicas {}",
+                        a.max_replicas
+                    ),
+                ));
+            }
+        }
         if !(0..=100).contains(&v.weight) {
             return Err(BuildError::new(
                 "InvalidWeights",
@@ -190,11 +229,13 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`).
+/// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`);
+/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]).
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
+    ready: &ReadyPods,
 ) -> Result<Children, BuildError> {
     validate(md)?;
     let variants = md
@@ -205,7 +246,7 @@ pub fn build(
         .map(|(i, v)| build_variant(md, owner, i, v))
         .collect::<Result<Vec<_>, _>>()?;
     let kind = router_kind(md);
-    let traffic = traffic::build(md, owner, router_image)?;
+    let traffic = traffic::build(md, owner, router_image, &gate(md, ready).weights)?;
     let role = if kind == RouterKind::Builtin {
         ROLE_ROUTER
     } else {
@@ -259,14 +300,7 @@ fn build_variant(
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }],
-        readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::String(PORT_NAME.into()),
-                host: None,
-            }),
-            period_seconds: Some(5),
-            ..Probe::default()
-        }),
+        readiness_probe: Some(readiness_probe(v)),
         ..MainContainer::default()
     };
     if let Some(model) = &v.model {
@@ -306,23 +340,72 @@ fn build_variant(
     let mut labels = owner.labels();
     labels.insert(LABEL_VARIANT.into(), v.name.clone());
     labels.insert(LABEL_ROLE.into(), ROLE_MODEL.into());
-    let template = pod_template(&v.workload, main, labels.clone());
+    let mut template = pod_template(&v.workload, main, labels.clone());
+    drain_on_stop(&mut template);
 
     let mut meta = owner.child_meta(&name);
-    meta.labels = Some(labels);
+    meta.labels = Some(labels.clone());
+    if v.autoscaling.is_some() {
+        meta.annotations = Some(BTreeMap::from([(
+            ANNOTATION_AUTOSCALED.to_string(),
+            "true".to_string(),
+        )]));
+    }
     let deployment = Deployment {
         metadata: meta,
         spec: Some(DeploymentSpec {
-            replicas: Some(replicas(v)),
+            // With autoscaling the field is left out, so that server-side apply leaves it to the
+            // autoscaler (the reconciler hands the current count over first).
+            replicas: v.autoscaling.is_none().then(|| replicas(v)),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 match_expressions: None,
             },
             template,
+            // A new pod is ready before an old one goes: a rollout never drops capacity.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
     };
+    let autoscaler = v.autoscaling.as_ref().map(|a| {
+        let mut meta = owner.child_meta(&name);
+        meta.labels = Some(labels);
+        HorizontalPodAutoscaler {
+            metadata: meta,
+            spec: Some(HorizontalPodAutoscalerSpec {
+                scale_target_ref: CrossVersionObjectReference {
+                    api_version: Some("apps/v1".into()),
+                    kind: "Deployment".into(),
+                    name: name.clone(),
+                },
+                min_replicas: Some(a.min_replicas.unwrap_or(1)),
+                max_replicas: a.max_replicas,
+                metrics: Some(vec![MetricSpec {
+                    type_: "Resource".into(),
+                    resource: Some(ResourceMetricSource {
+                        name: "cpu".into(),
+                        target: MetricTarget {
+                            type_: "Utilization".into(),
+                            average_utilization: Some(
+                                a.target_cpu_utilization.unwrap_or(DEFAULT_TARGET_CPU),
+                            ),
+                            ..MetricTarget::default()
+                        },
+                    }),
+                    ..MetricSpec::default()
+                }]),
+                behavior: None,
+            }),
+            status: None,
+        }
+    });
     let mut svc = service(owner, &name, selector);
     if let Some(l) = svc.metadata.labels.as_mut() {
         l.insert(LABEL_VARIANT.into(), v.name.clone());
@@ -331,7 +414,55 @@ fn build_variant(
         name: v.name.clone(),
         deployment,
         service: svc,
+        autoscaler,
     })
+}
+
+/// The readiness probe of the model container: the variant's HTTP check, or a TCP connection to
+/// the serving port.
+fn readiness_probe(v: &Variant) -> Probe {
+    let http = v.readiness.as_ref().and_then(|r| r.http_get.as_ref());
+    Probe {
+        http_get: http.map(|h| HTTPGetAction {
+            path: Some(h.path.clone()),
+            port: h
+                .port
+                .map_or_else(|| IntOrString::String(PORT_NAME.into()), IntOrString::Int),
+            ..HTTPGetAction::default()
+        }),
+        tcp_socket: http.is_none().then(|| TCPSocketAction {
+            port: IntOrString::String(PORT_NAME.into()),
+            host: None,
+        }),
+        period_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+/// A pod that is told to stop keeps serving for [`PRESTOP_SECONDS`] (a `preStop` sleep, run by the
+/// kubelet, so the image needs no shell) while its endpoint leaves the Services, then has
+/// [`SHUTDOWN_SECONDS`] to finish in-flight requests. A `lifecycle` or a grace period in the user's
+/// `template` wins; a shorter grace period shortens the pause to half of it.
+fn drain_on_stop(template: &mut PodTemplateSpec) {
+    let Some(spec) = template.spec.as_mut() else {
+        return;
+    };
+    let grace = *spec
+        .termination_grace_period_seconds
+        .get_or_insert(PRESTOP_SECONDS + SHUTDOWN_SECONDS);
+    let pause = PRESTOP_SECONDS.min(grace / 2);
+    let Some(main) = spec.containers.first_mut() else {
+        return;
+    };
+    if main.lifecycle.is_none() && pause > 0 {
+        main.lifecycle = Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: pause }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        });
+    }
 }
 
 #[cfg(test)]
@@ -339,7 +470,10 @@ fn build_variant(
 pub(crate) mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodSpec;
-    use keelson_api::modeldeployment::{ModelDeploymentSpec, ModelSource, Traffic as TrafficSpec};
+    use keelson_api::modeldeployment::{
+        Autoscaling, HttpReadiness, ModelDeploymentSpec, ModelSource, Readiness,
+        Traffic as TrafficSpec,
+    };
     use keelson_api::workload::{VolumeSpec, WorkloadSpec};
 
     /// The pod template's labels of a Deployment spec.
@@ -357,6 +491,11 @@ pub(crate) mod tests {
 
     pub const IMAGE: &str = "ghcr.io/keelson/keelson:test";
 
+    /// The children with no variant ready (so with the spec's weights).
+    pub fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Children, BuildError> {
+        super::build(m, owner, image, &ReadyPods::new())
+    }
+
     pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {
         Variant {
             name: name.into(),
@@ -365,6 +504,8 @@ pub(crate) mod tests {
             model: Some(ModelSource {
                 uri: format!("pvc://models/fraud/{name}"),
             }),
+            autoscaling: None,
+            readiness: None,
             workload: WorkloadSpec {
                 image: format!("ghcr.io/acme/fraud-server:{name}"),
                 ..WorkloadSpec::default()
@@ -617,5 +758,174 @@ pub(crate) mod tests {
             url("fraud", "team-a"),
             "http://fraud.team-a.svc.cluster.local/"
         );
+    }
+
+    #[test]
+    fn variants_roll_without_losing_capacity_and_drain_on_stop() {
+        let (m, owner) = md(ab(), None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let d = &c.variants[0].deployment;
+        let strategy = d.spec.as_ref().unwrap().strategy.as_ref().unwrap();
+        let ru = strategy.rolling_update.as_ref().unwrap();
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        assert_eq!(ru.max_surge, Some(IntOrString::String("25%".into())));
+        let ps = pod_spec(d);
+        assert_eq!(ps.termination_grace_period_seconds, Some(40));
+        let pre_stop = ps.containers[0]
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap();
+        assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, 10);
+        assert!(pre_stop.exec.is_none(), "no shell needed in the image");
+
+        // A grace period in the template wins, and the pause fits in it.
+        let mut vs = ab();
+        vs[0].workload.template = Some(PodTemplateSpec {
+            spec: Some(PodSpec {
+                termination_grace_period_seconds: Some(6),
+                ..PodSpec::default()
+            }),
+            ..PodTemplateSpec::default()
+        });
+        let (m, owner) = md(vs, None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let ps = pod_spec(&c.variants[0].deployment);
+        assert_eq!(ps.termination_grace_period_seconds, Some(6));
+        let pre_stop = ps.containers[0]
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref();
+        assert_eq!(pre_stop.unwrap().sleep.as_ref().unwrap().seconds, 3);
+    }
+
+    #[test]
+    fn readiness_is_tcp_by_default_and_http_when_asked() {
+        let mut vs = ab();
+        vs[1].readiness = Some(Readiness {
+            http_get: Some(HttpReadiness {
+                path: "/v2/health/ready".into(),
+                port: None,
+            }),
+        });
+        let (m, owner) = md(vs.clone(), None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let tcp = pod_spec(&c.variants[0].deployment).containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert_eq!(
+            tcp.tcp_socket.unwrap().port,
+            IntOrString::String("http".into())
+        );
+        assert!(tcp.http_get.is_none());
+        let http = pod_spec(&c.variants[1].deployment).containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert!(http.tcp_socket.is_none());
+        let get = http.http_get.unwrap();
+        assert_eq!(get.path.as_deref(), Some("/v2/health/ready"));
+        assert_eq!(get.port, IntOrString::String("http".into()));
+        vs[1]
+            .readiness
+            .as_mut()
+            .unwrap()
+            .http_get
+            .as_mut()
+            .unwrap()
+            .port = Some(9001);
+        let (m, owner) = md(vs, None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let probe = pod_spec(&c.variants[1].deployment).containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert_eq!(probe.http_get.unwrap().port, IntOrString::Int(9001));
+    }
+
+    fn autoscaled(min: Option<i32>, max: i32) -> Variant {
+        let mut v = variant("champion", 90, None);
+        v.autoscaling = Some(Autoscaling {
+            min_replicas: min,
+            max_replicas: max,
+            target_cpu_utilization: None,
+        });
+        v
+    }
+
+    #[test]
+    fn autoscaling_makes_an_hpa_and_leaves_replicas_out() {
+        let (m, owner) = md(
+            vec![autoscaled(Some(2), 6), variant("challenger", 10, Some(3))],
+            None,
+        );
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let d = &c.variants[0].deployment;
+        assert_eq!(d.spec.as_ref().unwrap().replicas, None);
+        assert_eq!(
+            d.metadata.annotations.as_ref().unwrap()[ANNOTATION_AUTOSCALED],
+            "true"
+        );
+        // Serialized without the field, so that server-side apply gives it up.
+        let json = serde_json::to_value(d).unwrap();
+        assert!(json["spec"].get("replicas").is_none());
+        let hpa = c.variants[0].autoscaler.as_ref().unwrap();
+        assert_eq!(hpa.metadata.name.as_deref(), Some("fraud-champion"));
+        assert_eq!(
+            hpa.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-md"
+        );
+        let spec = hpa.spec.as_ref().unwrap();
+        assert_eq!(
+            (
+                spec.scale_target_ref.kind.as_str(),
+                spec.scale_target_ref.name.as_str(),
+                spec.scale_target_ref.api_version.as_deref()
+            ),
+            ("Deployment", "fraud-champion", Some("apps/v1"))
+        );
+        assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 6));
+        let metric = &spec.metrics.as_ref().unwrap()[0];
+        let res = metric.resource.as_ref().unwrap();
+        assert_eq!(
+            (metric.type_.as_str(), res.name.as_str()),
+            ("Resource", "cpu")
+        );
+        assert_eq!(res.target.average_utilization, Some(80));
+        // The other variant keeps its replicas and has no autoscaler.
+        assert_eq!(c.variants[1].autoscaler, None);
+        assert_eq!(
+            c.variants[1].deployment.spec.as_ref().unwrap().replicas,
+            Some(3)
+        );
+        assert!(c.variants[1].deployment.metadata.annotations.is_none());
+        assert_eq!(
+            c.autoscaler_names().into_iter().collect::<Vec<_>>(),
+            ["fraud-champion"]
+        );
+    }
+
+    #[test]
+    fn autoscaling_the_schema_refuses_is_a_build_error_too() {
+        let mut both = autoscaled(None, 3);
+        both.replicas = Some(2);
+        let cases = [
+            (both, "ReplicasWithAutoscaling", "spec.variants[0].replicas"),
+            (
+                autoscaled(Some(5), 3),
+                "InvalidAutoscaling",
+                "spec.variants[0].autoscaling.minReplicas",
+            ),
+        ];
+        for (v, reason, field) in cases {
+            let (m, owner) = md(vec![v, variant("challenger", 10, None)], None);
+            let err = build(&m, &owner, IMAGE).unwrap_err();
+            assert_eq!((err.reason, err.field.as_str()), (reason, field));
+        }
     }
 }

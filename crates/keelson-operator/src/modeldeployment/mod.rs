@@ -1,6 +1,7 @@
 //! ModelDeployment: pure builder, traffic (router config, HTTPRoute), pure status and reconciler.
 
 pub mod build;
+pub mod gate;
 pub mod names;
 pub mod reconcile;
 pub mod status;

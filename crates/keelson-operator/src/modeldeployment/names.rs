@@ -22,6 +22,19 @@ pub const ROLE_ROUTER: &str = "router";
 /// Annotation on the entry Service recording the traffic mode it was built for. The reconciler
 /// reads it back to know when an HTTPRoute may be left over from `router: GatewayAPI`.
 pub const ANNOTATION_ROUTER: &str = "keelson.dev/router";
+/// Annotation on a variant Deployment whose `replicas` the HorizontalPodAutoscaler owns. The
+/// reconciler reads it back to know when the count must be handed over (see the reconciler).
+pub const ANNOTATION_AUTOSCALED: &str = "keelson.dev/autoscaled";
+/// Field manager that keeps `replicas` at its value while the operator gives the field up, until
+/// the HorizontalPodAutoscaler writes it.
+pub const HANDOVER_MANAGER: &str = "keelson-handover";
+/// Seconds a model pod keeps serving after it is told to stop (`preStop` sleep), so that kube-proxy
+/// and the routers stop sending to it first.
+pub const PRESTOP_SECONDS: i64 = 10;
+/// Seconds the model server has after SIGTERM, on top of the preStop pause.
+pub const SHUTDOWN_SECONDS: i64 = 30;
+/// CPU utilization an autoscaler aims for when `targetCPUUtilization` is absent.
+pub const DEFAULT_TARGET_CPU: i32 = 80;
 /// Port of every Service of a ModelDeployment.
 pub const SERVICE_PORT: i32 = 80;
 /// Name of the container port the Services target.
@@ -56,9 +69,13 @@ pub fn router_kind(md: &ModelDeployment) -> RouterKind {
         .unwrap_or_default()
 }
 
-/// Desired model pods of a variant (default 1).
+/// Desired model pods of a variant (default 1); with autoscaling, its minReplicas (the
+/// autoscaler's count is read from the Deployment).
 pub fn replicas(v: &Variant) -> i32 {
-    v.replicas.unwrap_or(1)
+    match &v.autoscaling {
+        Some(a) => a.min_replicas.unwrap_or(1),
+        None => v.replicas.unwrap_or(1),
+    }
 }
 
 /// The string form of a traffic mode, as the CRD spells it.

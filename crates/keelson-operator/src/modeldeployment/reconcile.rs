@@ -2,10 +2,21 @@
 //! Build is [`super::build`]; apply writes the variants, then what routes traffic to them, then the
 //! entry Service, sweeps the orphans and observes; status is [`super::status`].
 //!
-//! Deployments, Services and ConfigMaps are watched and cached. The HTTPRoute is not: its CRD may be
-//! absent, and a watch on a missing resource type would fail forever. In `GatewayAPI` mode it is read
-//! with a GET, applied, and read back; the ModelDeployment is then requeued every few minutes so that a
-//! hand edit of the route or a Gateway's verdict on it is seen without a watch.
+//! Deployments, Services, ConfigMaps and HorizontalPodAutoscalers are watched and cached. The ready
+//! pods of each variant are read from the cached Deployments in `fetch` and gate the traffic
+//! (see [`super::gate`]): a Deployment's status change wakes its ModelDeployment.
+//!
+//! `replicas` and autoscaling: with `autoscaling`, the variant Deployment is applied without
+//! `replicas`, so that server-side apply leaves the field to the HorizontalPodAutoscaler. Giving up
+//! a field that no other manager owns would reset it to its default (1 pod), so before that first
+//! apply the current count is applied once by the field manager `keelson-handover`, which keeps it
+//! until the autoscaler writes it. When `autoscaling` is removed, the autoscaler is deleted first
+//! and the Deployment is applied with `replicas` again: `keelson` owns the field again.
+//!
+//! The HTTPRoute is not watched: its CRD may be absent, and a watch on a missing resource type would
+//! fail forever. In `GatewayAPI` mode it is read with a GET, applied, and read back; the
+//! ModelDeployment is then requeued every few minutes so that a hand edit of the route or a
+//! Gateway's verdict on it is seen without a watch.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,15 +25,20 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
 use kube::core::Status;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::build::{build, Children};
-use super::names::{router_kind, router_kind_name, ANNOTATION_ROUTER};
-use super::status::{invalid, status, Observed};
+use super::gate::{ready_pods, ReadyPods};
+use super::names::{
+    router_kind, router_kind_name, ANNOTATION_AUTOSCALED, ANNOTATION_ROUTER, HANDOVER_MANAGER,
+};
+use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
 use super::traffic::Traffic;
 use crate::error::{BuildError, Error, Result};
 use crate::runtime::apply::{self, Object, Outcome};
@@ -63,6 +79,7 @@ pub struct Ctx {
     pub deployments: ChildStore<Deployment>,
     pub services: ChildStore<Service>,
     pub config_maps: ChildStore<ConfigMap>,
+    pub autoscalers: ChildStore<HorizontalPodAutoscaler>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
     pub router_image: String,
@@ -78,13 +95,21 @@ pub async fn run(
     let (deployments, deploy_events) = child_cache::<Deployment>(&client, "ModelDeployment");
     let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
     let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
+    let (autoscalers, hpa_events) =
+        child_cache::<HorizontalPodAutoscaler>(&client, "ModelDeployment");
     let synced = {
-        let (d, s, c) = (deployments.clone(), services.clone(), config_maps.clone());
+        let (d, s, c, h) = (
+            deployments.clone(),
+            services.clone(),
+            config_maps.clone(),
+            autoscalers.clone(),
+        );
         Synced::spawn(async move {
             tokio::try_join!(
                 d.wait_until_ready(),
                 s.wait_until_ready(),
-                c.wait_until_ready()
+                c.wait_until_ready(),
+                h.wait_until_ready()
             )
             .map(|_| ())
         })
@@ -96,6 +121,7 @@ pub async fn run(
         deployments,
         services,
         config_maps,
+        autoscalers,
         synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
     });
@@ -103,6 +129,7 @@ pub async fn run(
         .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(hpa_events, |c| owner_of::<ModelDeployment, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
             move |o, c| timed(metrics.clone(), "ModelDeployment", driver::reconcile(o, c)),
@@ -122,7 +149,8 @@ pub fn type_missing(s: &Status, name: &str) -> bool {
 
 impl Kind for Ctx {
     type Parent = ModelDeployment;
-    type Fetched = ();
+    /// Ready pods of each variant, from the cached Deployments: the input of the traffic gate.
+    type Fetched = ReadyPods;
     type Children = Children;
     type Observed = Observed;
     type Status = ModelDeploymentStatus;
@@ -133,20 +161,30 @@ impl Kind for Ctx {
         (&self.shared, &self.synced)
     }
 
-    fn fetch(&self, _md: &ModelDeployment, _owner: &Owner) {}
+    fn fetch(&self, md: &ModelDeployment, owner: &Owner) -> ReadyPods {
+        ready_pods(md, |name| {
+            cached(&self.deployments, &owner.namespace, name)
+                .and_then(|d| d.status.as_ref()?.ready_replicas)
+        })
+    }
 
-    fn previous(&self, md: &ModelDeployment, _: &()) -> Option<ModelDeploymentStatus> {
+    fn previous(&self, md: &ModelDeployment, _: &ReadyPods) -> Option<ModelDeploymentStatus> {
         md.status.clone()
     }
 
-    fn build(&self, md: &ModelDeployment, owner: &Owner, _: &()) -> Result<Children, BuildError> {
-        build(md, owner, &self.router_image)
+    fn build(
+        &self,
+        md: &ModelDeployment,
+        owner: &Owner,
+        ready: &ReadyPods,
+    ) -> Result<Children, BuildError> {
+        build(md, owner, &self.router_image, ready)
     }
 
     fn invalid(
         &self,
         md: &ModelDeployment,
-        _: &(),
+        _: &ReadyPods,
         err: &BuildError,
         now: &Time,
     ) -> ModelDeploymentStatus {
@@ -157,7 +195,7 @@ impl Kind for Ctx {
         &self,
         md: &ModelDeployment,
         owner: &Owner,
-        _: &(),
+        _: &ReadyPods,
         children: Children,
         changes: &mut Changes,
     ) -> Applied<Observed> {
@@ -183,7 +221,7 @@ impl Kind for Ctx {
     fn status(
         &self,
         md: &ModelDeployment,
-        _: &(),
+        _: &ReadyPods,
         observed: &Observed,
         failed: Option<&Error>,
         now: &Time,
@@ -208,13 +246,25 @@ impl Kind for Ctx {
             return (Vec::new(), Vec::new());
         };
         let moved = prev_ready.is_none_or(|p| p.status != r.status || p.reason != r.reason);
-        let notes = if moved && r.status == "True" {
+        let mut notes = if moved && r.status == "True" {
             vec![Note::normal(r.reason.clone(), r.message.clone())]
         } else if moved && FAILURE_REASONS.contains(&r.reason.as_str()) {
             vec![Note::warning(r.reason.clone(), r.message.clone())]
         } else {
             Vec::new()
         };
+        // Traffic moved off a variant, or back onto it (not at creation, when nothing is ready yet).
+        let prev_degraded = prev.and_then(|s| conditions::find(&s.conditions, TRAFFIC_DEGRADED));
+        if let (Some(p), Some(d)) = (
+            prev_degraded,
+            conditions::find(&new.conditions, TRAFFIC_DEGRADED),
+        ) {
+            if d.reason == "VariantNotReady" && (p.status != d.status || p.reason != d.reason) {
+                notes.push(Note::warning(d.reason.clone(), d.message.clone()));
+            } else if p.status == "True" && d.status == "False" {
+                notes.push(Note::normal("TrafficRestored", d.message.clone()));
+            }
+        }
         (notes, Vec::new())
     }
 
@@ -240,16 +290,35 @@ async fn converge(
     let desired_deployments = children.deployment_names();
     let desired_services = children.service_names();
     let desired_config_maps = children.config_map_names();
+    let desired_autoscalers = children.autoscaler_names();
     let Children {
         variants,
         entry,
         traffic,
     } = children;
 
+    // An autoscaler whose variant lost `autoscaling` goes before the Deployment gets `replicas`
+    // back, so that it cannot scale the variant once more in between.
+    sweep(
+        ctx,
+        md,
+        owner,
+        &ctx.autoscalers,
+        &desired_autoscalers,
+        changes,
+    )
+    .await?;
+
     // Variants first, so that whatever routes to them finds their Services.
     for v in variants {
+        if v.autoscaler.is_some() {
+            hand_over_replicas(ctx, &v.deployment, changes).await?;
+        }
         apply_child(ctx, md, &ctx.deployments, v.deployment, changes).await?;
         apply_child(ctx, md, &ctx.services, v.service, changes).await?;
+        if let Some(hpa) = v.autoscaler {
+            apply_child(ctx, md, &ctx.autoscalers, hpa, changes).await?;
+        }
     }
 
     let mut route_desired = None;
@@ -333,6 +402,44 @@ async fn converge(
             .map(|c| (*c).clone());
     }
     Ok(observed)
+}
+
+/// Before a variant Deployment is first applied without `replicas` (autoscaling was just turned
+/// on), applies its current count under [`HANDOVER_MANAGER`], so that the field keeps its value
+/// when `keelson` stops owning it. Nothing to do for a new Deployment (the autoscaler sets the count
+/// from the default of 1) or one already applied for autoscaling (the annotation says so).
+async fn hand_over_replicas(
+    ctx: &Ctx,
+    desired: &Deployment,
+    changes: &mut Changes,
+) -> Result<()> {
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    let Some(existing) = cached(&ctx.deployments, &ns, &name) else {
+        return Ok(());
+    };
+    if existing.annotations().contains_key(ANNOTATION_AUTOSCALED) {
+        return Ok(());
+    }
+    let Some(current) = existing.spec.as_ref().and_then(|s| s.replicas) else {
+        return Ok(());
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": current},
+    });
+    let api: Api<Deployment> = Api::namespaced(ctx.shared.client.clone(), &ns);
+    ctx.shared.writes.apply.inc();
+    api.patch(
+        &name,
+        &PatchParams::apply(HANDOVER_MANAGER),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    changes.push(Change::updated(desired));
+    Ok(())
 }
 
 /// Applies one cached child, recording an event when it is created.

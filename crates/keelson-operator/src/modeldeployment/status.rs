@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::gate::{gate, ready_pods, shares, Gate, GateState};
 use super::names::{replicas, router_kind, url, variant_name};
 use super::traffic::{route_spec, route_weights, router_config, router_name};
 use crate::error::BuildError;
@@ -20,6 +21,8 @@ use keelson_api::modeldeployment::{
 use keelson_api::router_config::{RouterConfig, ROUTER_CONFIG_KEY};
 
 pub const PROGRESSING: &str = "Progressing";
+/// True while the weights in effect differ from the spec's because variants have no ready pod.
+pub const TRAFFIC_DEGRADED: &str = "TrafficDegraded";
 
 /// Message of the `GatewayAPIMissing` condition.
 pub const GATEWAY_API_MISSING: &str = "spec.traffic.router is GatewayAPI but the Gateway API CRDs (HTTPRoute, gateway.networking.k8s.io/v1) are not installed in this cluster: install them (https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) or set spec.traffic.router to Builtin or None";
@@ -115,26 +118,6 @@ fn ready_replicas(d: Option<&Deployment>) -> i32 {
         .unwrap_or(0)
 }
 
-/// Integer percentages proportional to `counts` that sum to 100 (largest remainder, ties to the
-/// earlier entry); all zero when every count is zero.
-pub fn shares(counts: &[i32]) -> Vec<i32> {
-    let counts: Vec<i64> = counts.iter().map(|c| i64::from((*c).max(0))).collect();
-    let total: i64 = counts.iter().sum();
-    if total == 0 {
-        return vec![0; counts.len()];
-    }
-    let mut out: Vec<i64> = counts.iter().map(|c| c * 100 / total).collect();
-    let mut order: Vec<usize> = (0..counts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(counts[i] * 100 % total));
-    let missing = 100 - out.iter().sum::<i64>();
-    for &i in order.iter().take(usize::try_from(missing).unwrap_or(0)) {
-        out[i] += 1;
-    }
-    out.into_iter()
-        .map(|x| i32::try_from(x).unwrap_or(0))
-        .collect()
-}
-
 /// The weight in effect of every variant, in spec order.
 fn effective_weights(md: &ModelDeployment, name: &str, observed: &Observed) -> Vec<i32> {
     let variants = &md.spec.variants;
@@ -177,13 +160,21 @@ fn effective_weights(md: &ModelDeployment, name: &str, observed: &Observed) -> V
     }
 }
 
-/// Whether the router config or the HTTPRoute carries what the spec asks for.
-fn routing_in_effect(md: &ModelDeployment, name: &str, ns: &str, observed: &Observed) -> bool {
+/// Whether the router config or the HTTPRoute carries the gated weights.
+fn routing_in_effect(
+    md: &ModelDeployment,
+    name: &str,
+    ns: &str,
+    observed: &Observed,
+    weights: &[i32],
+) -> bool {
     match router_kind(md) {
-        RouterKind::Builtin => observed.router_config() == Some(router_config(md, name, ns)),
+        RouterKind::Builtin => {
+            observed.router_config() == Some(router_config(md, name, ns, weights))
+        }
         RouterKind::GatewayApi => observed.route.as_ref().is_some_and(|r| {
             match (
-                serde_json::to_value(route_spec(md, name)),
+                serde_json::to_value(route_spec(md, name, weights)),
                 serde_json::to_value(&r.spec),
             ) {
                 (Ok(want), Ok(have)) => subset(&want, &have),
@@ -245,6 +236,12 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
     let kind = router_kind(md);
 
     let weights = effective_weights(md, &name, observed);
+    let gated = gate(
+        md,
+        &ready_pods(md, |d| {
+            observed.deployment(d).map(|d| ready_replicas(Some(d)))
+        }),
+    );
     let mut variants = Vec::with_capacity(md.spec.variants.len());
     let mut not_ready = Vec::new();
     let mut rolling = Vec::new();
@@ -253,7 +250,11 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
     for (v, weight) in md.spec.variants.iter().zip(&weights) {
         let dname = variant_name(&name, &v.name);
         let d = observed.deployment(&dname);
-        let want = replicas(v);
+        // With autoscaling, the count the autoscaler set on the Deployment.
+        let want = match (&v.autoscaling, d.and_then(|d| d.spec.as_ref()?.replicas)) {
+            (Some(_), Some(n)) => n,
+            _ => replicas(v),
+        };
         let ready = ready_replicas(d);
         ready_pods += ready;
         desired_pods += want;
@@ -278,6 +279,7 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
             name: v.name.clone(),
             replicas: want,
             ready_replicas: ready,
+            desired_weight: v.weight,
             weight: *weight,
         });
     }
@@ -308,7 +310,8 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
         .map(|(v, w)| format!("{}={w}", v.name))
         .collect::<Vec<_>>()
         .join(",");
-    let in_effect = routing_in_effect(md, &name, &ns, observed);
+    let in_effect = routing_in_effect(md, &name, &ns, observed, &gated.weights);
+    let degraded = traffic_degraded(md, &gated, &ns, &name);
     let route_problem = observed.route.as_ref().and_then(route_problem);
 
     let ready = if observed.gateway_api_missing {
@@ -382,7 +385,78 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
         ready: Some(format!("{ready_pods}/{desired_pods}")),
         traffic: Some(traffic),
         observed_generation: generation,
-        conditions: conditions::merge(&prev.conditions, &[ready, progressing], generation, now),
+        conditions: conditions::merge(
+            &prev.conditions,
+            &[ready, progressing, degraded],
+            generation,
+            now,
+        ),
+    }
+}
+
+/// The `TrafficDegraded` condition: whether the gate moved traffic off variants with no ready pod.
+fn traffic_degraded(md: &ModelDeployment, gated: &Gate, ns: &str, name: &str) -> Cond {
+    let split = |weights: &[i32]| {
+        md.spec
+            .variants
+            .iter()
+            .zip(weights)
+            .map(|(v, w)| format!("{}={w}", v.name))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let pods = |variants: &[String]| {
+        format!(
+            "kubectl get pods -n {ns} -l keelson.dev/owner-name={name},keelson.dev/variant in ({})",
+            variants.join(",")
+        )
+    };
+    match (router_kind(md), &gated.state) {
+        (RouterKind::None, _) => Cond::new(
+            TRAFFIC_DEGRADED,
+            false,
+            "WeightsNotUsed",
+            "router: None: the entry Service spreads requests over the ready pods of every variant",
+        ),
+        (_, GateState::AsDesired) => Cond::new(
+            TRAFFIC_DEGRADED,
+            false,
+            "AllVariantsServing",
+            format!(
+                "every variant with a weight has ready pods; traffic {}",
+                split(&gated.weights)
+            ),
+        ),
+        (_, GateState::Shifted(unready)) => Cond::new(
+            TRAFFIC_DEGRADED,
+            true,
+            "VariantNotReady",
+            format!(
+                "no ready pod in {}: traffic {} instead of {} until they are ready; check their pods: {}",
+                unready.join(", "),
+                split(&gated.weights),
+                split(&md.spec.variants.iter().map(|v| v.weight).collect::<Vec<_>>()),
+                pods(unready)
+            ),
+        ),
+        (_, GateState::NoneReady) => {
+            let weighted: Vec<String> = md
+                .spec
+                .variants
+                .iter()
+                .filter(|v| v.weight > 0)
+                .map(|v| v.name.clone())
+                .collect();
+            Cond::new(
+                TRAFFIC_DEGRADED,
+                true,
+                "NoVariantReady",
+                format!(
+                    "no variant with a weight has a ready pod, so the spec's weights stay and requests fail until one is ready; check the pods: {}",
+                    pods(&weighted)
+                ),
+            )
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! Tests of the ModelDeployment status: effective weights, readiness and conditions from observed children.
 
 use super::*;
-use crate::modeldeployment::build::tests::{ab, md, IMAGE};
-use crate::modeldeployment::build::{build, Children};
+use crate::modeldeployment::build::tests::{ab, build, md, variant, IMAGE};
+use crate::modeldeployment::build::Children;
 use crate::modeldeployment::traffic::Traffic;
 use gateway_api::httproutes::{
     HttpRouteStatus, HttpRouteStatusParents, HttpRouteStatusParentsParentRef,
@@ -54,7 +54,7 @@ fn children(m: &ModelDeployment, o: &Owner) -> Children {
 }
 
 fn cm_with(m: &ModelDeployment, champion: u32) -> ConfigMap {
-    let mut cfg = router_config(m, "fraud", "team-a");
+    let mut cfg = router_config(m, "fraud", "team-a", &[90, 10]);
     cfg.variants[0].weight = champion;
     cfg.variants[1].weight = 100 - champion;
     ConfigMap {
@@ -240,12 +240,14 @@ fn variant_status_reports_replicas_and_ready_replicas() {
                 name: "champion".into(),
                 replicas: 2,
                 ready_replicas: 1,
+                desired_weight: 90,
                 weight: 90
             },
             VariantStatus {
                 name: "challenger".into(),
                 replicas: 1,
                 ready_replicas: 0,
+                desired_weight: 10,
                 weight: 10
             },
         ]
@@ -427,9 +429,6 @@ fn none_mode_weights_follow_ready_pods() {
             progressing
         );
     }
-    assert_eq!(shares(&[1, 1, 1]), [34, 33, 33]);
-    assert_eq!(shares(&[3]), [100]);
-    assert_eq!(shares(&[]), Vec::<i32>::new());
 }
 
 #[test]
@@ -503,4 +502,179 @@ fn invalid_spec_keeps_the_rest_of_the_status() {
         ("False", "InvalidModelUri")
     );
     assert!(r.message.contains("spec.variants[0].model.uri"));
+}
+
+/// The children as the reconciler builds them, with the ready pods the observed Deployments report.
+fn gated_children(m: &ModelDeployment, o: &Owner, deployments: &[Deployment]) -> Children {
+    let ready = crate::modeldeployment::gate::ready_pods(m, |n| {
+        deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(n))
+            .and_then(|d| d.status.as_ref()?.ready_replicas)
+    });
+    crate::modeldeployment::build::build(m, o, IMAGE, &ready).unwrap()
+}
+
+#[test]
+fn a_variant_without_ready_pods_gets_no_traffic_and_the_status_says_so() {
+    // Scaled to 0: no ready pod, and no rollout under way either.
+    let mut vs = ab();
+    vs[1].replicas = Some(0);
+    let (m, o) = md(vs, None);
+    let deployments = vec![
+        deploy("fraud-champion", 2, 2),
+        deploy("fraud-challenger", 0, 0),
+        deploy("fraud-router", 1, 1),
+    ];
+    let c = gated_children(&m, &o, &deployments);
+    let cfg = c.config_map().cloned();
+    let obs = Observed {
+        deployments,
+        config: cfg,
+        ..Observed::default()
+    };
+    let s = status(&m, &obs, &now());
+    let w: Vec<_> = s
+        .variants
+        .iter()
+        .map(|v| (v.desired_weight, v.weight))
+        .collect();
+    assert_eq!(w, [(90, 100), (10, 0)]);
+    assert_eq!(s.traffic.as_deref(), Some("champion=100,challenger=0"));
+    let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "VariantNotReady")
+    );
+    assert!(
+        d.message.contains("no ready pod in challenger"),
+        "{}",
+        d.message
+    );
+    assert!(
+        d.message.contains("instead of champion=90,challenger=10"),
+        "{}",
+        d.message
+    );
+    // The router config carries the gated split: the weights are in effect, nothing pending.
+    let p = conditions::find(&s.conditions, PROGRESSING).unwrap();
+    assert_eq!(p.reason, "WeightsApplied");
+
+    // A config that still carries the spec's split is not in effect yet.
+    let stale = Observed {
+        config: children(&m, &o).config_map().cloned(),
+        ..obs.clone()
+    };
+    let s = status(&m, &stale, &now());
+    assert_eq!(
+        conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+        "WeightsPending"
+    );
+
+    // Ready again: the spec's weights, and the condition clears.
+    let (m, o) = md(ab(), None);
+    let obs = Observed {
+        deployments: healthy(),
+        config: children(&m, &o).config_map().cloned(),
+        ..Observed::default()
+    };
+    let s = status(&m, &obs, &now());
+    let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("False", "AllVariantsServing")
+    );
+    assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
+}
+
+#[test]
+fn no_ready_variant_keeps_the_spec_weights() {
+    let (m, o) = md(ab(), None);
+    let deployments = vec![
+        stuck("fraud-champion"),
+        deploy("fraud-challenger", 1, 0),
+        deploy("fraud-router", 1, 1),
+    ];
+    let c = gated_children(&m, &o, &deployments);
+    let obs = Observed {
+        config: c.config_map().cloned(),
+        deployments,
+        ..Observed::default()
+    };
+    let s = status(&m, &obs, &now());
+    assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
+    let d = conditions::find(&s.conditions, TRAFFIC_DEGRADED).unwrap();
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "NoVariantReady")
+    );
+    let r = conditions::find(&s.conditions, READY).unwrap();
+    assert_eq!(r.reason, "ProgressDeadlineExceeded");
+}
+
+#[test]
+fn the_http_route_is_gated_too() {
+    let (mut m, o) = md(
+        vec![
+            variant("champion", 60, None),
+            variant("challenger", 10, Some(0)),
+            variant("third", 30, None),
+        ],
+        None,
+    );
+    gateway(&mut m);
+    let deployments = vec![
+        deploy("fraud-champion", 1, 1),
+        deploy("fraud-challenger", 0, 0),
+        deploy("fraud-third", 1, 1),
+    ];
+    let route = route_of(&gated_children(&m, &o, &deployments));
+    let obs = Observed {
+        deployments,
+        route: Some(route),
+        ..Observed::default()
+    };
+    let s = status(&m, &obs, &now());
+    assert_eq!(
+        s.traffic.as_deref(),
+        Some("champion=67,challenger=0,third=33")
+    );
+    assert_eq!(
+        conditions::find(&s.conditions, TRAFFIC_DEGRADED)
+            .unwrap()
+            .reason,
+        "VariantNotReady"
+    );
+    assert_eq!(
+        conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+        "WeightsApplied"
+    );
+}
+
+#[test]
+fn an_autoscaled_variant_reports_the_autoscalers_count() {
+    let mut vs = ab();
+    vs[0].replicas = None;
+    vs[0].autoscaling = Some(keelson_api::modeldeployment::Autoscaling {
+        min_replicas: Some(2),
+        max_replicas: 5,
+        target_cpu_utilization: None,
+    });
+    let (m, o) = md(vs, None);
+    let obs = Observed {
+        deployments: vec![
+            deploy("fraud-champion", 4, 4),
+            deploy("fraud-challenger", 1, 1),
+            deploy("fraud-router", 1, 1),
+        ],
+        config: children(&m, &o).config_map().cloned(),
+        ..Observed::default()
+    };
+    let s = status(&m, &obs, &now());
+    assert_eq!(
+        (s.variants[0].replicas, s.variants[0].ready_replicas),
+        (4, 4)
+    );
+    assert_eq!(s.ready.as_deref(), Some("5/5"));
+    assert!(conditions::is_true(&s.conditions, READY));
 }

@@ -68,8 +68,14 @@ fn header_name(h: &str) -> Option<String> {
     (!h.is_empty() && h.chars().all(tchar)).then(|| h.to_ascii_lowercase())
 }
 
-/// The router config a ModelDeployment asks for. `name` and `namespace` are the ModelDeployment's.
-pub fn router_config(md: &ModelDeployment, name: &str, namespace: &str) -> RouterConfig {
+/// The router config a ModelDeployment asks for. `name` and `namespace` are the ModelDeployment's;
+/// `weights` are the weights in effect, in spec order (see [`super::gate`]).
+pub fn router_config(
+    md: &ModelDeployment,
+    name: &str,
+    namespace: &str,
+    weights: &[i32],
+) -> RouterConfig {
     let t = md.spec.traffic.as_ref();
     RouterConfig {
         version: ROUTER_CONFIG_VERSION,
@@ -77,9 +83,10 @@ pub fn router_config(md: &ModelDeployment, name: &str, namespace: &str) -> Route
             .spec
             .variants
             .iter()
-            .map(|v| RouterVariant {
+            .zip(weights)
+            .map(|(v, w)| RouterVariant {
                 name: v.name.clone(),
-                weight: to_u32(v.weight),
+                weight: to_u32(*w),
                 upstream: variant_upstream(name, namespace, &v.name),
                 protocol: Default::default(),
             })
@@ -97,7 +104,8 @@ pub fn router_config(md: &ModelDeployment, name: &str, namespace: &str) -> Route
 /// The HTTPRoute spec a ModelDeployment asks for: its parents, and one rule with a weighted backend
 /// per variant (weight 0 included, so that the route lists every variant) and, with a mirror, a
 /// `RequestMirror` filter (with `percent` only when it is below 100; absent means all requests).
-pub fn route_spec(md: &ModelDeployment, name: &str) -> HttpRouteSpec {
+/// `weights` are the weights in effect, in spec order.
+pub fn route_spec(md: &ModelDeployment, name: &str, weights: &[i32]) -> HttpRouteSpec {
     let t = md.spec.traffic.as_ref();
     let parent_refs = t
         .and_then(|t| t.gateway.as_ref())
@@ -119,10 +127,11 @@ pub fn route_spec(md: &ModelDeployment, name: &str) -> HttpRouteSpec {
         .spec
         .variants
         .iter()
-        .map(|v| HttpRouteRulesBackendRefs {
+        .zip(weights)
+        .map(|(v, w)| HttpRouteRulesBackendRefs {
             name: variant_name(name, &v.name),
             port: Some(SERVICE_PORT),
-            weight: Some(v.weight),
+            weight: Some(*w),
             ..HttpRouteRulesBackendRefs::default()
         })
         .collect();
@@ -169,11 +178,12 @@ pub fn route_weights(route: &HttpRoute) -> BTreeMap<String, i32> {
         .collect()
 }
 
-/// The children of the traffic mode.
+/// The children of the traffic mode, routing by `weights` (in spec order).
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
+    weights: &[i32],
 ) -> Result<Traffic, BuildError> {
     let t = md.spec.traffic.as_ref();
     if let Some(m) = t.and_then(|t| t.mirror.as_ref()) {
@@ -200,7 +210,7 @@ pub fn build(
             if let Some(r) = placement.and_then(|p| p.resources.as_ref()) {
                 check_quantities(r, "spec.traffic.routerPod.resources")?;
             }
-            let config = router_config(md, &owner.name, &owner.namespace);
+            let config = router_config(md, &owner.name, &owner.namespace, weights);
             let json = config
                 .to_json()
                 .map_err(|e| BuildError::new("InvalidTraffic", "spec.traffic", e.to_string()))?;
@@ -216,7 +226,7 @@ pub fn build(
             })
         }
         RouterKind::GatewayApi => {
-            let spec = route_spec(md, &owner.name);
+            let spec = route_spec(md, &owner.name, weights);
             if spec.parent_refs.is_none() {
                 return Err(BuildError::new(
                     "MissingParentRefs",
@@ -386,7 +396,24 @@ pub fn router_deployment(owner: &Owner, image: &str, placement: Option<&RouterPo
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::modeldeployment::build::build as build_all;
+
+    fn spec_weights(m: &ModelDeployment) -> Vec<i32> {
+        m.spec.variants.iter().map(|v| v.weight).collect()
+    }
+
+    /// The traffic children with the spec's weights.
+    fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Traffic, BuildError> {
+        super::build(m, owner, image, &spec_weights(m))
+    }
+
+    /// Every child, with no variant ready (so with the spec's weights).
+    fn build_all(
+        m: &ModelDeployment,
+        owner: &Owner,
+        image: &str,
+    ) -> Result<crate::modeldeployment::build::Children, BuildError> {
+        crate::modeldeployment::build::build(m, owner, image, &Default::default())
+    }
     use crate::modeldeployment::build::tests::{ab, md, variant, IMAGE};
     use crate::modeldeployment::names::ANNOTATION_ROUTER;
     use keelson_api::modeldeployment::{
@@ -621,11 +648,13 @@ mod tests {
             None,
             Some(("challenger", Some(100))),
         ));
-        let spec = route_spec(&m, "fraud");
+        let spec = route_spec(&m, "fraud", &spec_weights(&m));
         let f = &spec.rules.as_ref().unwrap()[0].filters.as_ref().unwrap()[0];
         assert_eq!(f.request_mirror.as_ref().unwrap().percent, None);
         m.spec.traffic = Some(traffic(RouterKind::GatewayApi, None, None));
-        assert!(route_spec(&m, "fraud").rules.unwrap()[0].filters.is_none());
+        assert!(route_spec(&m, "fraud", &spec_weights(&m)).rules.unwrap()[0]
+            .filters
+            .is_none());
     }
 
     #[test]
