@@ -108,7 +108,7 @@ pub struct AccessSpec {
 pub struct AllowFrom {
     /// Namespaces whose pods may connect, by name, e.g. `[ml-platform]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 63)))]
     pub namespaces: Option<Vec<String>>,
 
     /// Pods that may connect, by labels, in the notebook's namespace or a named one.
@@ -137,12 +137,12 @@ pub struct PodPeer {
 pub struct EgressSpec {
     /// Namespaces (by name) whose pods the notebook may reach, e.g. its own and `data`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 63)))]
     pub namespaces: Option<Vec<String>>,
 
     /// IP ranges the notebook may reach, e.g. `10.20.0.0/16` (an object store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("access.egress.cidrs must be CIDRs such as 10.0.0.0/8"))]
     pub cidrs: Option<Vec<String>>,
 }
