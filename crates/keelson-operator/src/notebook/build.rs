@@ -29,6 +29,8 @@ pub const TOKEN_ENV: &str = "JUPYTER_TOKEN";
 /// Annotation on the notebook Service while the notebook is exposed through an HTTPRoute: an
 /// HTTPRoute is swept only when the Service says there was one (no GET for every other notebook).
 pub const ANNOTATION_EXPOSED: &str = "keelson.dev/exposed";
+/// The group Jupyter images run their user in (`users`), the pod's default `fsGroup`.
+pub const JUPYTER_GID: i64 = 100;
 /// Volume name of the workspace.
 pub const WORKSPACE_VOLUME: &str = "workspace";
 
@@ -239,6 +241,10 @@ fn harden(pod: &mut PodSpec, service_account: bool) {
         .security_context
         .get_or_insert_with(PodSecurityContext::default);
     psc.run_as_non_root.get_or_insert(true);
+    // Jupyter images' `users` group: the workspace volume is made group-writable for it.
+    psc.fs_group.get_or_insert(JUPYTER_GID);
+    psc.fs_group_change_policy
+        .get_or_insert_with(|| "OnRootMismatch".into());
     psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
         type_: "RuntimeDefault".into(),
         localhost_profile: None,
@@ -409,6 +415,12 @@ mod tests {
         let ps = pod.spec.as_ref().unwrap();
         let psc = ps.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.fs_group, Some(100));
+        assert_eq!(
+            psc.fs_group_change_policy.as_deref(),
+            Some("OnRootMismatch")
+        );
+        assert_eq!(psc.run_as_user, None, "the image's own non-root user");
         assert_eq!(
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
@@ -425,7 +437,7 @@ mod tests {
         let mut s = spec();
         s.workload.template = Some(
             serde_json::from_value(serde_json::json!({"spec": {
-                "securityContext": {"runAsNonRoot": false, "runAsUser": 0},
+                "securityContext": {"runAsNonRoot": false, "runAsUser": 0, "fsGroup": 0},
                 "automountServiceAccountToken": true,
                 "containers": [{"name": "notebook", "securityContext": {
                     "capabilities": {"add": ["SYS_PTRACE"]}
@@ -438,8 +450,8 @@ mod tests {
         let ps = pod.spec.as_ref().unwrap();
         let psc = ps.security_context.as_ref().unwrap();
         assert_eq!(
-            (psc.run_as_non_root, psc.run_as_user),
-            (Some(false), Some(0))
+            (psc.run_as_non_root, psc.run_as_user, psc.fs_group),
+            (Some(false), Some(0), Some(0))
         );
         assert!(psc.seccomp_profile.is_some());
         assert_eq!(ps.automount_service_account_token, Some(true));
