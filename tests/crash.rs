@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
@@ -155,6 +156,11 @@ struct Case {
     phase: Option<&'static str>,
     /// Name of the token Secret (Notebook).
     token_secret: Option<&'static str>,
+    /// The `Ready` condition's status when settled (False for a suspended Notebook).
+    ready: bool,
+    /// `Kind/name` of children the settled world must hold, and kinds it must not.
+    must_hold: &'static [&'static str],
+    must_not_hold: &'static [&'static str],
 }
 
 fn cases() -> Vec<Case> {
@@ -174,6 +180,35 @@ spec:
             claims: &[("nb-workspace", "1Gi")],
             phase: Some("Running"),
             token_secret: Some("nb-token"),
+            ready: true,
+            must_hold: &["NetworkPolicy/nb", "Secret/nb-token", "PersistentVolumeClaim/nb-workspace"],
+            must_not_hold: &[],
+        },
+        // The culling path, as the idle culler leaves a notebook: spec.suspend true and the
+        // culled-at annotation (kwok pods serve no /api/status, so the culler's own patch is not
+        // among the writes here). At no crash point may the workspace or the token go, and no
+        // pod may start.
+        Case {
+            kind: "Notebook",
+            name: "nbc",
+            api: ApiResource::erase::<Notebook>(&()),
+            yaml: "apiVersion: keelson.dev/v1alpha1
+kind: Notebook
+metadata:
+  name: nbc
+  annotations: {keelson.dev/idle-culled-at: '2026-01-01T00:00:00Z'}
+spec:
+  image: quay.io/jupyter/pytorch-notebook:cuda12-2024-12-09
+  idle: {timeout: 5m}
+  suspend: true
+  workspace: {size: 1Gi, deletePolicy: Delete}
+",
+            claims: &[("nbc-workspace", "1Gi")],
+            phase: Some("Suspended"),
+            token_secret: Some("nbc-token"),
+            ready: false,
+            must_hold: &["NetworkPolicy/nbc", "Secret/nbc-token", "PersistentVolumeClaim/nbc-workspace"],
+            must_not_hold: &["Pod/"],
         },
         Case {
             kind: "TrainingJob",
@@ -194,6 +229,9 @@ spec:
             claims: &[],
             phase: Some("Running"),
             token_secret: None,
+            ready: true,
+            must_hold: &[],
+            must_not_hold: &[],
         },
         Case {
             kind: "ModelDeployment",
@@ -211,6 +249,9 @@ spec:
             claims: &[],
             phase: None,
             token_secret: None,
+            ready: true,
+            must_hold: &[],
+            must_not_hold: &[],
         },
     ]
 }
@@ -365,7 +406,7 @@ async fn observe(client: &Client, case: &Case, ns: &str) -> Result<Seen, String>
         .map_err(|e| format!("get {} {}: {e}", case.kind, case.name))?;
     let uid = parent.uid().unwrap_or_default();
     let status = parent.data.get("status");
-    let ready = status
+    let ready_true = status
         .and_then(|s| s.get("conditions"))
         .and_then(Value::as_array)
         .is_some_and(|cs| {
@@ -378,7 +419,16 @@ async fn observe(client: &Client, case: &Case, ns: &str) -> Result<Seen, String>
         .and_then(|s| s.get("observedGeneration"))
         .and_then(Value::as_i64);
     let phase = status.and_then(|s| s.get("phase")).and_then(Value::as_str);
-    let settled = ready
+    let ready_false = status
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("False")
+            })
+        });
+    let settled = (if case.ready { ready_true } else { ready_false })
         && observed.is_some()
         && observed == parent.metadata.generation
         && (case.phase.is_none() || phase == case.phase);
@@ -414,6 +464,23 @@ async fn observe(client: &Client, case: &Case, ns: &str) -> Result<Seen, String>
         &mut uids,
     );
     sort_children(&deployments, &uid, &mut children, &mut problems, &mut uids);
+    sort_children(
+        &list::<NetworkPolicy>(client, ns).await?,
+        &uid,
+        &mut children,
+        &mut problems,
+        &mut uids,
+    );
+    for want in case.must_hold {
+        if !children.contains(*want) {
+            problems.push(format!("{want} is missing"));
+        }
+    }
+    for kind in case.must_not_hold {
+        if let Some(c) = children.iter().find(|c| c.starts_with(kind)) {
+            problems.push(format!("{c} must not exist"));
+        }
+    }
 
     // ReplicaSets belong to the object's Deployments; pods to the object or to those ReplicaSets.
     let mut rs_owner: BTreeMap<String, String> = BTreeMap::new();

@@ -49,11 +49,18 @@ fn accepted_objects(
 
 #[test]
 fn notebook_specs_accepted_by_the_schema_build() {
-    use keelson_operator::notebook::{build::build, status, Notebook};
+    use keelson_operator::notebook::{
+        build::{build, BuildCtx},
+        status, Notebook,
+    };
     accepted_objects("Notebook", 256, testgen::notebook(), |obj| {
         let nb: Notebook = serde_json::from_value(obj).expect("accepted spec deserializes");
         let owner = Owner::of(&nb).expect("owner");
-        let _ = build(&nb, &owner, "token");
+        let ctx = BuildCtx {
+            token: "token",
+            operator_namespace: Some("keelson-system"),
+        };
+        let _ = build(&nb, &owner, &ctx);
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
         );

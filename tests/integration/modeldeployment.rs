@@ -226,7 +226,7 @@ fn http_route_crd_yaml() -> String {
 
 const HTTP_ROUTE_CRD: &str = "httproutes.gateway.networking.k8s.io";
 
-fn http_route_crd_installed() -> bool {
+pub(crate) fn http_route_crd_installed() -> bool {
     kubectl(&["get", "crd", HTTP_ROUTE_CRD], None)
         .status
         .success()
@@ -236,19 +236,19 @@ fn http_route_crd_installed() -> bool {
 /// there before, so that the next run sees a cluster without the Gateway API again. A file lock
 /// next to the cluster's kubeconfig keeps concurrent test runs on this shared cluster from
 /// installing and removing it under each other.
-struct GatewayApiCrds {
+pub(crate) struct GatewayApiCrds {
     _lock: std::fs::File,
     installed_here: bool,
 }
 
 impl GatewayApiCrds {
-    fn lock() -> std::fs::File {
+    pub(crate) fn lock() -> std::fs::File {
         let f = std::fs::File::create(root().join("target/cluster/gateway-api-crds.lock")).unwrap();
         f.lock().unwrap();
         f
     }
 
-    fn install(lock: std::fs::File, installed_before: bool) -> GatewayApiCrds {
+    pub(crate) fn install(lock: std::fs::File, installed_before: bool) -> GatewayApiCrds {
         kubectl_ok(
             &[
                 "apply",

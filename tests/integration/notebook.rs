@@ -270,3 +270,343 @@ async fn delete_policy_workspace_is_collected_and_bad_image_is_reported() {
 }
 
 use std::time::Duration;
+
+fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
+    let err = ns
+        .apply(yaml)
+        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
+        );
+    }
+}
+
+fn lab(spec: &str) -> String {
+    format!("apiVersion: keelson.dev/v1alpha1\nkind: Notebook\nmetadata: {{name: lab}}\nspec:\n  image: i\n{spec}")
+}
+
+async fn condition_of(
+    nbs: &Api<Notebook>,
+    name: &str,
+    type_: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let nb = nbs.get(name).await.ok()?;
+    let st = nb.status.as_ref()?;
+    (st.observed_generation == nb.metadata.generation).then_some(())?;
+    keelson_api::conditions::find(&st.conditions, type_).cloned()
+}
+
+/// The NetworkPolicy child: own namespace only by default, widened and narrowed by `spec.access`,
+/// owned and collected with the Notebook. Bad timeouts and access rules naming nothing are refused.
+/// A notebook whose activity cannot be read (kwok pods serve nothing) is never culled and says why;
+/// a resumed culled notebook loses the culler's annotation.
+#[tokio::test]
+async fn notebook_network_policy_access_rules_and_idle_culling_refusals() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use serde_json::json;
+    operator();
+    let ns = Ns::new("nb-iso");
+    let client = client().await;
+    let nbs: Api<Notebook> = Api::namespaced(client.clone(), &ns.name);
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+
+    for (spec, needles) in [
+        (
+            "  idle: {timeout: 1m}\n",
+            vec!["spec.idle.timeout", "at least 5m"],
+        ),
+        (
+            "  idle: {timeout: 4m59s}\n",
+            vec!["spec.idle.timeout", "at least 5m"],
+        ),
+        ("  idle: {timeout: soon}\n", vec!["spec.idle.timeout"]),
+        (
+            "  access: {allowFrom: {}}\n",
+            vec!["spec.access.allowFrom", "must name at least one"],
+        ),
+        (
+            "  access: {allowFrom: {namespaces: []}}\n",
+            vec!["spec.access.allowFrom", "must name at least one"],
+        ),
+        (
+            "  access: {allowFrom: {pods: [{matchLabels: {}}]}}\n",
+            vec!["spec.access.allowFrom.pods[0].matchLabels"],
+        ),
+        (
+            "  access: {egress: {}}\n",
+            vec!["spec.access.egress", "must name at least one"],
+        ),
+        (
+            "  access: {egress: {cidrs: [10.0.0.0]}}\n",
+            vec!["spec.access.egress.cidrs", "CIDR"],
+        ),
+        (
+            "  access: {gateway: {parentRefs: []}}\n",
+            vec!["spec.access.gateway.parentRefs"],
+        ),
+    ] {
+        refused(&ns, &lab(spec), &needles);
+    }
+
+    // Default: ingress from the own namespace only, egress open; owned by the Notebook.
+    ns.apply(&lab("  idle: {timeout: 5m}\n")).unwrap();
+    let np = wait_for("NetworkPolicy lab", TIMEOUT, || async {
+        nps.get_opt("lab").await.ok()?
+    })
+    .await;
+    let nb = nbs.get("lab").await.unwrap();
+    let v = serde_json::to_value(&np).unwrap();
+    assert_eq!(
+        v["metadata"]["ownerReferences"][0]["uid"],
+        json!(nb.metadata.uid)
+    );
+    assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(
+        v["spec"]["podSelector"]["matchLabels"]["keelson.dev/owner-name"],
+        "lab"
+    );
+    assert_eq!(v["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        v["spec"]["ingress"],
+        json!([{"from": [{"podSelector": {}}]}])
+    );
+    // The pod the policy guards carries the labels it selects.
+    let pod = wait_for("pod lab-0", TIMEOUT, || async {
+        pods.get_opt("lab-0").await.ok()?
+    })
+    .await;
+    let labels = pod.metadata.labels.unwrap();
+    for (k, val) in v["spec"]["podSelector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(labels.get(k).map(String::as_str), val.as_str(), "{k}");
+    }
+
+    // Its activity cannot be read here (a kwok pod serves nothing): never culled, and the
+    // condition says why.
+    let c = wait_for(
+        "IdleCulling ActivityUnknown",
+        Duration::from_secs(60),
+        || async {
+            condition_of(&nbs, "lab", "IdleCulling")
+                .await
+                .filter(|c| c.reason == "ActivityUnknown")
+        },
+    )
+    .await;
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("/api/status") && c.message.contains("not culled"),
+        "{}",
+        c.message
+    );
+    let nb = nbs.get("lab").await.unwrap();
+    assert_eq!(
+        nb.spec.suspend, None,
+        "an unreadable notebook was suspended"
+    );
+    assert!(nb.status.as_ref().unwrap().last_activity.is_none());
+    let token = String::from_utf8(
+        Api::<Secret>::namespaced(client.clone(), &ns.name)
+            .get("lab-token")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["token"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    assert!(!serde_json::to_string(&nb.status).unwrap().contains(&token));
+
+    // Named namespaces, pods and a restricted egress.
+    ns.apply(&lab(
+        "  idle: {timeout: 5m}\n  access:\n    allowFrom:\n      namespaces: [ml-platform]\n      pods: [{matchLabels: {app: dash}, namespace: infra}, {matchLabels: {role: tester}}]\n    egress: {cidrs: [10.20.0.0/16], namespaces: [data]}\n",
+    ))
+    .unwrap();
+    let sel = |n: &str| json!({"matchLabels": {"kubernetes.io/metadata.name": n}});
+    let want_from = json!([
+        {"podSelector": {}},
+        {"namespaceSelector": sel("ml-platform")},
+        {"podSelector": {"matchLabels": {"app": "dash"}}, "namespaceSelector": sel("infra")},
+        {"podSelector": {"matchLabels": {"role": "tester"}}},
+    ]);
+    let v = wait_for("the widened policy", TIMEOUT, || async {
+        let v = serde_json::to_value(nps.get("lab").await.ok()?).ok()?;
+        (v["spec"]["ingress"][0]["from"] == want_from).then_some(v)
+    })
+    .await;
+    assert_eq!(v["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        v["spec"]["egress"],
+        json!([
+            {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+            {"to": [{"namespaceSelector": sel("data")}, {"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+        ])
+    );
+    // Back to the default: narrowed again.
+    ns.apply(&lab("  idle: {timeout: 5m}\n")).unwrap();
+    wait_for("the narrowed policy", TIMEOUT, || async {
+        let v = serde_json::to_value(nps.get("lab").await.ok()?).ok()?;
+        (v["spec"]["ingress"] == json!([{"from": [{"podSelector": {}}]}])
+            && v["spec"].get("egress").is_none())
+        .then_some(())
+    })
+    .await;
+
+    // A notebook the culler suspended (its annotation with spec.suspend) says so; resumed with
+    // suspend: false, the operator drops the annotation.
+    nbs.patch(
+        "lab",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {keelson_api::notebook::ANNOTATION_CULLED_AT: "2026-01-01T00:00:00Z"}}, "spec": {"suspend": true}})),
+    )
+    .await
+    .unwrap();
+    let c = wait_for("Ready IdleCulled", TIMEOUT, || async {
+        condition_of(&nbs, "lab", "Ready")
+            .await
+            .filter(|c| c.reason == "IdleCulled")
+    })
+    .await;
+    assert!(c.message.contains("spec.suspend to false"), "{}", c.message);
+    wait_for("pod gone", TIMEOUT, || async {
+        pods.get_opt("lab-0").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    nbs.patch(
+        "lab",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"suspend": false}})),
+    )
+    .await
+    .unwrap();
+    wait_for("annotation removed on resume", TIMEOUT, || async {
+        let nb = nbs.get("lab").await.ok()?;
+        let gone = !nb
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(keelson_api::notebook::ANNOTATION_CULLED_AT);
+        (gone && pods.get_opt("lab-0").await.ok()?.is_some()).then_some(())
+    })
+    .await;
+
+    // Deleting the Notebook collects its NetworkPolicy.
+    nbs.delete("lab", &DeleteParams::default()).await.unwrap();
+    wait_for(
+        "NetworkPolicy collected",
+        Duration::from_secs(90),
+        || async { nps.get_opt("lab").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
+
+/// `spec.access.gateway`: a condition without the Gateway API; with its CRDs, an HTTPRoute to the
+/// notebook's Service, the external URL in status, the Gateway's namespace let in; removed again
+/// with the field.
+#[tokio::test]
+async fn notebook_gateway_access_writes_an_http_route_and_the_external_url() {
+    use crate::modeldeployment::{http_route_crd_installed, GatewayApiCrds};
+    use gateway_api::httproutes::HttpRoute;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use serde_json::json;
+    operator();
+    let lock = GatewayApiCrds::lock();
+    let ns = Ns::new("nb-gw");
+    let client = client().await;
+    let nbs: Api<Notebook> = Api::namespaced(client.clone(), &ns.name);
+    let routes: Api<HttpRoute> = Api::namespaced(client.clone(), &ns.name);
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let exposed = lab("  access:\n    gateway: {parentRefs: [{name: public, namespace: infra}], hostname: lab.example.com}\n");
+
+    let installed_before = http_route_crd_installed();
+    ns.apply(&exposed).unwrap();
+    if installed_before {
+        eprintln!(
+            "the HTTPRoute CRD is installed on this cluster: the missing-CRD case is not checked"
+        );
+    } else {
+        let c = wait_for("Exposed GatewayAPIMissing", TIMEOUT, || async {
+            condition_of(&nbs, "lab", "Exposed")
+                .await
+                .filter(|c| c.reason == "GatewayAPIMissing")
+        })
+        .await;
+        assert_eq!(c.status, "False");
+        let nb = nbs.get("lab").await.unwrap();
+        assert_eq!(
+            nb.status.unwrap().url.unwrap(),
+            format!("http://lab.{}.svc.cluster.local:8888/", ns.name)
+        );
+    }
+
+    let _crds = GatewayApiCrds::install(lock, installed_before);
+    nbs.patch(
+        "lab",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "1"}}})),
+    )
+    .await
+    .unwrap();
+    let route = wait_for("the HTTPRoute", Duration::from_secs(60), || async {
+        routes.get_opt("lab").await.ok()?
+    })
+    .await;
+    let v = serde_json::to_value(&route).unwrap();
+    let nb = nbs.get("lab").await.unwrap();
+    assert_eq!(
+        v["metadata"]["ownerReferences"][0]["uid"],
+        json!(nb.metadata.uid)
+    );
+    assert_eq!(
+        v["spec"]["parentRefs"],
+        json!([{"name": "public", "namespace": "infra"}])
+    );
+    assert_eq!(v["spec"]["hostnames"], json!(["lab.example.com"]));
+    assert_eq!(
+        v["spec"]["rules"],
+        json!([{"backendRefs": [{"name": "lab", "port": 8888}]}])
+    );
+    wait_for("external URL and Exposed", TIMEOUT, || async {
+        let c = condition_of(&nbs, "lab", "Exposed").await?;
+        let url = nbs.get("lab").await.ok()?.status?.url?;
+        (c.status == "True" && url == "https://lab.example.com/").then_some(())
+    })
+    .await;
+    // The Gateway's namespace may reach the notebook; the token is still what opens it (the pod
+    // still reads JUPYTER_TOKEN from the Secret).
+    let np = serde_json::to_value(nps.get("lab").await.unwrap()).unwrap();
+    assert!(
+        np["spec"]["ingress"][0]["from"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infra"}}})),
+        "{np}"
+    );
+
+    // Without spec.access.gateway: the route goes, the URL is the in-cluster one again.
+    ns.apply(&lab("")).unwrap();
+    wait_for("route removed", Duration::from_secs(60), || async {
+        routes.get_opt("lab").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    wait_for("in-cluster URL", TIMEOUT, || async {
+        let nb = nbs.get("lab").await.ok()?;
+        let st = nb.status.as_ref()?;
+        (st.observed_generation == nb.metadata.generation
+            && st.url.as_deref()
+                == Some(format!("http://lab.{}.svc.cluster.local:8888/", ns.name).as_str())
+            && keelson_api::conditions::find(&st.conditions, "Exposed").is_none())
+        .then_some(())
+    })
+    .await;
+    let svc = svcs.get("lab").await.unwrap();
+    assert!(!svc
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("keelson.dev/exposed"));
+}

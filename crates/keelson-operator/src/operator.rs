@@ -46,6 +46,9 @@ pub struct RunOptions {
     /// Requests allowed at once above the `--qps` rate (default: twice `--qps`).
     #[arg(long, env = "KEELSON_BURST")]
     pub burst: Option<u32>,
+    /// Seconds between two reads of `/api/status` of a notebook with `spec.idle`.
+    #[arg(long, env = "KEELSON_NOTEBOOK_IDLE_POLL_SECONDS", default_value_t = 60)]
+    pub notebook_idle_poll_seconds: u64,
 }
 
 impl Default for RunOptions {
@@ -60,6 +63,7 @@ impl Default for RunOptions {
             qps: 0.0,
             burst: None,
             shutdown_grace_seconds: 15,
+            notebook_idle_poll_seconds: 60,
         }
     }
 }
@@ -115,7 +119,15 @@ pub async fn run_controllers(client: Client, opts: &RunOptions, shutdown: Shutdo
 pub async fn run_with(shared: Arc<Shared>, opts: &RunOptions, shutdown: Shutdown) {
     shared.expect_controllers(3);
     tokio::join!(
-        crate::notebook::reconcile::run(shared.clone(), opts.concurrency, shutdown.clone().wait()),
+        crate::notebook::reconcile::run(
+            shared.clone(),
+            opts.concurrency,
+            crate::notebook::reconcile::Options {
+                idle_poll: std::time::Duration::from_secs(opts.notebook_idle_poll_seconds.max(1)),
+                ..Default::default()
+            },
+            shutdown.clone().wait()
+        ),
         crate::trainingjob::reconcile::run(
             shared.clone(),
             opts.concurrency,

@@ -19,7 +19,9 @@
 //	GET  /, /lab, /tree       a small HTML page
 //
 // Every authenticated request other than GET /api/status moves last_activity,
-// as in Jupyter, so idle culling can be tested.
+// as in Jupyter, so idle culling can be tested. NOTEBOOK_IDLE_SINCE=10m (a Go
+// duration) starts last_activity that long before the server started, so a
+// test can show culling with a CRD-valid timeout without waiting for it.
 package main
 
 import (
@@ -275,7 +277,15 @@ func main() {
 		log.Printf("warning: workspace %s: %v", root, err)
 	}
 	now := time.Now().UTC()
-	s := &server{token: token, root: root, started: now, lastActivity: now, kernels: map[string]time.Time{}}
+	last := now
+	if v := os.Getenv("NOTEBOOK_IDLE_SINCE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			log.Fatalf("NOTEBOOK_IDLE_SINCE=%q: want a duration such as 10m", v)
+		}
+		last = now.Add(-d)
+	}
+	s := &server{token: token, root: root, started: now, lastActivity: last, kernels: map[string]time.Time{}}
 	srv := &http.Server{Addr: ":" + port, Handler: s, ReadHeaderTimeout: 10 * time.Second}
 	log.Printf("notebook stand-in on :%s, workspace %s", port, root)
 	errc := make(chan error, 1)

@@ -408,11 +408,7 @@ async fn converge(
 /// on), applies its current count under [`HANDOVER_MANAGER`], so that the field keeps its value
 /// when `keelson` stops owning it. Nothing to do for a new Deployment (the autoscaler sets the count
 /// from the default of 1) or one already applied for autoscaling (the annotation says so).
-async fn hand_over_replicas(
-    ctx: &Ctx,
-    desired: &Deployment,
-    changes: &mut Changes,
-) -> Result<()> {
+async fn hand_over_replicas(ctx: &Ctx, desired: &Deployment, changes: &mut Changes) -> Result<()> {
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
     let Some(existing) = cached(&ctx.deployments, &ns, &name) else {

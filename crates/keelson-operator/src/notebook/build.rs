@@ -2,16 +2,19 @@
 
 use std::collections::BTreeMap;
 
+use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{
     Capabilities, ContainerPort, EnvVar, EnvVarSource, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
     Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
     ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 
+use super::access;
 use crate::error::BuildError;
 use crate::pod::{pod_template, MainContainer};
 use keelson_api::meta::Owner;
@@ -23,6 +26,11 @@ pub const CONTAINER: &str = "notebook";
 pub const TOKEN_KEY: &str = "token";
 /// Environment variable the notebook server reads its token from (Jupyter Server's `JUPYTER_TOKEN`).
 pub const TOKEN_ENV: &str = "JUPYTER_TOKEN";
+/// Annotation on the notebook Service while the notebook is exposed through an HTTPRoute: an
+/// HTTPRoute is swept only when the Service says there was one (no GET for every other notebook).
+pub const ANNOTATION_EXPOSED: &str = "keelson.dev/exposed";
+/// The group Jupyter images run their user in (`users`), the pod's default `fsGroup`.
+pub const JUPYTER_GID: i64 = 100;
 /// Volume name of the workspace.
 pub const WORKSPACE_VOLUME: &str = "workspace";
 
@@ -34,6 +42,19 @@ pub struct Children {
     pub workspace: Option<PersistentVolumeClaim>,
     /// `None` while suspended.
     pub pod: Option<Pod>,
+    /// Who may reach the notebook (DESIGN §1.2, `spec.access`).
+    pub network_policy: NetworkPolicy,
+    /// The HTTPRoute from outside, with `spec.access.gateway`.
+    pub route: Option<HttpRoute>,
+}
+
+/// What the build needs besides the Notebook.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuildCtx<'a> {
+    /// The token for the Secret; used only when the Secret is made.
+    pub token: &'a str,
+    /// Namespace the operator runs in (in a cluster), let through the NetworkPolicy for idle reads.
+    pub operator_namespace: Option<&'a str>,
 }
 
 pub fn pod_name(nb_name: &str) -> String {
@@ -56,7 +77,8 @@ pub fn url(owner: &Owner, port: i32) -> String {
 
 /// Builds the children of `nb`. `token` is used only for the Secret, which is created once and
 /// never rewritten, so the token stays the same for the life of the Notebook.
-pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, BuildError> {
+pub fn build(nb: &Notebook, owner: &Owner, ctx: &BuildCtx) -> Result<Children, BuildError> {
+    let token = ctx.token;
     let spec = &nb.spec;
     let port = spec.port.unwrap_or(DEFAULT_PORT);
     let labels = owner.labels();
@@ -79,8 +101,16 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
         }
     }
 
+    let route = access::route(nb, owner, port);
+    let mut service_meta = owner.child_meta(&owner.name);
+    if route.is_some() {
+        service_meta.annotations = Some(BTreeMap::from([(
+            ANNOTATION_EXPOSED.to_string(),
+            "HTTPRoute".to_string(),
+        )]));
+    }
     let service = Service {
-        metadata: owner.child_meta(&owner.name),
+        metadata: service_meta,
         spec: Some(ServiceSpec {
             selector: Some(labels.clone()),
             ports: Some(vec![ServicePort {
@@ -197,6 +227,8 @@ pub fn build(nb: &Notebook, owner: &Owner, token: &str) -> Result<Children, Buil
         token,
         workspace,
         pod,
+        network_policy: access::network_policy(nb, owner, port, ctx.operator_namespace),
+        route,
     })
 }
 
@@ -209,6 +241,10 @@ fn harden(pod: &mut PodSpec, service_account: bool) {
         .security_context
         .get_or_insert_with(PodSecurityContext::default);
     psc.run_as_non_root.get_or_insert(true);
+    // Jupyter images' `users` group: the workspace volume is made group-writable for it.
+    psc.fs_group.get_or_insert(JUPYTER_GID);
+    psc.fs_group_change_policy
+        .get_or_insert_with(|| "OnRootMismatch".into());
     psc.seccomp_profile.get_or_insert_with(|| SeccompProfile {
         type_: "RuntimeDefault".into(),
         localhost_profile: None,
@@ -243,6 +279,13 @@ mod tests {
         (nb, owner)
     }
 
+    fn tok(token: &str) -> BuildCtx<'_> {
+        BuildCtx {
+            token,
+            operator_namespace: None,
+        }
+    }
+
     fn spec() -> NotebookSpec {
         NotebookSpec {
             workload: WorkloadSpec {
@@ -256,7 +299,7 @@ mod tests {
     #[test]
     fn children_are_named_labelled_and_owned() {
         let (nb, owner) = notebook(spec());
-        let c = build(&nb, &owner, "t0k3n").unwrap();
+        let c = build(&nb, &owner, &tok("t0k3n")).unwrap();
         let pod = c.pod.as_ref().unwrap();
         assert_eq!(pod.metadata.name.as_deref(), Some("alice-0"));
         assert_eq!(c.service.metadata.name.as_deref(), Some("alice"));
@@ -284,7 +327,7 @@ mod tests {
     #[test]
     fn token_comes_from_the_secret_never_inline() {
         let (nb, owner) = notebook(spec());
-        let c = build(&nb, &owner, "s3cret").unwrap();
+        let c = build(&nb, &owner, &tok("s3cret")).unwrap();
         assert_eq!(c.token.data.as_ref().unwrap()[TOKEN_KEY].0, b"s3cret");
         let pod = c.pod.unwrap();
         let main = &pod.spec.as_ref().unwrap().containers[0];
@@ -326,7 +369,7 @@ mod tests {
                 ..WorkspaceSpec::default()
             });
             let (nb, owner) = notebook(s);
-            let c = build(&nb, &owner, "t").unwrap();
+            let c = build(&nb, &owner, &tok("t")).unwrap();
             let pvc = c.workspace.unwrap();
             assert_eq!(pvc.metadata.name.as_deref(), Some("alice-workspace"));
             assert_eq!(pvc.metadata.owner_references.is_some(), owned, "{policy:?}");
@@ -368,10 +411,16 @@ mod tests {
     #[test]
     fn pod_is_hardened_by_default_and_the_template_overrides_each_default() {
         let (nb, owner) = notebook(spec());
-        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let pod = build(&nb, &owner, &tok("t")).unwrap().pod.unwrap();
         let ps = pod.spec.as_ref().unwrap();
         let psc = ps.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.fs_group, Some(100));
+        assert_eq!(
+            psc.fs_group_change_policy.as_deref(),
+            Some("OnRootMismatch")
+        );
+        assert_eq!(psc.run_as_user, None, "the image's own non-root user");
         assert_eq!(
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
@@ -388,7 +437,7 @@ mod tests {
         let mut s = spec();
         s.workload.template = Some(
             serde_json::from_value(serde_json::json!({"spec": {
-                "securityContext": {"runAsNonRoot": false, "runAsUser": 0},
+                "securityContext": {"runAsNonRoot": false, "runAsUser": 0, "fsGroup": 0},
                 "automountServiceAccountToken": true,
                 "containers": [{"name": "notebook", "securityContext": {
                     "capabilities": {"add": ["SYS_PTRACE"]}
@@ -397,12 +446,12 @@ mod tests {
             .unwrap(),
         );
         let (nb, owner) = notebook(s);
-        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let pod = build(&nb, &owner, &tok("t")).unwrap().pod.unwrap();
         let ps = pod.spec.as_ref().unwrap();
         let psc = ps.security_context.as_ref().unwrap();
         assert_eq!(
-            (psc.run_as_non_root, psc.run_as_user),
-            (Some(false), Some(0))
+            (psc.run_as_non_root, psc.run_as_user, psc.fs_group),
+            (Some(false), Some(0), Some(0))
         );
         assert!(psc.seccomp_profile.is_some());
         assert_eq!(ps.automount_service_account_token, Some(true));
@@ -417,7 +466,7 @@ mod tests {
         let mut s = spec();
         s.workload.service_account_name = Some("explorer".into());
         let (nb, owner) = notebook(s);
-        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let pod = build(&nb, &owner, &tok("t")).unwrap().pod.unwrap();
         assert_eq!(pod.spec.unwrap().automount_service_account_token, None);
     }
 
@@ -430,7 +479,7 @@ mod tests {
             ..WorkspaceSpec::default()
         });
         let (nb, owner) = notebook(s);
-        let c = build(&nb, &owner, "t").unwrap();
+        let c = build(&nb, &owner, &tok("t")).unwrap();
         assert!(c.pod.is_none());
         assert!(c.workspace.is_some());
     }
@@ -448,7 +497,7 @@ mod tests {
             "/mapr/cluster1/projects",
         )]);
         let (nb, owner) = notebook(s);
-        let pod = build(&nb, &owner, "t").unwrap().pod.unwrap();
+        let pod = build(&nb, &owner, &tok("t")).unwrap().pod.unwrap();
         let ps = pod.spec.unwrap();
         let c = &ps.containers[0];
         assert_eq!(
@@ -484,7 +533,7 @@ mod tests {
             ..VolumeSpec::default()
         }]);
         let (nb, owner) = notebook(s);
-        let err = build(&nb, &owner, "t").unwrap_err();
+        let err = build(&nb, &owner, &tok("t")).unwrap_err();
         assert_eq!(err.reason, "VolumeConflict");
         assert_eq!(err.field, "spec.workspace.mountPath");
     }

@@ -1,6 +1,8 @@
 //! Notebook: pure builder, pure status and reconciler.
 
+pub mod access;
 pub mod build;
+pub mod idle;
 pub mod reconcile;
 pub mod status;
 

@@ -3,13 +3,23 @@
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::access::external_url;
 use super::build::{pod_name, token_secret_name, url};
+use super::idle::Verdict;
 use crate::error::BuildError;
 use crate::podstatus;
 use crate::runtime::apply::applied_hash;
 use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::meta::Owner;
-use keelson_api::notebook::{Notebook, NotebookPhase, NotebookStatus, DEFAULT_PORT};
+use keelson_api::notebook::{
+    Notebook, NotebookPhase, NotebookStatus, ANNOTATION_CULLED_AT, DEFAULT_PORT,
+};
+
+/// Condition of a Notebook with `spec.idle`: whether its activity is read (True) or cannot be
+/// (False, and then it is never culled).
+pub const IDLE_CULLING: &str = "IdleCulling";
+/// Condition of a Notebook with `spec.access.gateway`: whether its HTTPRoute exists.
+pub const EXPOSED: &str = "Exposed";
 
 /// What the cluster holds of a Notebook's children.
 #[derive(Clone, Debug, Default)]
@@ -17,8 +27,33 @@ pub struct Observed {
     pub pod: Option<Pod>,
     pub workspace: Option<PersistentVolumeClaim>,
     pub token_exists: bool,
+    /// What the idle culler concluded this time (`None`: it did not read, e.g. no ready pod).
+    pub idle: Option<Verdict>,
+    /// The culler suspended the notebook in this reconcile (the spec in hand is from before).
+    pub culled: bool,
+    /// `spec.access.gateway` is set but the API server does not serve HTTPRoutes.
+    pub gateway_api_missing: bool,
 }
 
+/// Whether the notebook is suspended by the idle culler (rather than by a person).
+pub fn culled_at(nb: &Notebook) -> Option<&str> {
+    nb.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_CULLED_AT))
+        .map(String::as_str)
+}
+
+fn fmt_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
 /// What to do with the notebook pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodAction {
@@ -75,8 +110,22 @@ pub fn pod_action(desired_hash: Option<&str>, existing: Option<&Pod>) -> PodActi
 /// The status a Notebook should show, given its children.
 pub fn status(nb: &Notebook, owner: &Owner, observed: &Observed, now: &Time) -> NotebookStatus {
     let prev = nb.status.clone().unwrap_or_default();
-    let suspended = nb.spec.suspend.unwrap_or(false);
-    let (phase, ready) = if suspended {
+    let suspended = nb.spec.suspend.unwrap_or(false) || observed.culled;
+    let timeout = nb
+        .spec
+        .idle
+        .as_ref()
+        .map(|i| i.timeout.as_str())
+        .unwrap_or_default();
+    let by_culler = observed.culled || (suspended && culled_at(nb).is_some());
+    let (phase, ready) = if by_culler {
+        let last = match (&observed.idle, &prev.last_activity) {
+            (Some(Verdict::Idle { last, .. }), _) => last.to_string(),
+            (_, Some(t)) => t.0.to_string(),
+            _ => "unknown".into(),
+        };
+        (NotebookPhase::Suspended, Cond::new(READY, false, "IdleCulled", format!("suspended by the idle culler: no activity since {last}, longer than spec.idle.timeout {timeout}; set spec.suspend to false to start the notebook again (the workspace and the token are kept)")))
+    } else if suspended {
         (NotebookPhase::Suspended, Cond::new(READY, false, "Suspended", "spec.suspend is true: set it to false to start the notebook again"))
     } else if let Some((reason, message)) = observed
         .workspace
@@ -110,16 +159,65 @@ pub fn status(nb: &Notebook, owner: &Owner, observed: &Observed, now: &Time) -> 
             },
         }
     };
+    let mut conds = vec![ready];
+    if nb.spec.idle.is_some() {
+        let c = match &observed.idle {
+            Some(Verdict::Unknown(why)) => Some(Cond::new(IDLE_CULLING, false, "ActivityUnknown", format!("{why}: the notebook is not culled while its activity cannot be read"))),
+            Some(Verdict::Active { .. }) => Some(Cond::new(IDLE_CULLING, true, "Watching", format!("activity is read from /api/status; the notebook is suspended after {timeout} without activity"))),
+            Some(Verdict::Idle { idle_for, .. }) => Some(Cond::new(IDLE_CULLING, true, "Culled", format!("suspended after {} without activity (spec.idle.timeout {timeout})", fmt_duration(*idle_for)))),
+            None => None,
+        };
+        // Without a read this time (no ready pod, or suspended): the last verdict stands.
+        let kept = conditions::find(&prev.conditions, IDLE_CULLING).map(|p| {
+            Cond::new(
+                IDLE_CULLING,
+                p.status == "True",
+                p.reason.clone(),
+                p.message.clone(),
+            )
+        });
+        conds.extend(c.or(kept).or_else(|| {
+            Some(Cond::new(
+                IDLE_CULLING,
+                false,
+                "NotRead",
+                "activity is read once the notebook server is ready",
+            ))
+        }));
+    }
+    let exposed = nb
+        .spec
+        .access
+        .as_ref()
+        .and_then(|a| a.gateway.as_ref())
+        .is_some();
+    if exposed {
+        conds.push(if observed.gateway_api_missing {
+            Cond::new(EXPOSED, false, "GatewayAPIMissing", "spec.access.gateway needs the Gateway API: install its CRDs (gateway.networking.k8s.io) and a Gateway controller, or remove spec.access.gateway")
+        } else {
+            Cond::new(EXPOSED, true, "RouteApplied", "HTTPRoute applied: the notebook is reachable through its Gateway, with the token")
+        });
+    }
+    let last_activity = match &observed.idle {
+        Some(Verdict::Active { last, .. } | Verdict::Idle { last, .. }) => Some(Time(*last)),
+        _ => prev.last_activity.clone(),
+    }
+    .filter(|_| nb.spec.idle.is_some());
+    let in_cluster = url(owner, nb.spec.port.unwrap_or(DEFAULT_PORT));
+    let url = external_url(nb)
+        .filter(|_| !observed.gateway_api_missing)
+        .unwrap_or(in_cluster);
     let generation = nb.metadata.generation;
     NotebookStatus {
         phase: Some(phase),
-        url: Some(url(owner, nb.spec.port.unwrap_or(DEFAULT_PORT))),
+        url: Some(url),
+        last_activity,
         token_secret: observed
             .token_exists
             .then(|| token_secret_name(&owner.name)),
         pod_name: observed.pod.as_ref().map(|_| pod_name(&owner.name)),
         observed_generation: generation,
-        conditions: conditions::merge(&prev.conditions, &[ready], generation, now),
+        conditions: conditions::merge(&prev.conditions, &conds, generation, now),
     }
 }
 
@@ -281,6 +379,7 @@ mod tests {
                 pod: c.pod,
                 workspace: c.workspace,
                 token_exists: true,
+                ..Observed::default()
             };
             let s = status(&n, &o, &obs, &now());
             assert_eq!(s.phase, Some(c.phase), "{}", c.name);
@@ -303,11 +402,103 @@ mod tests {
             pod: Some(running("alice-0", true)),
             workspace: None,
             token_exists: true,
+            ..Observed::default()
         };
         let first = status(&n, &o, &obs, &now());
         n.status = Some(first.clone());
         let later = Time(Timestamp::from_second(1_800_000_000).unwrap());
         assert_eq!(status(&n, &o, &obs, &later), first);
+    }
+
+    #[test]
+    fn idle_culling_status() {
+        use keelson_api::notebook::IdleSpec;
+        let (mut n, o) = nb(false, false);
+        n.spec.idle = Some(IdleSpec {
+            timeout: "2h".into(),
+        });
+        let last: Timestamp = "2026-01-01T10:00:00Z".parse().unwrap();
+        let ready_pod = || Some(running("alice-0", true));
+        // Active: lastActivity shown, the condition says it is watched.
+        let obs = Observed {
+            pod: ready_pod(),
+            token_exists: true,
+            idle: Some(Verdict::Active {
+                last,
+                recheck: std::time::Duration::from_secs(60),
+            }),
+            ..Observed::default()
+        };
+        let s = status(&n, &o, &obs, &now());
+        assert_eq!(s.last_activity, Some(Time(last)));
+        let c = conditions::find(&s.conditions, IDLE_CULLING).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Watching"));
+        assert_eq!(s.phase, Some(NotebookPhase::Running));
+
+        // Unreadable: never culled, the condition says why; the last known activity stays.
+        n.status = Some(s);
+        let obs = Observed {
+            idle: Some(Verdict::Unknown(
+                "GET http://10.0.0.1:8888/api/status: HTTP 403".into(),
+            )),
+            ..obs
+        };
+        let s = status(&n, &o, &obs, &now());
+        let c = conditions::find(&s.conditions, IDLE_CULLING).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ActivityUnknown")
+        );
+        assert!(
+            c.message.contains("HTTP 403") && c.message.contains("not culled"),
+            "{}",
+            c.message
+        );
+        assert_eq!(s.last_activity, Some(Time(last)));
+        assert_eq!(s.phase, Some(NotebookPhase::Running));
+
+        // Culled in this reconcile: Suspended with the reason, before the spec in hand says so.
+        let obs = Observed {
+            idle: Some(Verdict::Idle {
+                last,
+                idle_for: std::time::Duration::from_secs(7260),
+            }),
+            culled: true,
+            ..obs
+        };
+        let s = status(&n, &o, &obs, &now());
+        assert_eq!(s.phase, Some(NotebookPhase::Suspended));
+        let r = conditions::find(&s.conditions, READY).unwrap();
+        assert_eq!(r.reason, "IdleCulled");
+        assert!(r.message.contains("2026-01-01T10:00:00Z"), "{}", r.message);
+        let c = conditions::find(&s.conditions, IDLE_CULLING).unwrap();
+        assert_eq!(c.reason, "Culled");
+        assert!(c.message.contains("2h1m"), "{}", c.message);
+
+        // Next reconcile: suspended by the culler (annotation), no read; the reason stays.
+        n.status = Some(s.clone());
+        n.spec.suspend = Some(true);
+        n.metadata.annotations = Some(
+            [(
+                ANNOTATION_CULLED_AT.to_string(),
+                "2026-01-01T12:01:00Z".to_string(),
+            )]
+            .into(),
+        );
+        let obs = Observed {
+            token_exists: true,
+            ..Observed::default()
+        };
+        let s2 = status(&n, &o, &obs, &now());
+        assert_eq!(s2.conditions, s.conditions);
+        assert_eq!(s2.last_activity, Some(Time(last)));
+        // Suspended by a person: plain Suspended.
+        n.metadata.annotations = None;
+        let s3 = status(&n, &o, &obs, &now());
+        assert_eq!(
+            conditions::find(&s3.conditions, READY).unwrap().reason,
+            "Suspended"
+        );
     }
 
     #[test]
