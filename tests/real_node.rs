@@ -18,6 +18,11 @@
 //!   the workspace's PersistentVolume and survives a `resources` edit (a new pod), `suspend: true`
 //!   then `false`, the pod deleted by hand, and deleting and re-creating the Notebook with
 //!   `deletePolicy: Retain`.
+//! - Notebook idle culling: the stand-in started idle for 10 minutes (`NOTEBOOK_IDLE_SINCE`), with
+//!   `idle.timeout: 5m`, is suspended by the operator's read of `/api/status` through its Service:
+//!   status `IdleCulled` with `lastActivity`, an `IdleCulled` Event, the pod gone, the workspace and
+//!   the token kept; `suspend: false` brings it back with the same token, and a fresh server is
+//!   watched, not culled.
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
@@ -1180,6 +1185,133 @@ async fn notebook_token_and_workspace_survive_pod_replacement_and_recreation() {
 }
 
 // --- ModelDeployment --------------------------------------------------------------------------------
+
+fn idle_notebook_yaml(idle_since: Option<&str>, suspend: bool) -> String {
+    let env = idle_since
+        .map(|d| format!("  env: [{{name: NOTEBOOK_IDLE_SINCE, value: '{d}'}}]\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: keelson.dev/v1alpha1
+kind: Notebook
+metadata: {{name: lab}}
+spec:
+  image: {NOTEBOOK}
+  suspend: {suspend}
+  idle: {{timeout: 5m}}
+  workspace: {{size: 1Gi, deletePolicy: Retain}}
+  resources: {{requests: {{cpu: 50m, memory: 32Mi}}}}
+{env}{placement}  template:
+    spec:
+      containers: [{{name: notebook, imagePullPolicy: Never}}]
+"#,
+        placement = placement(2),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notebook_idle_past_its_timeout_is_suspended_keeping_workspace_and_token() {
+    use keelson_api::notebook::ANNOTATION_CULLED_AT;
+    let t0 = Instant::now();
+    setup();
+    let ns = Ns::new("rn-idle");
+    let client = support::client().await;
+    let nbs: Api<Notebook> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let dir = HostDir::new("notebook-idle", &ns, "workspace");
+    let _pv = ns.node_pv("lab-workspace", "1Gi", &dir.path, REAL_NODE);
+
+    // Idle for 10 minutes when it starts, timeout 5m: culled at the operator's first read.
+    ns.apply(&idle_notebook_yaml(Some("10m"), false)).unwrap();
+    let nb = wait(
+        &ns,
+        "Notebook lab culled (Ready IdleCulled)",
+        Duration::from_secs(180),
+        || {
+            let nbs = nbs.clone();
+            async move {
+                let nb = nbs.get("lab").await.ok()?;
+                let st = nb.status.as_ref()?;
+                let c = condition(&st.conditions, "Ready")?;
+                (c.reason == "IdleCulled" && st.observed_generation == nb.metadata.generation)
+                    .then_some(nb.clone())
+            }
+        },
+    )
+    .await;
+    let st = nb.status.clone().unwrap();
+    eprintln!("culled: {}", serde_json::to_string_pretty(&st).unwrap());
+    assert_eq!(nb.spec.suspend, Some(true));
+    assert!(nb.annotations().contains_key(ANNOTATION_CULLED_AT));
+    assert_eq!(format!("{:?}", st.phase.unwrap()), "Suspended");
+    let last = st.last_activity.clone().expect("status.lastActivity").0;
+    let ago = k8s_openapi::jiff::Timestamp::now()
+        .duration_since(last)
+        .as_secs();
+    assert!(
+        (540..900).contains(&ago),
+        "lastActivity {last} is {ago}s ago, want about 10m"
+    );
+    let c = condition(&st.conditions, "IdleCulling").unwrap();
+    assert_eq!(c.reason, "Culled", "{}", c.message);
+    wait(&ns, "pod lab-0 gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("lab-0").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let tok = token(&secrets).await;
+    assert!(pvcs.get_opt("lab-workspace").await.unwrap().is_some());
+    let events = event_messages(&ns);
+    eprintln!("events: {events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|m| m.contains("no activity since") && m.contains("suspended")),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|m| m.contains(&tok)),
+        "the token reached an Event"
+    );
+    assert!(!serde_json::to_string(&st).unwrap().contains(&tok));
+
+    // Resumed, the way a person does, and a server that was just used: not culled, watched.
+    ns.apply(&idle_notebook_yaml(None, false)).unwrap();
+    let pod = notebook_running(&ns, "Notebook lab resumed", None).await;
+    assert_eq!(node_of(&pod), REAL_NODE);
+    assert_eq!(token(&secrets).await, tok, "the token survived the cull");
+    let nb = wait(
+        &ns,
+        "IdleCulling Watching with a fresh lastActivity",
+        Duration::from_secs(90),
+        || {
+            let nbs = nbs.clone();
+            async move {
+                let nb = nbs.get("lab").await.ok()?;
+                let st = nb.status.as_ref()?;
+                let c = condition(&st.conditions, "IdleCulling")?;
+                let fresh = st.last_activity.as_ref().is_some_and(|t| {
+                    k8s_openapi::jiff::Timestamp::now()
+                        .duration_since(t.0)
+                        .as_secs()
+                        < 120
+                });
+                (c.reason == "Watching" && fresh).then_some(nb.clone())
+            }
+        },
+    )
+    .await;
+    assert!(
+        !nb.annotations().contains_key(ANNOTATION_CULLED_AT),
+        "annotation kept after resume"
+    );
+    assert_eq!(nb.spec.suspend, Some(false));
+    eprintln!(
+        "notebook_idle_past_its_timeout_is_suspended_keeping_workspace_and_token: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
 
 fn model_yaml(champion: i32, challenger: i32) -> String {
     let variant = |name: &str, weight: i32| {
