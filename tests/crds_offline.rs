@@ -387,6 +387,46 @@ fn invalid_manifests_are_refused_naming_the_field() {
             ),
             "model.uri must start with pvc://",
         ),
+        (
+            "ModelDeployment",
+            md(json!({"variants": [v(100)], "protocol": "gRPC"})),
+            "protocol",
+        ),
+        (
+            "ModelDeployment",
+            md(
+                json!({"protocol": "GRPC", "variants": [{"name": "a", "image": "i", "weight": 100, "readiness": {"httpGet": {"path": "/ready"}}}]}),
+            ),
+            "spec.variants[].readiness.httpGet is an HTTP/1.1 check",
+        ),
+        (
+            "ModelDeployment",
+            md(
+                json!({"variants": [{"name": "a", "image": "i", "weight": 100, "readiness": {"grpc": {}}}]}),
+            ),
+            "spec.variants[].readiness.grpc needs spec.protocol: GRPC",
+        ),
+        (
+            "ModelDeployment",
+            md(
+                json!({"protocol": "GRPC", "variants": [{"name": "a", "image": "i", "weight": 100, "readiness": {"grpc": {}, "httpGet": {"path": "/r"}}}]}),
+            ),
+            "readiness.httpGet and readiness.grpc are exclusive",
+        ),
+        (
+            "ModelDeployment",
+            md(
+                json!({"protocol": "GRPC", "variants": [v(100)], "traffic": {"mirror": {"variant": "a"}}}),
+            ),
+            "spec.traffic.mirror with spec.protocol: GRPC needs spec.traffic.router: GatewayAPI",
+        ),
+        (
+            "ModelDeployment",
+            md(
+                json!({"protocol": "GRPC", "variants": [{"name": "a", "image": "i", "weight": 100, "readiness": {"grpc": {"port": 0}}}]}),
+            ),
+            "readiness.grpc.port",
+        ),
     ];
     for (kind, obj, needle) in cases {
         let errs = errors(kind, &obj);

@@ -31,6 +31,7 @@ const OURS: &[&str] = &[
     "trainingjobs",
     "modeldeployments",
     "httproutes",
+    "grpcroutes",
     "horizontalpodautoscalers",
 ];
 

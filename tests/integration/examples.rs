@@ -46,6 +46,7 @@ fn every_example_is_accepted_and_becomes_ready() {
         "gemma-jax",
         "bert-queued",
         "fraud",
+        "scorer",
     ] {
         assert!(all.contains(name), "{all}");
     }

@@ -34,7 +34,10 @@ pub const MODEL_MOUNT: &str = "/mnt/models";
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS-1035 label of at most 40 characters (it prefixes every variant's Service)"),
     validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.mirror) || self.spec.variants.exists(v, v.name == self.spec.traffic.mirror.variant)").message("spec.traffic.mirror.variant must name one of spec.variants"),
     validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.gateway) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.gateway is only used with spec.traffic.router: GatewayAPI"),
-    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.routerPod) || !has(self.spec.traffic.router) || self.spec.traffic.router == 'Builtin'").message("spec.traffic.routerPod is only used with spec.traffic.router: Builtin")
+    validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.routerPod) || !has(self.spec.traffic.router) || self.spec.traffic.router == 'Builtin'").message("spec.traffic.routerPod is only used with spec.traffic.router: Builtin"),
+    validation = Rule::new("!has(self.spec.protocol) || self.spec.protocol != 'GRPC' || self.spec.variants.all(v, !has(v.readiness) || !has(v.readiness.httpGet))").message("spec.variants[].readiness.httpGet is an HTTP/1.1 check and cannot probe a server of spec.protocol: GRPC; use spec.variants[].readiness.grpc (the gRPC health checking protocol) or leave readiness out for a TCP check"),
+    validation = Rule::new("(has(self.spec.protocol) && self.spec.protocol == 'GRPC') || self.spec.variants.all(v, !has(v.readiness) || !has(v.readiness.grpc))").message("spec.variants[].readiness.grpc needs spec.protocol: GRPC; set it, or use spec.variants[].readiness.httpGet for an HTTP server"),
+    validation = Rule::new("!has(self.spec.protocol) || self.spec.protocol != 'GRPC' || !has(self.spec.traffic) || !has(self.spec.traffic.mirror) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.mirror with spec.protocol: GRPC needs spec.traffic.router: GatewayAPI (a GRPCRoute RequestMirror filter): the Builtin router copies only requests of a known length, and gRPC calls are streams; remove spec.traffic.mirror")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -42,6 +45,15 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+
+    /// What the model servers speak, for the whole ModelDeployment (one entry Service and one
+    /// router serve every variant): `HTTP` (default; HTTP/1.1, or HTTP/2 from the client to the
+    /// router) or `GRPC` (HTTP/2 cleartext end to end, trailers kept). With `GRPC` the Services name
+    /// their port `grpc` with `appProtocol: kubernetes.io/h2c`, the router speaks h2c to every
+    /// variant, `router: GatewayAPI` writes a GRPCRoute instead of an HTTPRoute, and readiness is
+    /// `readiness.grpc` or a TCP check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
 
     /// 1 to 10 variants with unique names (server-side apply merges the list by name); their weights
     /// sum to 100.
@@ -55,6 +67,18 @@ pub struct ModelDeploymentSpec {
     /// How traffic reaches the variants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<Traffic>,
+}
+
+/// What the model servers of a ModelDeployment speak.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (clients may also speak HTTP/2 cleartext to the router).
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// gRPC: HTTP/2 cleartext (prior knowledge) from the client to the model server, trailers kept.
+    #[serde(rename = "GRPC")]
+    Grpc,
 }
 
 /// One model server variant: a Deployment and a Service `<name>-<variant>`.
@@ -122,14 +146,37 @@ pub struct Autoscaling {
     pub target_cpu_utilization: Option<i32>,
 }
 
-/// Readiness of a model server pod: only ready pods get traffic.
+/// Readiness of a model server pod: only ready pods get traffic. At most one of `httpGet` and
+/// `grpc`; without either, a TCP connection to the serving port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.httpGet) || !has(self.grpc)").message("readiness.httpGet and readiness.grpc are exclusive: keep the one the model server answers"))]
 pub struct Readiness {
     /// An HTTP GET that must answer 200..399, e.g. `{path: /v2/health/ready}`. Without it, a TCP
-    /// connection to the serving port.
+    /// connection to the serving port. Only with `spec.protocol: HTTP`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_get: Option<HttpReadiness>,
+
+    /// A gRPC health check (the kubelet calls `grpc.health.v1.Health/Check`, which must answer
+    /// `SERVING`), e.g. `{service: fraud.v1.Scorer}`. Only with `spec.protocol: GRPC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcReadiness>,
+}
+
+/// A gRPC readiness check, the core/v1 `grpc` probe.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcReadiness {
+    /// Port of the health service, 1 to 65535. Default: the serving port (`spec.port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+
+    /// Service name sent in the `HealthCheckRequest`, e.g. `fraud.v1.Scorer`. Default: empty, the
+    /// server's overall health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub service: Option<String>,
 }
 
 /// An HTTP readiness check.

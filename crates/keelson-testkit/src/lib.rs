@@ -316,6 +316,7 @@ impl Ns {
         for (claim, size) in [
             ("shared-datasets", "100Gi"),
             ("models", "10Gi"),
+            ("scorer-models", "5Gi"),
             ("alice-workspace", "10Gi"),
             ("scratch-workspace", "5Gi"),
         ] {

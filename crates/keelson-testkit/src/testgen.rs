@@ -191,9 +191,17 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
             Just("s3://bucket/m".to_string()),
             "pvc://[a-z]{1,5}(/[a-z0-9]{1,4}){0,2}"
         ]),
+        // Readiness: none, httpGet, grpc, or both (refused).
+        prop_oneof![4 => Just(0u8), 2 => Just(1u8), 2 => Just(2u8), 1 => Just(3u8)],
     )
-        .prop_map(|(w, name, weight, replicas, uri)| {
+        .prop_map(|(w, name, weight, replicas, uri, readiness)| {
             let mut extra = json!({"name": name, "weight": weight});
+            if readiness & 1 != 0 {
+                extra["readiness"]["httpGet"] = json!({"path": "/v2/health/ready"});
+            }
+            if readiness & 2 != 0 {
+                extra["readiness"]["grpc"] = json!({"service": "fraud.v1.Scorer"});
+            }
             if let Some(r) = replicas {
                 extra["replicas"] = json!(r);
             }
@@ -203,14 +211,16 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
             merge(w, extra)
         });
     let router = prop_oneof![3 => Just("Builtin"), 3 => Just("GatewayAPI"), 3 => Just("None"), 1 => Just("Istio")];
+    let protocol = prop_oneof![4 => Just(None), 2 => Just(Some("HTTP")), 3 => Just(Some("GRPC")), 1 => Just(Some("gRPC"))];
     (
         proptest::collection::vec(variant, 1..3),
         router,
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        protocol,
     )
-        .prop_map(|(mut vs, router, sticky, mirror, gateway)| {
+        .prop_map(|(mut vs, router, sticky, mirror, gateway, protocol)| {
             if !sticky {
                 let n = vs.len() as i64;
                 for (i, v) in vs.iter_mut().enumerate() {
@@ -236,10 +246,10 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
                 traffic["gateway"] =
                     json!({"parentRefs": [{"name": "public", "namespace": "infra"}]});
             }
-            object(
-                "ModelDeployment",
-                "md",
-                json!({"variants": vs, "traffic": traffic}),
-            )
+            let mut spec = json!({"variants": vs, "traffic": traffic});
+            if let Some(p) = protocol {
+                spec["protocol"] = json!(p);
+            }
+            object("ModelDeployment", "md", spec)
         })
 }

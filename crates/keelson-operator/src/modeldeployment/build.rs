@@ -13,7 +13,7 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ConfigMap, ContainerPort, GRPCAction, HTTPGetAction, Lifecycle, LifecycleHandler,
     PersistentVolumeClaimVolumeSource, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
     SleepAction, TCPSocketAction, Volume, VolumeMount,
 };
@@ -27,7 +27,7 @@ use crate::error::BuildError;
 use crate::pod::{env, pod_template, MainContainer};
 use keelson_api::meta::Owner;
 use keelson_api::modeldeployment::{
-    ModelDeployment, RouterKind, Variant, DEFAULT_PORT, MODEL_MOUNT,
+    ModelDeployment, Protocol, RouterKind, Variant, DEFAULT_PORT, MODEL_MOUNT,
 };
 
 /// The children of one variant.
@@ -189,6 +189,7 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
             ));
         }
         v.workload.check_resources(&format!("spec.variants[{i}]"))?;
+        check_readiness(md, i, v)?;
         if let Some(a) = &v.autoscaling {
             let field = format!("spec.variants[{i}].autoscaling");
             if v.replicas.is_some() {
@@ -229,6 +230,32 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// The readiness check must fit the protocol (the schema refuses the same).
+fn check_readiness(md: &ModelDeployment, i: usize, v: &Variant) -> Result<(), BuildError> {
+    let Some(r) = &v.readiness else {
+        return Ok(());
+    };
+    let field = format!("spec.variants[{i}].readiness");
+    match (protocol(md), r.http_get.is_some(), r.grpc.is_some()) {
+        (_, true, true) => Err(BuildError::new(
+            "InvalidReadiness",
+            field,
+            "readiness.httpGet and readiness.grpc are exclusive: keep the one the model server answers",
+        )),
+        (Protocol::Grpc, true, false) => Err(BuildError::new(
+            "InvalidReadiness",
+            format!("{field}.httpGet"),
+            "an HTTP/1.1 check cannot probe a server of spec.protocol: GRPC; use readiness.grpc",
+        )),
+        (Protocol::Http, false, true) => Err(BuildError::new(
+            "InvalidReadiness",
+            format!("{field}.grpc"),
+            "readiness.grpc needs spec.protocol: GRPC",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`);
 /// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]).
 pub fn build(
@@ -247,16 +274,29 @@ pub fn build(
         .collect::<Result<Vec<_>, _>>()?;
     let kind = router_kind(md);
     let traffic = traffic::build(md, owner, router_image, &gate(md, ready).weights)?;
-    let role = if kind == RouterKind::Builtin {
-        ROLE_ROUTER
+    let proto = protocol(md);
+    // The router's data port is named `http` whatever it speaks; the model pods' port is named by
+    // the protocol.
+    let (role, target) = if kind == RouterKind::Builtin {
+        (ROLE_ROUTER, PORT_NAME)
     } else {
-        ROLE_MODEL
+        (ROLE_MODEL, port_name(proto))
     };
-    let mut entry = service(owner, &owner.name, role_selector(&owner.name, role));
-    entry.metadata.annotations = Some(BTreeMap::from([(
+    let mut entry = service(
+        owner,
+        &owner.name,
+        role_selector(&owner.name, role),
+        proto,
+        target,
+    );
+    let mut annotations = BTreeMap::from([(
         ANNOTATION_ROUTER.to_string(),
         router_kind_name(kind).to_string(),
-    )]));
+    )]);
+    if proto == Protocol::Grpc {
+        annotations.insert(ANNOTATION_PROTOCOL.to_string(), "GRPC".to_string());
+    }
+    entry.metadata.annotations = Some(annotations);
     Ok(Children {
         variants,
         entry,
@@ -264,17 +304,25 @@ pub fn build(
     })
 }
 
-/// A ClusterIP Service on port 80 to the pods' `http` port.
-pub(crate) fn service(owner: &Owner, name: &str, selector: BTreeMap<String, String>) -> Service {
+/// A ClusterIP Service on port 80 to the pods' port named `target`. The port is named by the
+/// protocol (`http`, or `grpc` with `appProtocol: kubernetes.io/h2c`).
+pub(crate) fn service(
+    owner: &Owner,
+    name: &str,
+    selector: BTreeMap<String, String>,
+    proto: Protocol,
+    target: &str,
+) -> Service {
     Service {
         metadata: owner.child_meta(name),
         spec: Some(ServiceSpec {
             selector: Some(selector),
             ports: Some(vec![ServicePort {
-                name: Some(PORT_NAME.into()),
+                name: Some(port_name(proto).into()),
                 port: SERVICE_PORT,
-                target_port: Some(IntOrString::String(PORT_NAME.into())),
+                target_port: Some(IntOrString::String(target.into())),
                 protocol: Some("TCP".into()),
+                app_protocol: (proto == Protocol::Grpc).then(|| APP_PROTOCOL_H2C.into()),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
@@ -291,16 +339,18 @@ fn build_variant(
 ) -> Result<VariantChildren, BuildError> {
     let port = md.spec.port.unwrap_or(DEFAULT_PORT);
     let name = variant_name(&owner.name, &v.name);
+    let proto = protocol(md);
+    let pname = port_name(proto);
 
     let mut main = MainContainer {
         name: CONTAINER,
         ports: vec![ContainerPort {
-            name: Some(PORT_NAME.into()),
+            name: Some(pname.into()),
             container_port: port,
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }],
-        readiness_probe: Some(readiness_probe(v)),
+        readiness_probe: Some(readiness_probe(v, pname, port)),
         ..MainContainer::default()
     };
     if let Some(model) = &v.model {
@@ -406,7 +456,7 @@ fn build_variant(
             status: None,
         }
     });
-    let mut svc = service(owner, &name, selector);
+    let mut svc = service(owner, &name, selector, proto, pname);
     if let Some(l) = svc.metadata.labels.as_mut() {
         l.insert(LABEL_VARIANT.into(), v.name.clone());
     }
@@ -418,20 +468,25 @@ fn build_variant(
     })
 }
 
-/// The readiness probe of the model container: the variant's HTTP check, or a TCP connection to
-/// the serving port.
-fn readiness_probe(v: &Variant) -> Probe {
+/// The readiness probe of the model container: the variant's HTTP or gRPC check, or a TCP
+/// connection to the serving port (named `port_name`, number `port`: a gRPC probe takes a number).
+fn readiness_probe(v: &Variant, port_name: &str, port: i32) -> Probe {
     let http = v.readiness.as_ref().and_then(|r| r.http_get.as_ref());
+    let grpc = v.readiness.as_ref().and_then(|r| r.grpc.as_ref());
     Probe {
         http_get: http.map(|h| HTTPGetAction {
             path: Some(h.path.clone()),
             port: h
                 .port
-                .map_or_else(|| IntOrString::String(PORT_NAME.into()), IntOrString::Int),
+                .map_or_else(|| IntOrString::String(port_name.into()), IntOrString::Int),
             ..HTTPGetAction::default()
         }),
-        tcp_socket: http.is_none().then(|| TCPSocketAction {
-            port: IntOrString::String(PORT_NAME.into()),
+        grpc: grpc.map(|g| GRPCAction {
+            port: g.port.unwrap_or(port),
+            service: g.service.clone().filter(|s| !s.is_empty()),
+        }),
+        tcp_socket: (http.is_none() && grpc.is_none()).then(|| TCPSocketAction {
+            port: IntOrString::String(port_name.into()),
             host: None,
         }),
         period_seconds: Some(5),
@@ -518,6 +573,7 @@ pub(crate) mod tests {
             "fraud",
             ModelDeploymentSpec {
                 port: None,
+                protocol: None,
                 variants,
                 traffic: router.map(|r| TrafficSpec {
                     router: Some(r),
@@ -811,6 +867,7 @@ pub(crate) mod tests {
                 path: "/v2/health/ready".into(),
                 port: None,
             }),
+            grpc: None,
         });
         let (m, owner) = md(vs.clone(), None);
         let c = build(&m, &owner, IMAGE).unwrap();
@@ -846,6 +903,175 @@ pub(crate) mod tests {
             .clone()
             .unwrap();
         assert_eq!(probe.http_get.unwrap().port, IntOrString::Int(9001));
+    }
+
+    #[test]
+    fn grpc_names_the_service_ports_grpc_with_h2c_and_probes_over_grpc() {
+        use keelson_api::modeldeployment::GrpcReadiness;
+        let mut vs = ab();
+        vs[0].readiness = Some(Readiness {
+            grpc: Some(GrpcReadiness {
+                port: None,
+                service: Some("fraud.v1.Scorer".into()),
+            }),
+            ..Readiness::default()
+        });
+        vs[1].readiness = Some(Readiness {
+            grpc: Some(GrpcReadiness {
+                port: Some(9001),
+                service: None,
+            }),
+            ..Readiness::default()
+        });
+        for router in [RouterKind::Builtin, RouterKind::None] {
+            let (mut m, owner) = md(vs.clone(), Some(router));
+            m.spec.protocol = Some(Protocol::Grpc);
+            m.spec.port = Some(9000);
+            let c = build(&m, &owner, IMAGE).unwrap();
+            for v in &c.variants {
+                let sp = &v.service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+                assert_eq!(
+                    (
+                        sp.name.as_deref(),
+                        sp.app_protocol.as_deref(),
+                        sp.port,
+                        sp.target_port.clone()
+                    ),
+                    (
+                        Some("grpc"),
+                        Some("kubernetes.io/h2c"),
+                        80,
+                        Some(IntOrString::String("grpc".into()))
+                    )
+                );
+                let main = &pod_spec(&v.deployment).containers[0];
+                let port = &main.ports.as_ref().unwrap()[0];
+                assert_eq!(
+                    (port.name.as_deref(), port.container_port),
+                    (Some("grpc"), 9000)
+                );
+            }
+            // The entry Service: to the router's data port (named http), or to the model pods.
+            let entry = c.entry.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].clone();
+            let target = if router == RouterKind::Builtin {
+                "http"
+            } else {
+                "grpc"
+            };
+            assert_eq!(
+                (
+                    entry.name.as_deref(),
+                    entry.app_protocol.as_deref(),
+                    entry.target_port
+                ),
+                (
+                    Some("grpc"),
+                    Some("kubernetes.io/h2c"),
+                    Some(IntOrString::String(target.into()))
+                )
+            );
+            assert_eq!(
+                c.entry.metadata.annotations.as_ref().unwrap()[ANNOTATION_PROTOCOL],
+                "GRPC"
+            );
+            let probe = |i: usize| {
+                pod_spec(&c.variants[i].deployment).containers[0]
+                    .readiness_probe
+                    .clone()
+                    .unwrap()
+            };
+            let p0 = probe(0);
+            assert!(p0.tcp_socket.is_none() && p0.http_get.is_none());
+            let g = p0.grpc.unwrap();
+            assert_eq!(
+                (g.port, g.service.as_deref()),
+                (9000, Some("fraud.v1.Scorer"))
+            );
+            let g = probe(1).grpc.unwrap();
+            assert_eq!((g.port, g.service), (9001, None));
+        }
+        // Without a readiness check: TCP on the grpc port.
+        let (mut m, owner) = md(ab(), None);
+        m.spec.protocol = Some(Protocol::Grpc);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let p = pod_spec(&c.variants[0].deployment).containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert_eq!(
+            p.tcp_socket.unwrap().port,
+            IntOrString::String("grpc".into())
+        );
+        assert!(p.grpc.is_none());
+    }
+
+    #[test]
+    fn http_children_carry_no_grpc_marks() {
+        let (m, owner) = md(ab(), None);
+        let c = build(&m, &owner, IMAGE).unwrap();
+        let mut http = m.clone();
+        http.spec.protocol = Some(Protocol::Http);
+        assert_eq!(build(&http, &owner, IMAGE).unwrap(), c);
+        for s in c.variants.iter().map(|v| &v.service).chain([&c.entry]) {
+            let sp = &s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+            assert_eq!(
+                (sp.name.as_deref(), sp.app_protocol.as_deref()),
+                (Some("http"), None)
+            );
+        }
+        assert!(!c
+            .entry
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(ANNOTATION_PROTOCOL));
+    }
+
+    #[test]
+    fn readiness_that_does_not_fit_the_protocol_is_a_build_error_too() {
+        use keelson_api::modeldeployment::GrpcReadiness;
+        let http = || HttpReadiness {
+            path: "/ready".into(),
+            port: None,
+        };
+        let cases = [
+            (
+                Protocol::Grpc,
+                Readiness {
+                    http_get: Some(http()),
+                    grpc: None,
+                },
+                "spec.variants[0].readiness.httpGet",
+            ),
+            (
+                Protocol::Http,
+                Readiness {
+                    http_get: None,
+                    grpc: Some(GrpcReadiness::default()),
+                },
+                "spec.variants[0].readiness.grpc",
+            ),
+            (
+                Protocol::Grpc,
+                Readiness {
+                    http_get: Some(http()),
+                    grpc: Some(GrpcReadiness::default()),
+                },
+                "spec.variants[0].readiness",
+            ),
+        ];
+        for (protocol, readiness, field) in cases {
+            let mut vs = ab();
+            vs[0].readiness = Some(readiness);
+            let (mut m, owner) = md(vs, None);
+            m.spec.protocol = Some(protocol);
+            let err = build(&m, &owner, IMAGE).unwrap_err();
+            assert_eq!(
+                (err.reason, err.field.as_str()),
+                ("InvalidReadiness", field)
+            );
+        }
     }
 
     fn autoscaled(min: Option<i32>, max: i32) -> Variant {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use keelson_api::meta::LABEL_OWNER_NAME;
-use keelson_api::modeldeployment::{ModelDeployment, RouterKind, Variant};
+use keelson_api::modeldeployment::{ModelDeployment, Protocol, RouterKind, Variant};
 
 /// Name of the model server container.
 pub const CONTAINER: &str = "model";
@@ -37,8 +37,16 @@ pub const SHUTDOWN_SECONDS: i64 = 30;
 pub const DEFAULT_TARGET_CPU: i32 = 80;
 /// Port of every Service of a ModelDeployment.
 pub const SERVICE_PORT: i32 = 80;
-/// Name of the container port the Services target.
+/// Name of the container port the Services target, and of the Services' port (`protocol: HTTP`).
 pub const PORT_NAME: &str = "http";
+/// Name of the model container's port and of the Services' port with `protocol: GRPC`.
+pub const GRPC_PORT_NAME: &str = "grpc";
+/// `appProtocol` of the Services' port with `protocol: GRPC`: HTTP/2 over cleartext (KEP-3726), so
+/// that meshes and gateways speak h2c to the pods.
+pub const APP_PROTOCOL_H2C: &str = "kubernetes.io/h2c";
+/// Annotation on the entry Service recording the protocol it was built for (`GRPC` only). With the
+/// router annotation, it tells the reconciler which kind of route may be left over.
+pub const ANNOTATION_PROTOCOL: &str = "keelson.dev/protocol";
 /// Prefix of a model URI on a PersistentVolumeClaim.
 pub const PVC_SCHEME: &str = "pvc://";
 
@@ -67,6 +75,19 @@ pub fn router_kind(md: &ModelDeployment) -> RouterKind {
         .as_ref()
         .and_then(|t| t.router)
         .unwrap_or_default()
+}
+
+/// What the model servers speak, with its default.
+pub fn protocol(md: &ModelDeployment) -> Protocol {
+    md.spec.protocol.unwrap_or_default()
+}
+
+/// The name of the model container's port and of the Services' port.
+pub fn port_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Http => PORT_NAME,
+        Protocol::Grpc => GRPC_PORT_NAME,
+    }
 }
 
 /// Desired model pods of a variant (default 1); with autoscaling, its minReplicas (the

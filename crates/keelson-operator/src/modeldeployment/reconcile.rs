@@ -13,16 +13,19 @@
 //! until the autoscaler writes it. When `autoscaling` is removed, the autoscaler is deleted first
 //! and the Deployment is applied with `replicas` again: `keelson` owns the field again.
 //!
-//! The HTTPRoute is not watched: its CRD may be absent, and a watch on a missing resource type would
-//! fail forever. In `GatewayAPI` mode it is read with a GET, applied, and read back; the
-//! ModelDeployment is then requeued every few minutes so that a hand edit of the route or a
-//! Gateway's verdict on it is seen without a watch.
+//! The HTTPRoute (or, with `protocol: GRPC`, the GRPCRoute) is not watched: its CRD may be absent,
+//! and a watch on a missing resource type would fail forever. In `GatewayAPI` mode it is read with a
+//! GET, applied, and read back; the ModelDeployment is then requeued every few minutes so that a hand
+//! edit of the route or a Gateway's verdict on it is seen without a watch. The entry Service's
+//! annotations record the mode and protocol it was built for, so that a route of the other kind (or
+//! any route, after leaving `GatewayAPI`) is looked for and deleted only when one may be left.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -36,7 +39,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use super::build::{build, Children};
 use super::gate::{ready_pods, ReadyPods};
 use super::names::{
-    router_kind, router_kind_name, ANNOTATION_AUTOSCALED, ANNOTATION_ROUTER, HANDOVER_MANAGER,
+    protocol, router_kind, router_kind_name, ANNOTATION_AUTOSCALED, ANNOTATION_PROTOCOL,
+    ANNOTATION_ROUTER, HANDOVER_MANAGER,
 };
 use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
 use super::traffic::Traffic;
@@ -49,7 +53,7 @@ use crate::runtime::controller::{
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
-use keelson_api::modeldeployment::{ModelDeployment, ModelDeploymentStatus, RouterKind};
+use keelson_api::modeldeployment::{ModelDeployment, ModelDeploymentStatus, Protocol, RouterKind};
 
 /// Environment variable naming the image of the built-in router.
 pub const ROUTER_IMAGE_ENV: &str = "KEELSON_ROUTER_IMAGE";
@@ -322,6 +326,7 @@ async fn converge(
     }
 
     let mut route_desired = None;
+    let mut grpc_route_desired = None;
     match traffic {
         Traffic::Builtin { config, router } => {
             // The config before the router: the router pod mounts it.
@@ -338,24 +343,20 @@ async fn converge(
             apply_child(ctx, md, &ctx.deployments, *router, changes).await?;
         }
         Traffic::GatewayApi { route } => route_desired = Some(route),
+        Traffic::GatewayApiGrpc { route } => grpc_route_desired = Some(route),
         Traffic::None => {}
     }
 
-    // An HTTPRoute left from GatewayAPI mode goes before the entry Service stops saying GatewayAPI,
-    // so that a crash in between leaves the marker that makes the next reconcile look again.
-    if kind != RouterKind::GatewayApi {
-        // Without the entry Service, look only for a ModelDeployment reconciled before: a new one
-        // has no route, and the GET would cost every creation a request (a 404 without Gateway API).
-        let look = match cached(&ctx.services, ns, &owner.name) {
-            Some(s) => {
-                s.annotations().get(ANNOTATION_ROUTER).map(String::as_str)
-                    == Some(router_kind_name(RouterKind::GatewayApi))
-            }
-            None => md.status.is_some(),
-        };
-        if look {
-            sweep_route(ctx, md, owner, changes).await?;
-        }
+    // A route left from GatewayAPI mode (or of the other protocol) goes before the entry Service
+    // stops saying so, so that a crash in between leaves the marker that makes the next reconcile
+    // look again.
+    let (http_left, grpc_left) = leftover_routes(ctx, md, owner);
+    let proto = protocol(md);
+    if http_left && !(kind == RouterKind::GatewayApi && proto == Protocol::Http) {
+        sweep_route::<HttpRoute>(ctx, md, owner, changes).await?;
+    }
+    if grpc_left && !(kind == RouterKind::GatewayApi && proto == Protocol::Grpc) {
+        sweep_route::<GrpcRoute>(ctx, md, owner, changes).await?;
     }
     apply_child(ctx, md, &ctx.services, entry, changes).await?;
 
@@ -363,6 +364,13 @@ async fn converge(
     if let Some(route) = route_desired {
         match apply_route(ctx, md, *route, changes).await? {
             RouteRead::Present(r) => observed.route = Some(*r),
+            RouteRead::Absent => {}
+            RouteRead::TypeMissing => observed.gateway_api_missing = true,
+        }
+    }
+    if let Some(route) = grpc_route_desired {
+        match apply_route(ctx, md, *route, changes).await? {
+            RouteRead::Present(r) => observed.grpc_route = Some(*r),
             RouteRead::Absent => {}
             RouteRead::TypeMissing => observed.gateway_api_missing = true,
         }
@@ -514,15 +522,32 @@ async fn delete_child<K: Object>(
     Ok(())
 }
 
-/// An HTTPRoute as a GET finds it.
-enum RouteRead {
-    /// The API server does not serve HTTPRoutes (the Gateway API CRDs are not installed).
-    TypeMissing,
-    Absent,
-    Present(Box<HttpRoute>),
+/// Whether an HTTPRoute and whether a GRPCRoute of this ModelDeployment may exist, from the
+/// annotations of the cached entry Service (the mode and protocol it was last built for). Without
+/// the entry Service, both may for a ModelDeployment reconciled before: a new one has no route, and
+/// the GET would cost every creation a request (a 404 without Gateway API).
+fn leftover_routes(ctx: &Ctx, md: &ModelDeployment, owner: &Owner) -> (bool, bool) {
+    match cached(&ctx.services, &owner.namespace, &owner.name) {
+        Some(s) => {
+            let a = s.annotations();
+            let gateway = a.get(ANNOTATION_ROUTER).map(String::as_str)
+                == Some(router_kind_name(RouterKind::GatewayApi));
+            let grpc = a.get(ANNOTATION_PROTOCOL).map(String::as_str) == Some("GRPC");
+            (gateway && !grpc, gateway && grpc)
+        }
+        None => (md.status.is_some(), md.status.is_some()),
+    }
 }
 
-async fn get_route(api: &Api<HttpRoute>, name: &str) -> Result<RouteRead> {
+/// A route as a GET finds it.
+enum RouteRead<K> {
+    /// The API server does not serve this route type (its Gateway API CRD is not installed).
+    TypeMissing,
+    Absent,
+    Present(Box<K>),
+}
+
+async fn get_route<K: Object>(api: &Api<K>, name: &str) -> Result<RouteRead<K>> {
     match api.get(name).await {
         Ok(r) => Ok(RouteRead::Present(Box::new(r))),
         Err(kube::Error::Api(s)) if type_missing(&s, name) => Ok(RouteRead::TypeMissing),
@@ -531,17 +556,18 @@ async fn get_route(api: &Api<HttpRoute>, name: &str) -> Result<RouteRead> {
     }
 }
 
-/// Deletes the HTTPRoute `<name>` if it exists and is this ModelDeployment's (GET first: no watch).
-async fn sweep_route(
+/// Deletes the route `<name>` of type `K` if it exists and is this ModelDeployment's (GET first: no
+/// watch).
+async fn sweep_route<K: Object>(
     ctx: &Ctx,
     md: &ModelDeployment,
     owner: &Owner,
     changes: &mut Changes,
 ) -> Result<()> {
-    let api: Api<HttpRoute> = Api::namespaced(ctx.shared.client.clone(), &owner.namespace);
+    let api: Api<K> = Api::namespaced(ctx.shared.client.clone(), &owner.namespace);
     if let RouteRead::Present(route) = get_route(&api, &owner.name).await? {
-        if is_controlled_by(&route.metadata, &owner.owner_ref.uid)
-            && route.metadata.deletion_timestamp.is_none()
+        if is_controlled_by(route.meta(), &owner.owner_ref.uid)
+            && route.meta().deletion_timestamp.is_none()
         {
             delete_child(ctx, md, route.as_ref(), changes).await?;
         }
@@ -549,18 +575,20 @@ async fn sweep_route(
     Ok(())
 }
 
-/// Applies the HTTPRoute and reads it back (`TypeMissing` when the Gateway API CRDs are absent).
-async fn apply_route(
+/// Applies the route (an HTTPRoute or a GRPCRoute) and reads it back (`TypeMissing` when its CRD
+/// is absent).
+async fn apply_route<K: Object>(
     ctx: &Ctx,
     md: &ModelDeployment,
-    desired: HttpRoute,
+    desired: K,
     changes: &mut Changes,
-) -> Result<RouteRead> {
+) -> Result<RouteRead<K>> {
     let client: &Client = &ctx.shared.client;
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
     let child = desired.object_ref(&());
-    let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+    let kind = K::kind(&()).to_string();
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
     let existing = match get_route(&api, &name).await? {
         RouteRead::TypeMissing => return Ok(RouteRead::TypeMissing),
         RouteRead::Absent => None,
@@ -571,22 +599,22 @@ async fn apply_route(
         Ok(outcome) => {
             let change = if outcome == Outcome::Created {
                 Change::Created {
-                    kind: "HTTPRoute".into(),
+                    kind: kind.clone(),
                     name: name.clone(),
                 }
             } else {
                 Change::Updated {
-                    kind: "HTTPRoute".into(),
+                    kind: kind.clone(),
                     name: name.clone(),
                 }
             };
             let (reason, action, note) = if outcome == Outcome::Created {
-                ("Created", "Create", format!("created HTTPRoute {name}"))
+                ("Created", "Create", format!("created {kind} {name}"))
             } else {
                 (
                     "TrafficUpdated",
                     "UpdateTraffic",
-                    format!("HTTPRoute {name} now splits traffic {}", spec_split(md)),
+                    format!("{kind} {name} now splits traffic {}", spec_split(md)),
                 )
             };
             ctx.shared.child_event(md, reason, action, note, child);

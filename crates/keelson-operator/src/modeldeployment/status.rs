@@ -4,19 +4,22 @@
 //! the router config in the observed ConfigMap (`Builtin`), the observed HTTPRoute (`GatewayAPI`), or
 //! the share of ready pods (`None`, where the entry Service spreads requests over the ready endpoints).
 
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::gate::{gate, ready_pods, shares, Gate, GateState};
-use super::names::{replicas, router_kind, url, variant_name};
-use super::traffic::{route_spec, route_weights, router_config, router_name};
+use super::names::{protocol, replicas, router_kind, url, variant_name};
+use super::traffic::{
+    grpc_route_spec, grpc_route_weights, route_spec, route_weights, router_config, router_name,
+};
 use crate::error::BuildError;
 use crate::runtime::apply::subset;
 use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::modeldeployment::{
-    ModelDeployment, ModelDeploymentStatus, RouterKind, VariantStatus,
+    ModelDeployment, ModelDeploymentStatus, Protocol, RouterKind, VariantStatus,
 };
 use keelson_api::router_config::{RouterConfig, ROUTER_CONFIG_KEY};
 
@@ -26,6 +29,8 @@ pub const TRAFFIC_DEGRADED: &str = "TrafficDegraded";
 
 /// Message of the `GatewayAPIMissing` condition.
 pub const GATEWAY_API_MISSING: &str = "spec.traffic.router is GatewayAPI but the Gateway API CRDs (HTTPRoute, gateway.networking.k8s.io/v1) are not installed in this cluster: install them (https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) or set spec.traffic.router to Builtin or None";
+/// Message of the `GatewayAPIMissing` condition with `protocol: GRPC`.
+pub const GRPC_ROUTE_MISSING: &str = "spec.traffic.router is GatewayAPI with spec.protocol GRPC but the GRPCRoute CRD (gateway.networking.k8s.io/v1, in the Gateway API standard channel since v1.1) is not installed in this cluster: install the Gateway API CRDs (https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) or set spec.traffic.router to Builtin or None";
 
 /// What the cluster holds of a ModelDeployment's children.
 #[derive(Clone, Debug, Default)]
@@ -36,7 +41,9 @@ pub struct Observed {
     pub config: Option<ConfigMap>,
     /// The HTTPRoute `<name>` as read back after applying it (`GatewayAPI` mode).
     pub route: Option<HttpRoute>,
-    /// The API server does not serve HTTPRoutes.
+    /// The GRPCRoute `<name>` as read back after applying it (`GatewayAPI` mode, `protocol: GRPC`).
+    pub grpc_route: Option<GrpcRoute>,
+    /// The API server does not serve the route's type (HTTPRoutes, or GRPCRoutes with GRPC).
     pub gateway_api_missing: bool,
 }
 
@@ -134,12 +141,12 @@ fn effective_weights(md: &ModelDeployment, name: &str, observed: &Observed) -> V
                 .collect()
         }
         RouterKind::GatewayApi => {
-            let weights = observed
-                .route
-                .as_ref()
-                .filter(|_| !observed.gateway_api_missing)
-                .map(route_weights)
-                .unwrap_or_default();
+            let weights = match protocol(md) {
+                Protocol::Http => observed.route.as_ref().map(route_weights),
+                Protocol::Grpc => observed.grpc_route.as_ref().map(grpc_route_weights),
+            }
+            .filter(|_| !observed.gateway_api_missing)
+            .unwrap_or_default();
             variants
                 .iter()
                 .map(|v| {
@@ -172,15 +179,23 @@ fn routing_in_effect(
         RouterKind::Builtin => {
             observed.router_config() == Some(router_config(md, name, ns, weights))
         }
-        RouterKind::GatewayApi => observed.route.as_ref().is_some_and(|r| {
-            match (
-                serde_json::to_value(route_spec(md, name, weights)),
-                serde_json::to_value(&r.spec),
-            ) {
-                (Ok(want), Ok(have)) => subset(&want, &have),
-                _ => false,
-            }
-        }),
+        RouterKind::GatewayApi => {
+            let pair = match protocol(md) {
+                Protocol::Http => observed.route.as_ref().map(|r| {
+                    (
+                        serde_json::to_value(route_spec(md, name, weights)),
+                        serde_json::to_value(&r.spec),
+                    )
+                }),
+                Protocol::Grpc => observed.grpc_route.as_ref().map(|r| {
+                    (
+                        serde_json::to_value(grpc_route_spec(md, name, weights)),
+                        serde_json::to_value(&r.spec),
+                    )
+                }),
+            };
+            matches!(pair, Some((Ok(want), Ok(have))) if subset(&want, &have))
+        }
         RouterKind::None => true,
     }
 }
@@ -188,8 +203,37 @@ fn routing_in_effect(
 /// A parent that refused the HTTPRoute, as (reason, message).
 fn route_problem(route: &HttpRoute) -> Option<(String, String)> {
     let parents = route.status.as_ref()?.parents.iter();
-    for p in parents {
-        for c in &p.conditions {
+    parents_problem(
+        "HTTPRoute",
+        route.metadata.name.as_deref().unwrap_or_default(),
+        parents.map(|p| (p.parent_ref.name.as_str(), p.conditions.as_slice())),
+    )
+}
+
+/// A parent that refused the GRPCRoute, as (reason, message).
+fn grpc_route_problem(route: &GrpcRoute) -> Option<(String, String)> {
+    let parents = route.status.as_ref()?.parents.iter();
+    parents_problem(
+        "GRPCRoute",
+        route.metadata.name.as_deref().unwrap_or_default(),
+        parents.map(|p| (p.parent_ref.name.as_str(), p.conditions.as_slice())),
+    )
+}
+
+/// The first `Accepted` or `ResolvedRefs` condition that is False among a route's parents (name,
+/// conditions), as (reason, message).
+fn parents_problem<'a>(
+    kind: &str,
+    route: &str,
+    parents: impl Iterator<
+        Item = (
+            &'a str,
+            &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        ),
+    >,
+) -> Option<(String, String)> {
+    for (parent, conditions) in parents {
+        for c in conditions {
             let reason = match c.type_.as_str() {
                 "Accepted" => "RouteNotAccepted",
                 "ResolvedRefs" => "RouteRefsNotResolved",
@@ -199,9 +243,7 @@ fn route_problem(route: &HttpRoute) -> Option<(String, String)> {
                 return Some((
                     reason.to_string(),
                     format!(
-                        "HTTPRoute {}: parent {} reports {}={} ({}): {}; check spec.traffic.gateway.parentRefs and the Gateway's allowedRoutes",
-                        route.metadata.name.as_deref().unwrap_or_default(),
-                        p.parent_ref.name,
+                        "{kind} {route}: parent {parent} reports {}={} ({}): {}; check spec.traffic.gateway.parentRefs and the Gateway's allowedRoutes",
                         c.type_,
                         c.status,
                         c.reason,
@@ -312,10 +354,17 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
         .join(",");
     let in_effect = routing_in_effect(md, &name, &ns, observed, &gated.weights);
     let degraded = traffic_degraded(md, &gated, &ns, &name);
-    let route_problem = observed.route.as_ref().and_then(route_problem);
+    let route_problem = match protocol(md) {
+        Protocol::Http => observed.route.as_ref().and_then(route_problem),
+        Protocol::Grpc => observed.grpc_route.as_ref().and_then(grpc_route_problem),
+    };
+    let missing_message = match protocol(md) {
+        Protocol::Http => GATEWAY_API_MISSING,
+        Protocol::Grpc => GRPC_ROUTE_MISSING,
+    };
 
     let ready = if observed.gateway_api_missing {
-        Cond::new(READY, false, "GatewayAPIMissing", GATEWAY_API_MISSING)
+        Cond::new(READY, false, "GatewayAPIMissing", missing_message)
     } else if let Some((reason, message)) = failed.clone() {
         Cond::new(READY, false, reason, message)
     } else if let Some((reason, message)) = route_problem {
@@ -347,14 +396,15 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
     };
 
     let progressing = if observed.gateway_api_missing {
-        Cond::new(PROGRESSING, false, "GatewayAPIMissing", GATEWAY_API_MISSING)
+        Cond::new(PROGRESSING, false, "GatewayAPIMissing", missing_message)
     } else if let Some((reason, message)) = failed {
         Cond::new(PROGRESSING, false, reason, message)
     } else if !rolling.is_empty() {
         Cond::new(PROGRESSING, true, "RolloutInProgress", rolling.join(", "))
     } else if !in_effect {
-        let what = match kind {
-            RouterKind::GatewayApi => "the HTTPRoute",
+        let what = match (kind, protocol(md)) {
+            (RouterKind::GatewayApi, Protocol::Http) => "the HTTPRoute",
+            (RouterKind::GatewayApi, Protocol::Grpc) => "the GRPCRoute",
             _ => "the router config",
         };
         Cond::new(

@@ -678,3 +678,91 @@ fn an_autoscaled_variant_reports_the_autoscalers_count() {
     assert_eq!(s.ready.as_deref(), Some("5/5"));
     assert!(conditions::is_true(&s.conditions, READY));
 }
+
+#[test]
+fn grpc_gateway_weights_problems_and_missing_crd_come_from_the_grpc_route() {
+    use gateway_api::grpcroutes::{
+        GrpcRouteStatus, GrpcRouteStatusParents, GrpcRouteStatusParentsParentRef,
+    };
+    use keelson_api::modeldeployment::Protocol;
+    let (mut m, o) = md(ab(), None);
+    gateway(&mut m);
+    m.spec.protocol = Some(Protocol::Grpc);
+    let route = match children(&m, &o).traffic {
+        Traffic::GatewayApiGrpc { route } => *route,
+        other => panic!("not a GRPCRoute: {other:?}"),
+    };
+    let models = || {
+        vec![
+            deploy("fraud-champion", 2, 2),
+            deploy("fraud-challenger", 1, 1),
+        ]
+    };
+    let observed = |route: Option<GrpcRoute>, missing: bool| Observed {
+        deployments: models(),
+        grpc_route: route,
+        gateway_api_missing: missing,
+        ..Observed::default()
+    };
+    let s = status(&m, &observed(Some(route.clone()), false), &now());
+    assert_eq!(s.traffic.as_deref(), Some("champion=90,challenger=10"));
+    assert!(conditions::is_true(&s.conditions, READY));
+    assert_eq!(
+        conditions::find(&s.conditions, PROGRESSING).unwrap().reason,
+        "WeightsApplied"
+    );
+
+    // An HTTPRoute of the same name says nothing about a GRPC ModelDeployment.
+    let s = status(
+        &m,
+        &Observed {
+            deployments: models(),
+            route: Some(HttpRoute::new("fraud", Default::default())),
+            ..Observed::default()
+        },
+        &now(),
+    );
+    let p = conditions::find(&s.conditions, PROGRESSING).unwrap();
+    assert_eq!(p.reason, "WeightsPending");
+    assert!(p.message.contains("GRPCRoute"), "{}", p.message);
+
+    let mut refused = route;
+    refused.status = Some(GrpcRouteStatus {
+        parents: vec![GrpcRouteStatusParents {
+            conditions: vec![Condition {
+                type_: "ResolvedRefs".into(),
+                status: "False".into(),
+                reason: "BackendNotFound".into(),
+                message: "no such Service".into(),
+                last_transition_time: now(),
+                observed_generation: None,
+            }],
+            controller_name: "example.com/gateway".into(),
+            parent_ref: GrpcRouteStatusParentsParentRef {
+                name: "public".into(),
+                ..Default::default()
+            },
+        }],
+    });
+    let s = status(&m, &observed(Some(refused), false), &now());
+    let r = conditions::find(&s.conditions, READY).unwrap();
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", "RouteRefsNotResolved")
+    );
+    assert!(
+        r.message.starts_with("GRPCRoute fraud: parent public"),
+        "{}",
+        r.message
+    );
+
+    let s = status(&m, &observed(None, true), &now());
+    for t in [READY, PROGRESSING] {
+        let c = conditions::find(&s.conditions, t).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "GatewayAPIMissing")
+        );
+        assert!(c.message.contains("GRPCRoute") && c.message.contains("Builtin or None"));
+    }
+}

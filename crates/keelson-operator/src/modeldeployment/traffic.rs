@@ -5,11 +5,17 @@
 //!   kubelet refreshes the file in place when the weights change and the router picks it up without
 //!   a restart; the router's pod template does not depend on the weights or the variants at all.
 //! - `GatewayAPI`: an HTTPRoute `<name>` with one rule, weighted backendRefs to the variant Services
-//!   and a `RequestMirror` filter. No router pods.
+//!   and a `RequestMirror` filter; with `protocol: GRPC`, a GRPCRoute `<name>` of the same shape.
+//!   No router pods.
 //! - `None`: nothing beyond the entry Service.
 
 use std::collections::BTreeMap;
 
+use gateway_api::grpcroutes::{
+    GrpcRoute, GrpcRouteParentRefs, GrpcRouteRules, GrpcRouteRulesBackendRefs,
+    GrpcRouteRulesFilters, GrpcRouteRulesFiltersRequestMirror,
+    GrpcRouteRulesFiltersRequestMirrorBackendRef, GrpcRouteRulesFiltersType, GrpcRouteSpec,
+};
 use gateway_api::httproutes::{
     HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
     HttpRouteRulesFilters, HttpRouteRulesFiltersRequestMirror,
@@ -24,6 +30,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keelson_api::router_config::RouterProtocol;
 use keelson_api::router_config::{
     RouterConfig, RouterMirror, RouterVariant, DEFAULT_MIRROR_PERCENT, ROUTER_ADMIN_PORT,
     ROUTER_ADMIN_PORT_NAME, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_CONFIG_VERSION,
@@ -31,13 +38,13 @@ use keelson_api::router_config::{
 };
 
 use super::names::{
-    role_selector, router_kind, variant_name, variant_upstream, LABEL_ROLE, PORT_NAME, ROLE_ROUTER,
-    SERVICE_PORT,
+    protocol, role_selector, router_kind, variant_name, variant_upstream, LABEL_ROLE, PORT_NAME,
+    ROLE_ROUTER, SERVICE_PORT,
 };
 use crate::error::BuildError;
 use crate::pod::DEFAULT_CONTAINER_ANNOTATION;
 use keelson_api::meta::Owner;
-use keelson_api::modeldeployment::{ModelDeployment, RouterKind, RouterPod};
+use keelson_api::modeldeployment::{ModelDeployment, Protocol, RouterKind, RouterPod};
 use keelson_api::workload::check_quantities;
 
 /// What a traffic mode adds to the variants and the entry Service.
@@ -49,6 +56,10 @@ pub enum Traffic {
     },
     GatewayApi {
         route: Box<HttpRoute>,
+    },
+    /// `GatewayAPI` mode with `protocol: GRPC`.
+    GatewayApiGrpc {
+        route: Box<GrpcRoute>,
     },
     None,
 }
@@ -77,6 +88,10 @@ pub fn router_config(
     weights: &[i32],
 ) -> RouterConfig {
     let t = md.spec.traffic.as_ref();
+    let upstream_protocol = match protocol(md) {
+        Protocol::Http => RouterProtocol::Http1,
+        Protocol::Grpc => RouterProtocol::H2c,
+    };
     RouterConfig {
         version: ROUTER_CONFIG_VERSION,
         variants: md
@@ -88,7 +103,7 @@ pub fn router_config(
                 name: v.name.clone(),
                 weight: to_u32(*w),
                 upstream: variant_upstream(name, namespace, &v.name),
-                protocol: Default::default(),
+                protocol: upstream_protocol,
             })
             .collect(),
         sticky_header: t
@@ -178,6 +193,80 @@ pub fn route_weights(route: &HttpRoute) -> BTreeMap<String, i32> {
         .collect()
 }
 
+/// The GRPCRoute spec of a ModelDeployment with `protocol: GRPC`: the same parents, weighted
+/// backends and mirror as [`route_spec`], in the GRPCRoute's types.
+pub fn grpc_route_spec(md: &ModelDeployment, name: &str, weights: &[i32]) -> GrpcRouteSpec {
+    let t = md.spec.traffic.as_ref();
+    let parent_refs = t
+        .and_then(|t| t.gateway.as_ref())
+        .map(|g| {
+            g.parent_refs
+                .iter()
+                .map(|p| GrpcRouteParentRefs {
+                    group: p.group.clone(),
+                    kind: p.kind.clone(),
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    section_name: p.section_name.clone(),
+                    port: None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| !p.is_empty());
+    let backend_refs = md
+        .spec
+        .variants
+        .iter()
+        .zip(weights)
+        .map(|(v, w)| GrpcRouteRulesBackendRefs {
+            name: variant_name(name, &v.name),
+            port: Some(SERVICE_PORT),
+            weight: Some(*w),
+            ..GrpcRouteRulesBackendRefs::default()
+        })
+        .collect();
+    let filters = t.and_then(|t| t.mirror.as_ref()).map(|m| {
+        let percent = m.percent.unwrap_or(DEFAULT_MIRROR_PERCENT);
+        vec![GrpcRouteRulesFilters {
+            r#type: GrpcRouteRulesFiltersType::RequestMirror,
+            request_mirror: Some(GrpcRouteRulesFiltersRequestMirror {
+                backend_ref: GrpcRouteRulesFiltersRequestMirrorBackendRef {
+                    name: variant_name(name, &m.variant),
+                    port: Some(SERVICE_PORT),
+                    ..GrpcRouteRulesFiltersRequestMirrorBackendRef::default()
+                },
+                fraction: None,
+                percent: (percent < 100).then_some(percent),
+            }),
+            ..GrpcRouteRulesFilters::default()
+        }]
+    });
+    GrpcRouteSpec {
+        parent_refs,
+        rules: Some(vec![GrpcRouteRules {
+            backend_refs: Some(backend_refs),
+            filters,
+            ..GrpcRouteRules::default()
+        }]),
+        ..GrpcRouteSpec::default()
+    }
+}
+
+/// The weight each variant Service has in a GRPCRoute (the first rule, as Keelson writes it).
+pub fn grpc_route_weights(route: &GrpcRoute) -> BTreeMap<String, i32> {
+    route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .next()
+        .and_then(|r| r.backend_refs.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|b| (b.name.clone(), b.weight.unwrap_or(1)))
+        .collect()
+}
+
 /// The children of the traffic mode, routing by `weights` (in spec order).
 pub fn build(
     md: &ModelDeployment,
@@ -226,18 +315,32 @@ pub fn build(
             })
         }
         RouterKind::GatewayApi => {
-            let spec = route_spec(md, &owner.name, weights);
-            if spec.parent_refs.is_none() {
+            if t.and_then(|t| t.gateway.as_ref())
+                .is_none_or(|g| g.parent_refs.is_empty())
+            {
                 return Err(BuildError::new(
                     "MissingParentRefs",
                     "spec.traffic.gateway.parentRefs",
-                    "router: GatewayAPI needs the Gateway to attach the HTTPRoute to, e.g. spec.traffic.gateway.parentRefs: [{name: public, namespace: infra}]",
+                    "router: GatewayAPI needs the Gateway to attach the route to, e.g. spec.traffic.gateway.parentRefs: [{name: public, namespace: infra}]",
                 ));
             }
-            let mut route = HttpRoute::new(&owner.name, spec);
-            route.metadata = owner.child_meta(&owner.name);
-            Ok(Traffic::GatewayApi {
-                route: Box::new(route),
+            Ok(match protocol(md) {
+                Protocol::Http => {
+                    let mut route =
+                        HttpRoute::new(&owner.name, route_spec(md, &owner.name, weights));
+                    route.metadata = owner.child_meta(&owner.name);
+                    Traffic::GatewayApi {
+                        route: Box::new(route),
+                    }
+                }
+                Protocol::Grpc => {
+                    let mut route =
+                        GrpcRoute::new(&owner.name, grpc_route_spec(md, &owner.name, weights));
+                    route.metadata = owner.child_meta(&owner.name);
+                    Traffic::GatewayApiGrpc {
+                        route: Box::new(route),
+                    }
+                }
             })
         }
         RouterKind::None => Ok(Traffic::None),
@@ -655,6 +758,86 @@ mod tests {
         assert!(route_spec(&m, "fraud", &spec_weights(&m)).rules.unwrap()[0]
             .filters
             .is_none());
+    }
+
+    #[test]
+    fn grpc_marks_every_variant_h2c_in_the_router_config() {
+        let (mut m, owner) = md(ab(), None);
+        m.spec.protocol = Some(Protocol::Grpc);
+        m.spec.traffic = Some(traffic(RouterKind::Builtin, Some("x-user-id"), None));
+        let t = build(&m, &owner, IMAGE).unwrap();
+        let Traffic::Builtin { config, router } = &t else {
+            panic!("not Builtin")
+        };
+        let raw: serde_json::Value =
+            serde_json::from_str(&config.data.as_ref().unwrap()["config.json"]).unwrap();
+        assert_eq!(
+            raw["variants"],
+            json!([
+                {"name": "champion", "weight": 90, "upstream": "fraud-champion.team-a.svc.cluster.local:80", "protocol": "h2c"},
+                {"name": "challenger", "weight": 10, "upstream": "fraud-challenger.team-a.svc.cluster.local:80", "protocol": "h2c"}
+            ])
+        );
+        assert_eq!(raw["stickyHeader"], "x-user-id");
+        // The router itself does not change with the protocol: it speaks both on one port.
+        let mut http = m.clone();
+        http.spec.protocol = None;
+        let Traffic::Builtin { router: r2, .. } = build(&http, &owner, IMAGE).unwrap() else {
+            panic!("not Builtin")
+        };
+        assert_eq!(router, &r2);
+    }
+
+    #[test]
+    fn grpc_in_gateway_mode_writes_a_grpc_route_with_weights_and_mirror() {
+        let (mut m, owner) = md(ab(), None);
+        m.spec.protocol = Some(Protocol::Grpc);
+        m.spec.traffic = Some(traffic(
+            RouterKind::GatewayApi,
+            None,
+            Some(("challenger", Some(25))),
+        ));
+        let Traffic::GatewayApiGrpc { route } = super::build(&m, &owner, IMAGE, &[100, 0]).unwrap()
+        else {
+            panic!("not a GRPCRoute")
+        };
+        let v = serde_json::to_value(&*route).unwrap();
+        assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");
+        assert_eq!(v["kind"], "GRPCRoute");
+        assert_eq!(v["metadata"]["name"], "fraud");
+        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "uid-md");
+        assert!(v.get("status").is_none());
+        assert_eq!(
+            v["spec"]["parentRefs"],
+            json!([{"name": "public", "namespace": "infra", "sectionName": "https"}])
+        );
+        // The weights given (the gated ones), not the spec's.
+        assert_eq!(
+            v["spec"]["rules"],
+            json!([{
+                "backendRefs": [
+                    {"name": "fraud-champion", "port": 80, "weight": 100},
+                    {"name": "fraud-challenger", "port": 80, "weight": 0}
+                ],
+                "filters": [{
+                    "type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "fraud-challenger", "port": 80}, "percent": 25}
+                }]
+            }])
+        );
+        assert_eq!(
+            grpc_route_weights(&route),
+            BTreeMap::from([
+                ("fraud-champion".to_string(), 100),
+                ("fraud-challenger".to_string(), 0)
+            ])
+        );
+        // The same missing parents refusal as for an HTTPRoute.
+        m.spec.traffic.as_mut().unwrap().gateway = None;
+        assert_eq!(
+            build(&m, &owner, IMAGE).unwrap_err().reason,
+            "MissingParentRefs"
+        );
     }
 
     #[test]
