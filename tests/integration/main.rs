@@ -8,6 +8,7 @@ mod crds;
 mod events;
 mod examples;
 mod gitops;
+mod grpc;
 mod leader;
 mod modeldeployment;
 mod notebook;
