@@ -68,7 +68,7 @@ kill -0 "$(cat "$STATE/keelson.pid")" 2>/dev/null || { tail -20 "$STATE/keelson.
 
 "${K[@]}" create namespace "$NS" --dry-run=client -o yaml | "${K[@]}" apply -f - >/dev/null
 # The cluster has no storage provisioner: one PersistentVolume for each claim the examples make.
-for claim in shared-datasets:100Gi models:10Gi alice-workspace:10Gi scratch-workspace:5Gi; do
+for claim in shared-datasets:100Gi models:10Gi scorer-models:5Gi alice-workspace:10Gi scratch-workspace:5Gi; do
   pv="$NS-${claim%%:*}"
   # A volume left Released by an earlier demo cannot bind again: make it anew.
   if [[ $("${K[@]}" get pv "$pv" -o jsonpath='{.status.phase}' 2>/dev/null) == Released ]]; then
