@@ -165,7 +165,11 @@ async fn grpc_children_speak_h2c_and_probe_over_grpc() {
         ("scorer-champion", "grpc"),
         ("scorer-challenger", "grpc"),
     ] {
-        let svc = svcs.get(name).await.unwrap();
+        // The entry Service is applied after the router's config: wait for it.
+        let svc = wait_for(name, Duration::from_secs(60), || async {
+            svcs.get_opt(name).await.ok()?
+        })
+        .await;
         let p = port_of(&svc);
         assert_eq!(
             (&p["name"], &p["appProtocol"], &p["port"], &p["targetPort"]),
@@ -418,6 +422,26 @@ async fn gateway_api_mode_with_grpc_writes_a_grpc_route_or_says_its_crd_is_missi
         },
     )
     .await;
+
+    // Settled: a reconcile of the unchanged world leaves the GRPCRoute alone (server defaults such
+    // as backendRefs' kind and group are no difference).
+    let settled = routes.get("gw").await.unwrap().metadata.resource_version;
+    mds.patch(
+        "gw",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "2"}}})),
+    )
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            routes.get("gw").await.unwrap().metadata.resource_version,
+            settled,
+            "a reconcile of an unchanged ModelDeployment rewrote its GRPCRoute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Back to HTTP: the GRPCRoute goes, an HTTPRoute comes.
     ns.apply(&gateway_grpc_md((40, 60), "HTTP")).unwrap();
