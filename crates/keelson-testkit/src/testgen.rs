@@ -211,7 +211,7 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
             merge(w, extra)
         });
     let router = prop_oneof![3 => Just("Builtin"), 3 => Just("GatewayAPI"), 3 => Just("None"), 1 => Just("Istio")];
-    let protocol = prop_oneof![4 => Just(None), 2 => Just(Some("HTTP")), 3 => Just(Some("GRPC")), 1 => Just(Some("gRPC"))];
+    let protocol = prop_oneof![6 => Just(None), 3 => Just(Some("HTTP")), 5 => Just(Some("GRPC")), 1 => Just(Some("gRPC"))];
     (
         proptest::collection::vec(variant, 1..3),
         router,
@@ -219,37 +219,57 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
         any::<bool>(),
         any::<bool>(),
         protocol,
+        // Most specs keep readiness checks and the mirror within what the protocol allows, so that
+        // the refusals of mismatches do not crowd out the specs that reach the builder.
+        prop_oneof![9 => Just(true), 1 => Just(false)],
     )
-        .prop_map(|(mut vs, router, sticky, mirror, gateway, protocol)| {
-            if !sticky {
-                let n = vs.len() as i64;
-                for (i, v) in vs.iter_mut().enumerate() {
-                    v["weight"] = json!(if i == 0 {
-                        100 - (n - 1) * (100 / n)
-                    } else {
-                        100 / n
-                    });
-                    if i > 0 {
-                        v["name"] = json!(format!("v{i}"));
+        .prop_map(
+            |(mut vs, router, sticky, mirror, gateway, protocol, coherent)| {
+                let grpc = protocol == Some("GRPC");
+                if coherent {
+                    for v in vs.iter_mut() {
+                        if let Some(r) = v.get_mut("readiness").and_then(Value::as_object_mut) {
+                            let check = if grpc {
+                                ("grpc", json!({"service": "fraud.v1.Scorer"}))
+                            } else {
+                                ("httpGet", json!({"path": "/v2/health/ready"}))
+                            };
+                            r.clear();
+                            r.insert(check.0.to_string(), check.1);
+                        }
                     }
                 }
-            }
-            let first = vs[0]["name"].clone();
-            let mut traffic = json!({"router": router});
-            if sticky {
-                traffic["stickyHeader"] = json!("x-user-id");
-            }
-            if mirror {
-                traffic["mirror"] = json!({"variant": first, "percent": 10});
-            }
-            if gateway {
-                traffic["gateway"] =
-                    json!({"parentRefs": [{"name": "public", "namespace": "infra"}]});
-            }
-            let mut spec = json!({"variants": vs, "traffic": traffic});
-            if let Some(p) = protocol {
-                spec["protocol"] = json!(p);
-            }
-            object("ModelDeployment", "md", spec)
-        })
+                let mirror = mirror && !(coherent && grpc && router != "GatewayAPI");
+                if !sticky {
+                    let n = vs.len() as i64;
+                    for (i, v) in vs.iter_mut().enumerate() {
+                        v["weight"] = json!(if i == 0 {
+                            100 - (n - 1) * (100 / n)
+                        } else {
+                            100 / n
+                        });
+                        if i > 0 {
+                            v["name"] = json!(format!("v{i}"));
+                        }
+                    }
+                }
+                let first = vs[0]["name"].clone();
+                let mut traffic = json!({"router": router});
+                if sticky {
+                    traffic["stickyHeader"] = json!("x-user-id");
+                }
+                if mirror {
+                    traffic["mirror"] = json!({"variant": first, "percent": 10});
+                }
+                if gateway {
+                    traffic["gateway"] =
+                        json!({"parentRefs": [{"name": "public", "namespace": "infra"}]});
+                }
+                let mut spec = json!({"variants": vs, "traffic": traffic});
+                if let Some(p) = protocol {
+                    spec["protocol"] = json!(p);
+                }
+                object("ModelDeployment", "md", spec)
+            },
+        )
 }
