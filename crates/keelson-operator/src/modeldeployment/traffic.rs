@@ -284,6 +284,18 @@ pub fn build(
             ));
         }
     }
+    if protocol(md) == Protocol::Grpc
+        && router_kind(md) != RouterKind::GatewayApi
+        && t.is_some_and(|t| t.mirror.is_some())
+    {
+        // The schema refuses it too: gRPC calls are streams of unknown length, which the router
+        // never copies.
+        return Err(BuildError::new(
+            "MirrorNotSupported",
+            "spec.traffic.mirror",
+            "with spec.protocol: GRPC a mirror needs spec.traffic.router: GatewayAPI (a GRPCRoute RequestMirror filter); remove spec.traffic.mirror",
+        ));
+    }
     match router_kind(md) {
         RouterKind::Builtin => {
             if let Some(h) = t.and_then(|t| t.sticky_header.as_deref()) {
@@ -832,6 +844,16 @@ mod tests {
                 ("fraud-challenger".to_string(), 0)
             ])
         );
+        // Outside GatewayAPI mode a gRPC mirror is refused (the schema refuses it too).
+        for router in [RouterKind::Builtin, RouterKind::None] {
+            let mut b = m.clone();
+            b.spec.traffic.as_mut().unwrap().router = Some(router);
+            let err = build(&b, &owner, IMAGE).unwrap_err();
+            assert_eq!(
+                (err.reason, err.field.as_str()),
+                ("MirrorNotSupported", "spec.traffic.mirror")
+            );
+        }
         // The same missing parents refusal as for an HTTPRoute.
         m.spec.traffic.as_mut().unwrap().gateway = None;
         assert_eq!(
