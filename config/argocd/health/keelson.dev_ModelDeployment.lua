@@ -3,7 +3,7 @@
 -- Progressing until the operator has observed the current generation; Healthy when Ready is True;
 -- Degraded when the Progressing condition is False for any reason but a finished rollout (a
 -- Deployment past its progress deadline, a spec the operator cannot build, the Gateway API
--- missing) or a Gateway refuses the HTTPRoute; Progressing otherwise.
+-- missing) or a Gateway refuses the HTTPRoute or GRPCRoute; Progressing otherwise.
 local hs = {}
 
 local function condition(type)
@@ -58,7 +58,7 @@ if progressing ~= nil and progressing.status == "False" and not done[progressing
 end
 if ready ~= nil and refused[ready.reason] then
   hs.status = "Degraded"
-  hs.message = describe(ready, "The HTTPRoute was refused")
+  hs.message = describe(ready, "The HTTPRoute or GRPCRoute was refused")
   return hs
 end
 hs.status = "Progressing"
