@@ -1276,8 +1276,17 @@ async fn notebook_idle_past_its_timeout_is_suspended_keeping_workspace_and_token
     );
     assert!(!serde_json::to_string(&st).unwrap().contains(&tok));
 
-    // Resumed, the way a person does, and a server that was just used: not culled, watched.
-    ns.apply(&idle_notebook_yaml(None, false)).unwrap();
+    // Resumed, the way a person does (`kubectl patch --type=merge`, or `kubectl edit`), and a
+    // server that was just used: not culled, watched. A server-side apply of `suspend: false` by
+    // the manager that applied the Notebook conflicts with the culler, which owns `spec.suspend`
+    // since it set it; it would need --force-conflicts.
+    nbs.patch(
+        "lab",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"suspend": false, "env": null}})),
+    )
+    .await
+    .unwrap();
     let pod = notebook_running(&ns, "Notebook lab resumed", None).await;
     assert_eq!(node_of(&pod), REAL_NODE);
     assert_eq!(token(&secrets).await, tok, "the token survived the cull");
