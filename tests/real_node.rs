@@ -23,6 +23,10 @@
 //!   status `IdleCulled` with `lastActivity`, an `IdleCulled` Event, the pod gone, the workspace and
 //!   the token kept; `suspend: false` brings it back with the same token, and a fresh server is
 //!   watched, not culled.
+//! - Notebook NetworkPolicy, enforced by kube-router on the node: a client pod of the notebook's
+//!   namespace and one of the namespace `spec.access.allowFrom` names get `/api/status` through the
+//!   Service's ClusterIP; a client of a third namespace, whose network works, cannot connect until
+//!   the spec names its namespace too.
 //! - ModelDeployment, Builtin router (the `keelson.dev/keelson:dev` image) placed by
 //!   `traffic.routerPod`: 10,000 requests host -> ClusterIP -> router pod -> variant Services -> model
 //!   pods split 90/10 within 2 points; a sticky header keeps each user on one variant; a weight edit
@@ -1276,8 +1280,17 @@ async fn notebook_idle_past_its_timeout_is_suspended_keeping_workspace_and_token
     );
     assert!(!serde_json::to_string(&st).unwrap().contains(&tok));
 
-    // Resumed, the way a person does, and a server that was just used: not culled, watched.
-    ns.apply(&idle_notebook_yaml(None, false)).unwrap();
+    // Resumed, the way a person does (`kubectl patch --type=merge`, or `kubectl edit`), and a
+    // server that was just used: not culled, watched. A server-side apply of `suspend: false` by
+    // the manager that applied the Notebook conflicts with the culler, which owns `spec.suspend`
+    // since it set it; it would need --force-conflicts.
+    nbs.patch(
+        "lab",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"suspend": false, "env": null}})),
+    )
+    .await
+    .unwrap();
     let pod = notebook_running(&ns, "Notebook lab resumed", None).await;
     assert_eq!(node_of(&pod), REAL_NODE);
     assert_eq!(token(&secrets).await, tok, "the token survived the cull");
@@ -1674,6 +1687,166 @@ async fn modeldeployment_router_splits_pins_and_reweights_real_traffic() {
     );
     eprintln!(
         "modeldeployment_router_splits_pins_and_reweights_real_traffic: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+// --- NetworkPolicy enforcement (kube-router, firewall only) -------------------------------------
+
+/// A long-running client on the real node (the modelserver stand-in, which also has `fetch`).
+fn client_pod_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: client, labels: {{app: client}}}}
+spec:
+{placement}  automountServiceAccountToken: false
+  containers:
+  - name: client
+    image: {MODELSERVER}
+    imagePullPolicy: Never
+    env: [{{name: VARIANT, value: client}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: 8080}}, periodSeconds: 1}}
+"#,
+        placement = placement(2),
+    )
+}
+
+/// `modelserver fetch url` run in the `client` pod of `ns`: what it printed (`<url>: <status>` and
+/// the body, or `<url>: error: ...` when it could not connect).
+fn fetch_in(ns: &Ns, url: &str) -> String {
+    let o = support::kubectl(
+        &[
+            "-n",
+            &ns.name,
+            "exec",
+            "client",
+            "--",
+            "/usr/local/bin/modelserver",
+            "fetch",
+            url,
+        ],
+        None,
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Polls `fetch_in` until the answer is an HTTP status (a connection was made); returns it.
+async fn reaches(ns: &Ns, what: &str, url: &str) -> String {
+    wait(ns, what, Duration::from_secs(60), || {
+        let out = fetch_in(ns, url);
+        async move { (!out.contains(": error:") && out.contains(": 200")).then_some(out) }
+    })
+    .await
+}
+
+fn netpol_notebook_yaml(allow: &[&str]) -> String {
+    format!(
+        r#"apiVersion: keelson.dev/v1alpha1
+kind: Notebook
+metadata: {{name: lab}}
+spec:
+  image: {NOTEBOOK}
+  access: {{allowFrom: {{namespaces: [{allow}]}}}}
+  resources: {{requests: {{cpu: 50m, memory: 32Mi}}}}
+{placement}  template:
+    spec:
+      containers: [{{name: notebook, imagePullPolicy: Never}}]
+"#,
+        allow = allow.join(", "),
+        placement = placement(2),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notebook_network_policy_is_enforced_on_the_real_node() {
+    let t0 = Instant::now();
+    setup();
+    let ns = Ns::new("rn-np");
+    let allowed = Ns::new("rn-np-allowed");
+    let other = Ns::new("rn-np-other");
+    let client = support::client().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    ns.apply(&netpol_notebook_yaml(&[&allowed.name])).unwrap();
+    for n in [&ns, &allowed, &other] {
+        n.apply(&client_pod_yaml()).unwrap();
+    }
+    let pod = notebook_running(&ns, "Notebook lab Running", None).await;
+    assert_eq!(node_of(&pod), REAL_NODE);
+    let np = support::kubectl_ok(
+        &["-n", &ns.name, "get", "networkpolicy", "lab", "-o", "json"],
+        None,
+    );
+    eprintln!("NetworkPolicy lab: {np}");
+    for n in [&ns, &allowed, &other] {
+        support::kubectl_ok(
+            &[
+                "-n",
+                &n.name,
+                "wait",
+                "pod/client",
+                "--for=condition=Ready",
+                "--timeout=90s",
+            ],
+            None,
+        );
+    }
+    let tok = token(&secrets).await;
+    let ip = service_ip(&services, "lab").await;
+    let url = format!("http://{ip}:8888/api/status?token={tok}");
+    let shown = |s: &str| s.replace(&tok, "<token>");
+
+    // Its own namespace and the namespace spec.access.allowFrom names get through.
+    let same = reaches(&ns, "a pod of the notebook's namespace to reach it", &url).await;
+    eprintln!("same namespace: {}", shown(&same));
+    let ok = reaches(&allowed, "a pod of the allowed namespace to reach it", &url).await;
+    eprintln!("allowed namespace: {}", shown(&ok));
+
+    // Another namespace: its network works (it reaches the client of the notebook's namespace,
+    // which no policy selects), the notebook refuses it.
+    let peer = support::kubectl_ok(
+        &[
+            "-n",
+            &ns.name,
+            "get",
+            "pod",
+            "client",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+        None,
+    );
+    let control = fetch_in(&other, &format!("http://{peer}:8080/ready"));
+    assert!(control.contains(": 200"), "control fetch failed: {control}");
+    for _ in 0..2 {
+        let refused = fetch_in(&other, &url);
+        eprintln!("other namespace: {}", shown(&refused));
+        assert!(
+            refused.contains(": error:"),
+            "a pod of another namespace reached the notebook; is kube-router running \
+             (make cluster-down; REAL_NODE=1 make cluster)?\n{}",
+            shown(&refused)
+        );
+    }
+
+    // Allowing that namespace in the spec lets it through: the refusal was the policy's.
+    ns.apply(&netpol_notebook_yaml(&[&allowed.name, &other.name]))
+        .unwrap();
+    let now_ok = reaches(
+        &other,
+        "the other namespace to get through once spec.access.allowFrom names it",
+        &url,
+    )
+    .await;
+    eprintln!("other namespace, allowed by the spec: {}", shown(&now_ok));
+    eprintln!(
+        "notebook_network_policy_is_enforced_on_the_real_node: {:.1}s",
         t0.elapsed().as_secs_f64()
     );
 }

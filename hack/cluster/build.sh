@@ -15,6 +15,8 @@
 #   crictl                   sigs.k8s.io/cri-tools/cmd/crictl
 #   coredns                  github.com/coredns/coredns with the plugins the
 #                            node uses (cached in .../keelson/node-crictl-<v>-coredns-<v>/)
+#   kube-router              github.com/cloudnativelabs/kube-router/v2/cmd/kube-router, run
+#                            firewall-only for NetworkPolicies (cached in .../keelson/kube-router-<v>/)
 #
 # Versions come from versions.env. Binaries are cached per user in
 # ${XDG_CACHE_HOME:-~/.cache}/keelson/k8s-<v>-etcd-<v>-kwok-<v>/bin and only
@@ -245,6 +247,30 @@ GO
     "$LDFLAGS_BASE -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" .
 }
 
+# kube-router, for NetworkPolicy enforcement (firewall only; docs/real-node.md).
+KUBE_ROUTER_CACHE_BIN="$KUBE_ROUTER_CACHE_DIR/bin"
+build_kube_router() {
+  [[ -x $KUBE_ROUTER_CACHE_BIN/kube-router ]] || from_assets kube-router && return 0
+  local dir="$KUBE_ROUTER_CACHE_DIR/src/kube-router" rmod p ld="$LDFLAGS_BASE"
+  mkdir -p "$dir" "$KUBE_ROUTER_CACHE_BIN"
+  rmod=$(modfile github.com/cloudnativelabs/kube-router/v2 "$KUBE_ROUTER_VERSION")
+  if ! grep -q "github.com/cloudnativelabs/kube-router/v2 $KUBE_ROUTER_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+    {
+      echo "module keelson.local/kube-router-build"
+      echo
+      grep -E '^go ' "$rmod"
+      echo
+      echo "require github.com/cloudnativelabs/kube-router/v2 $KUBE_ROUTER_VERSION"
+    } >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+  fi
+  p=github.com/cloudnativelabs/kube-router/v2/pkg/version
+  ld+=" -X $p.Version=$KUBE_ROUTER_VERSION"
+  log "building kube-router $KUBE_ROUTER_VERSION (first run takes a few minutes)..."
+  CACHE_BIN=$KUBE_ROUTER_CACHE_BIN CACHE_DIR=$KUBE_ROUTER_CACHE_DIR gobuild kube-router "$dir" "$ld" \
+    github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+}
+
 NODE_CACHE_BIN="$NODE_CACHE_DIR/bin"
 if [[ $REAL_NODE == 1 ]]; then
   T1=$SECONDS
@@ -259,12 +285,22 @@ if [[ $REAL_NODE == 1 ]]; then
   build_crictl
   build_coredns
   exec 7>&-
+  mkdir -p "$KUBE_ROUTER_CACHE_DIR"
+  exec 7>"$KUBE_ROUTER_CACHE_DIR/.lock"
+  if ! flock -n 7; then
+    log "another build holds $KUBE_ROUTER_CACHE_DIR/.lock; waiting for it..."
+    flock 7
+  fi
+  build_kube_router
+  exec 7>&-
   ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T1))s"
   for b in "${NODE_BINARIES[@]}"; do
     if from_assets "$b"; then
       src="$KUBEBUILDER_ASSETS/$b"
     elif [[ $b == kubelet || $b == kube-proxy ]]; then
       src="$CACHE_BIN/$b"
+    elif [[ $b == kube-router ]]; then
+      src="$KUBE_ROUTER_CACHE_BIN/$b"
     else
       src="$NODE_CACHE_BIN/$b"
     fi

@@ -99,9 +99,11 @@ stages_sum() { sha256sum "$KWOK_STAGES" | cut -d' ' -f1; }
 # --- real node (node-up.sh, node-down.sh, docs/real-node.md) -----------------
 # On when REAL_NODE=1 (opt-in, also in CI).
 : "${REAL_NODE:=0}"
-NODE_BINARIES=(kubelet kube-proxy crictl coredns)
+NODE_BINARIES=(kubelet kube-proxy crictl coredns kube-router)
 # crictl and CoreDNS are cached beside the control plane, keyed by their versions.
 NODE_CACHE_DIR="$CACHE_ROOT/node-crictl-${CRICTL_VERSION}-coredns-${COREDNS_VERSION}"
+# kube-router (NetworkPolicy enforcement) in its own cache directory.
+KUBE_ROUTER_CACHE_DIR="$CACHE_ROOT/kube-router-${KUBE_ROUTER_VERSION}"
 # Host paths of the node. The kubelet root and containerd root sit under
 # /var/lib/keelson so the socket paths stay short whatever the checkout path.
 NODE_STATE="$CLUSTER_STATE/node"
@@ -114,7 +116,7 @@ CNI_CONF_DIR="$NODE_VAR/cni/net.d"
 CNI_BIN_DIR=/usr/lib/cni
 CNI_NETWORK=keelson
 PAUSE_IMAGE=keelson.dev/pause:dev
-NODE_COMPONENTS=(containerd coredns kube-proxy kubelet)
+NODE_COMPONENTS=(containerd coredns kube-proxy kube-router kubelet)
 REAL_NODE_TAINT="keelson.dev/real-node=true:NoSchedule"
 REAL_NODE_LABEL="keelson.dev/real-node=true"
 # Kernel settings the kubelet and kube-proxy change, and the ones the node

@@ -6,9 +6,11 @@
 #   1. stop the kubelet (so it restarts nothing)
 #   2. crictl rmp -af: stop and remove every pod sandbox through the CRI, so
 #      the CNI plugins delete the veths, netns and IP allocations
-#   3. stop kube-proxy, CoreDNS, containerd
+#   3. stop kube-router, kube-proxy, CoreDNS, containerd
 #   4. unmount what is left under the kubelet and containerd dirs and CNI netns
-#   5. iptables: rules and chains named KUBE-* and CNI-*
+#   5. iptables: rules and chains named KUBE-* and CNI-* (kube-router's
+#      KUBE-ROUTER-*, KUBE-NWPLCY-*, KUBE-POD-FW-* among them), then the ipsets
+#      kube-router made
 #   6. sysctls back to the values recorded before the first node-up.sh
 #   7. the CNI bridge, leftover veths, the dummy interface and the routes
 #   8. the kubepods cgroups, the node's dirs and the fixed host paths that
@@ -57,7 +59,7 @@ if [[ -s $KUBECONFIG_FILE && -x $BIN_DIR/kubectl ]]; then
 fi
 
 # 3. The rest of the node's processes.
-for c in kube-proxy coredns containerd; do stop_component "$c" || true; done
+for c in kube-router kube-proxy coredns containerd; do stop_component "$c" || true; done
 # containerd-shim processes of our containerd (normally gone with their pods).
 for p in $(pgrep -x containerd-shim-runc-v2 2>/dev/null || true); do
   if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK"; then
@@ -101,6 +103,15 @@ clean_iptables() {
 }
 clean_iptables iptables
 clean_iptables ip6tables
+# kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*, kube-router-*), once no rule uses them; a set
+# that existed before the first node-up.sh is left alone.
+if command -v ipset >/dev/null 2>&1; then
+  for set in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?(KUBE-|kube-router-)' || true); do
+    grep -qxF -- "$set" "$NODE_STATE/ipsets.saved" 2>/dev/null && continue
+    ipset destroy "$set" 2>/dev/null || log "warning: ipset destroy $set failed"
+  done
+  rm -f "$NODE_STATE/ipsets.saved"
+fi
 
 # 6. Kernel settings back to what they were before the node came up.
 if [[ -f $NODE_STATE/sysctl.saved ]]; then

@@ -6,6 +6,7 @@
 #   containerd (Debian, own config/root/state/socket) + runc + CNI plugins
 #   CoreDNS (host process on REAL_NODE_IP:53, kubernetes plugin, cluster.local)
 #   kube-proxy (iptables mode) and kubelet, built from KUBE_VERSION
+#   kube-router, firewall only: NetworkPolicy enforcement (iptables + ipset)
 #   node REAL_NODE_NAME, tainted keelson.dev/real-node=true:NoSchedule and
 #   labelled keelson.dev/real-node=true
 set -euo pipefail
@@ -24,7 +25,7 @@ KUBECTL=("$BIN_DIR/kubectl" --kubeconfig "$KUBECONFIG_FILE" --request-timeout=10
 # --- packages ----------------------------------------------------------------
 need_pkgs=()
 for pair in containerd:containerd runc:runc iptables:iptables conntrack:conntrack ctr:containerd \
-  gcc:gcc python3:python3 findmnt:util-linux ip:iproute2; do
+  gcc:gcc python3:python3 findmnt:util-linux ip:iproute2 ipset:ipset; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
 for plugin in bridge host-local portmap loopback; do
@@ -64,6 +65,11 @@ FIXED_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /run/containerd 
 if [[ ! -f $NODE_STATE/created-paths ]]; then
   for p in "${FIXED_PATHS[@]}"; do [[ -e $p ]] || echo "$p"; done >"$NODE_STATE/created-paths.tmp"
   mv "$NODE_STATE/created-paths.tmp" "$NODE_STATE/created-paths"
+fi
+# ipsets that exist before kube-router runs are never destroyed by node-down.sh.
+if [[ ! -f $NODE_STATE/ipsets.saved ]]; then
+  ipset list -n 2>/dev/null | sort >"$NODE_STATE/ipsets.saved.tmp" || true
+  mv "$NODE_STATE/ipsets.saved.tmp" "$NODE_STATE/ipsets.saved"
 fi
 if [[ ! -f $NODE_STATE/sysctl.saved ]]; then
   for s in "${NODE_SYSCTLS[@]}"; do
@@ -126,9 +132,11 @@ KCFG
 issue_client_cert kubelet "/O=system:nodes/CN=system:node:$REAL_NODE_NAME"
 issue_client_cert kube-proxy "/CN=system:kube-proxy"
 issue_client_cert coredns "/CN=keelson:coredns"
+issue_client_cert kube-router "/CN=keelson:kube-router"
 write_kubeconfig_for kubelet "system:node:$REAL_NODE_NAME"
 write_kubeconfig_for kube-proxy system:kube-proxy
 write_kubeconfig_for coredns keelson:coredns
+write_kubeconfig_for kube-router keelson:kube-router
 
 # CoreDNS reads Services, EndpointSlices, Pods and Namespaces.
 "${KUBECTL[@]}" apply -f - >/dev/null <<'YAML' || die "cannot apply the CoreDNS RBAC"
@@ -145,6 +153,27 @@ metadata: {name: "keelson:coredns", labels: {app.kubernetes.io/part-of: keelson-
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "keelson:coredns"}
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "keelson:coredns"}
+YAML
+
+# kube-router reads; it never writes. It enforces from Pods, Namespaces, NetworkPolicies and its
+# Node; it also starts informers on Services, Endpoints and EndpointSlices whatever it runs, and
+# waits for them to sync, so it lists and watches those too.
+"${KUBECTL[@]}" apply -f - >/dev/null <<'YAML' || die "cannot apply the kube-router RBAC"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "keelson:kube-router", labels: {app.kubernetes.io/part-of: keelson-real-node}}
+rules:
+- {apiGroups: [""], resources: [pods, namespaces, nodes], verbs: [get, list, watch]}
+- {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [services, endpoints], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "keelson:kube-router", labels: {app.kubernetes.io/part-of: keelson-real-node}}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "keelson:kube-router"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "keelson:kube-router"}
 YAML
 
 # --- processes ---------------------------------------------------------------
@@ -384,6 +413,23 @@ conntrack:
 YAML
 start_node kube-proxy "$BIN_DIR/kube-proxy" --config="$NODE_STATE/kube-proxy.yaml"
 wait_for kube-proxy 60 curl -fsS --max-time 2 "http://127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT/livez"
+
+# kube-router ----------------------------------------------------------------------
+# NetworkPolicy enforcement only: no BGP router, no service proxy (kube-proxy is
+# the proxy), no health or metrics port: it listens on nothing. It filters the
+# pods of this node in the filter table (chains KUBE-ROUTER-*, KUBE-NWPLCY-*,
+# KUBE-POD-FW-*) with ipsets KUBE-SRC-*/KUBE-DST-*; traffic from the node itself
+# (kubelet probes, the host's tests, the operator run as a local process) is
+# let through, as kube-router always does.
+start_node kube-router "$BIN_DIR/kube-router" \
+  --kubeconfig="$NODE_STATE/kube-router.kubeconfig" \
+  --hostname-override="$REAL_NODE_NAME" \
+  --run-firewall=true --run-router=false --run-service-proxy=false \
+  --enable-ipv4=true --enable-ipv6=false \
+  --service-cluster-ip-range="$SERVICE_CIDR" \
+  --health-port=0 --metrics-port=0
+# Ready once its policy chains exist: it makes them after its caches synced.
+wait_for kube-router 60 iptables -t filter -S KUBE-ROUTER-FORWARD
 
 
 node_ready() {

@@ -19,6 +19,14 @@ for tool in openssl curl ss flock setsid; do
     case $tool in ss) echo iproute2 ;; flock | setsid) echo util-linux ;; *) echo "$tool" ;; esac))"
 done
 
+# A real node that was brought up (and not taken down by down.sh) stays, even
+# when REAL_NODE is not set: it keeps its apiserver flags, is restarted if its
+# processes died, and gets the node binaries a newer checkout adds.
+if [[ $REAL_NODE != 1 ]] && { component_pid kubelet >/dev/null || [[ -d $NODE_STATE ]]; }; then
+  log "this cluster has a real node (hack/cluster/down.sh removes it); keeping it"
+  REAL_NODE=1
+fi
+export REAL_NODE
 "$CLUSTER_DIR/build.sh"
 lock_state
 mkdir -p "$PIDS_DIR" "$LOGS_DIR"
@@ -159,13 +167,6 @@ cluster_ready() {
 }
 
 # --- real node mode -------------------------------------------------------------
-# A real node that was brought up (and not taken down by down.sh) stays, even
-# when REAL_NODE is not set: it keeps its apiserver flags and is restarted if
-# its processes died.
-if [[ $REAL_NODE != 1 ]] && { component_pid kubelet >/dev/null || [[ -d $NODE_STATE ]]; }; then
-  log "this cluster has a real node (hack/cluster/down.sh removes it); keeping it"
-  REAL_NODE=1
-fi
 export REAL_NODE
 # How the apiserver must run: on loopback only, or reachable by pods at REAL_NODE_IP.
 if [[ $REAL_NODE == 1 ]]; then APISERVER_MODE="real-node $REAL_NODE_IP"; else APISERVER_MODE=loopback; fi

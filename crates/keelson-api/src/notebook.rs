@@ -17,6 +17,11 @@ pub const MIN_IDLE_TIMEOUT: &str = "5m";
 /// Annotation the operator sets, with `spec.suspend: true`, when it suspends an idle notebook. Its
 /// value is the time of the suspension (RFC 3339). It is removed when the notebook is resumed.
 pub const ANNOTATION_CULLED_AT: &str = "keelson.dev/idle-culled-at";
+/// Annotation the operator sets in the same write as [`ANNOTATION_CULLED_AT`]: the last activity
+/// (RFC 3339) that the culling decision was taken on, as Jupyter's `/api/status` reported it. The
+/// status (`lastActivity`, the `IdleCulling` condition) of a culled notebook is rebuilt from it, so
+/// a status write that raced with the suspension cannot lose it. Removed when the notebook is resumed.
+pub const ANNOTATION_IDLE_LAST_ACTIVITY: &str = "keelson.dev/idle-last-activity";
 /// Field manager of the operator's write of `spec.suspend` when it suspends an idle notebook.
 pub const CULLER_FIELD_MANAGER: &str = "keelson-idle-culler";
 /// Default mount path of the workspace.

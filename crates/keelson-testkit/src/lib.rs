@@ -373,20 +373,61 @@ pub fn real_node(images: &[&str]) {
             ready,
             "the real node {REAL_NODE} is not Ready; run REAL_NODE=1 make cluster (it repairs a stopped node)"
         );
-        let have: Vec<&str> = node["status"]["images"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["names"].as_array().into_iter().flatten())
-            .filter_map(|n| n.as_str())
+        // The kubelet lists the node's images in its status from a cache it refreshes every 30 s,
+        // so an image imported just before the tests may be missing there for a while. What a
+        // pod with `imagePullPolicy: Never` needs is the image in the node's containerd: ask it.
+        let mut missing: Vec<&str> = images
+            .iter()
+            .copied()
+            .filter(|want| !node_status_images(&node).iter().any(|h| h.ends_with(want)))
             .collect();
-        for want in images {
-            assert!(
-                have.iter().any(|h| h.ends_with(want)),
-                "image {want} is not on the real node {REAL_NODE}; run make images (stand-ins) or make image (keelson)"
-            );
+        if !missing.is_empty() {
+            let in_containerd = containerd_images();
+            missing.retain(|want| !in_containerd.iter().any(|h| h.ends_with(want)));
         }
+        assert!(
+            missing.is_empty(),
+            "images {missing:?} are not on the real node {REAL_NODE} (neither in its status nor in its containerd); run make images (stand-ins) or make image (keelson)"
+        );
     });
+}
+
+/// The real node's containerd socket (hack/cluster/lib.sh `CONTAINERD_SOCK`).
+pub const REAL_NODE_CONTAINERD_SOCK: &str = "/run/keelson-containerd/containerd.sock";
+
+fn node_status_images(node: &serde_json::Value) -> Vec<String> {
+    node["status"]["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|i| i["names"].as_array().into_iter().flatten())
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The image names in the real node's containerd (namespace `k8s.io`, the kubelet's); empty when
+/// `ctr` cannot be run.
+fn containerd_images() -> Vec<String> {
+    Command::new("ctr")
+        .args([
+            "--address",
+            REAL_NODE_CONTAINERD_SOCK,
+            "-n",
+            "k8s.io",
+            "images",
+            "ls",
+            "-q",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A `hostPath` PersistentVolume at `path` on one node (`nodeAffinity` to its hostname, so the pod

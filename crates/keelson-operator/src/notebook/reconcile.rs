@@ -7,9 +7,10 @@
 //! Idle culling suspends a notebook the way a person does: a merge patch of `spec.suspend: true`
 //! (field manager `keelson-idle-culler`, with the resourceVersion the decision was taken on), with
 //! the annotation `keelson.dev/idle-culled-at`, the counterpart of Kubeflow's
-//! `kubeflow-resource-stopped`. The pod then goes as for any suspension; the workspace PVC and the
+//! `kubeflow-resource-stopped`, and `keelson.dev/idle-last-activity`, the activity the decision was
+//! taken on (the status of a culled notebook is rebuilt from it). The pod then goes as for any suspension; the workspace PVC and the
 //! token Secret are never touched. Resuming is `spec.suspend: false`; the operator then removes the
-//! annotation.
+//! annotations.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +42,8 @@ use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
 use keelson_api::notebook::{
-    Notebook, NotebookStatus, ANNOTATION_CULLED_AT, CULLER_FIELD_MANAGER, DEFAULT_PORT,
+    Notebook, NotebookStatus, ANNOTATION_CULLED_AT, ANNOTATION_IDLE_LAST_ACTIVITY,
+    CULLER_FIELD_MANAGER, DEFAULT_PORT,
 };
 
 /// Length of a generated access token.
@@ -334,7 +336,10 @@ async fn cull_step(
     let api: Api<Notebook> = Api::namespaced(shared.client.clone(), &owner.namespace);
     if !suspended && culled_at(nb).is_some() {
         // Resumed: the annotation no longer describes the notebook.
-        let body = serde_json::json!({"metadata": {"annotations": {ANNOTATION_CULLED_AT: null}}});
+        let body = serde_json::json!({"metadata": {"annotations": {
+            ANNOTATION_CULLED_AT: null,
+            ANNOTATION_IDLE_LAST_ACTIVITY: null,
+        }}});
         let pp = PatchParams {
             field_manager: Some(CULLER_FIELD_MANAGER.into()),
             ..PatchParams::default()
@@ -342,7 +347,7 @@ async fn cull_step(
         shared.writes.apply.inc();
         api.patch(&owner.name, &pp, &Patch::Merge(&body)).await?;
         changes.push(Change::Labelled(format!(
-            "annotation {ANNOTATION_CULLED_AT} removed (resumed)"
+            "annotations {ANNOTATION_CULLED_AT}, {ANNOTATION_IDLE_LAST_ACTIVITY} removed (resumed)"
         )));
     }
     let Some(spec_idle) = nb.spec.idle.as_ref() else {
@@ -388,7 +393,10 @@ async fn cull_step(
     let body = serde_json::json!({
         "metadata": {
             "resourceVersion": nb.resource_version(),
-            "annotations": {ANNOTATION_CULLED_AT: now.to_string()},
+            "annotations": {
+                ANNOTATION_CULLED_AT: now.to_string(),
+                ANNOTATION_IDLE_LAST_ACTIVITY: last.to_string(),
+            },
         },
         "spec": {"suspend": true},
     });

@@ -2,6 +2,7 @@
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 
 use super::access::external_url;
 use super::build::{pod_name, token_secret_name, url};
@@ -12,7 +13,8 @@ use crate::runtime::apply::applied_hash;
 use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::meta::Owner;
 use keelson_api::notebook::{
-    Notebook, NotebookPhase, NotebookStatus, ANNOTATION_CULLED_AT, DEFAULT_PORT,
+    Notebook, NotebookPhase, NotebookStatus, ANNOTATION_CULLED_AT, ANNOTATION_IDLE_LAST_ACTIVITY,
+    DEFAULT_PORT,
 };
 
 /// Condition of a Notebook with `spec.idle`: whether its activity is read (True) or cannot be
@@ -42,6 +44,18 @@ pub fn culled_at(nb: &Notebook) -> Option<&str> {
         .as_ref()
         .and_then(|a| a.get(ANNOTATION_CULLED_AT))
         .map(String::as_str)
+}
+
+/// What the culler recorded on the notebook when it suspended it: the time of the suspension and
+/// the last activity the decision was taken on (`None` when the annotations are absent or garbled).
+pub fn culled_record(nb: &Notebook) -> Option<(Timestamp, Timestamp)> {
+    let annotations = nb.metadata.annotations.as_ref()?;
+    let at = annotations.get(ANNOTATION_CULLED_AT)?.parse().ok()?;
+    let last = annotations
+        .get(ANNOTATION_IDLE_LAST_ACTIVITY)?
+        .parse()
+        .ok()?;
+    Some((at, last))
 }
 
 fn fmt_duration(d: std::time::Duration) -> String {
@@ -119,9 +133,9 @@ pub fn status(nb: &Notebook, owner: &Owner, observed: &Observed, now: &Time) -> 
         .unwrap_or_default();
     let by_culler = observed.culled || (suspended && culled_at(nb).is_some());
     let (phase, ready) = if by_culler {
-        let last = match (&observed.idle, &prev.last_activity) {
-            (Some(Verdict::Idle { last, .. }), _) => last.to_string(),
-            (_, Some(t)) => t.0.to_string(),
+        let last = match (&observed.idle, culled_record(nb).as_ref(), &prev.last_activity) {
+            (Some(Verdict::Idle { last, .. }), _, _) | (_, Some((_, last)), _) => last.to_string(),
+            (_, _, Some(t)) => t.0.to_string(),
             _ => "unknown".into(),
         };
         (NotebookPhase::Suspended, Cond::new(READY, false, "IdleCulled", format!("suspended by the idle culler: no activity since {last}, longer than spec.idle.timeout {timeout}; set spec.suspend to false to start the notebook again (the workspace and the token are kept)")))
@@ -165,6 +179,12 @@ pub fn status(nb: &Notebook, owner: &Owner, observed: &Observed, now: &Time) -> 
             Some(Verdict::Unknown(why)) => Some(Cond::new(IDLE_CULLING, false, "ActivityUnknown", format!("{why}: the notebook is not culled while its activity cannot be read"))),
             Some(Verdict::Active { .. }) => Some(Cond::new(IDLE_CULLING, true, "Watching", format!("activity is read from /api/status; the notebook is suspended after {timeout} without activity"))),
             Some(Verdict::Idle { idle_for, .. }) => Some(Cond::new(IDLE_CULLING, true, "Culled", format!("suspended after {} without activity (spec.idle.timeout {timeout})", fmt_duration(*idle_for)))),
+            // Suspended by the culler, not read this time: what it recorded on the notebook, in
+            // the same write as the suspension.
+            None if by_culler => culled_record(nb).map(|(at, last)| {
+                let idle_for = at.duration_since(last).try_into().unwrap_or_default();
+                Cond::new(IDLE_CULLING, true, "Culled", format!("suspended after {} without activity (spec.idle.timeout {timeout})", fmt_duration(idle_for)))
+            }),
             None => None,
         };
         // Without a read this time (no ready pod, or suspended): the last verdict stands.
@@ -198,8 +218,12 @@ pub fn status(nb: &Notebook, owner: &Owner, observed: &Observed, now: &Time) -> 
             Cond::new(EXPOSED, true, "RouteApplied", "HTTPRoute applied: the notebook is reachable through its Gateway, with the token")
         });
     }
-    let last_activity = match &observed.idle {
-        Some(Verdict::Active { last, .. } | Verdict::Idle { last, .. }) => Some(Time(*last)),
+    let last_activity = match (
+        &observed.idle,
+        culled_record(nb).filter(|_| by_culler).as_ref(),
+    ) {
+        (Some(Verdict::Active { last, .. } | Verdict::Idle { last, .. }), _)
+        | (_, Some((_, last))) => Some(Time(*last)),
         _ => prev.last_activity.clone(),
     }
     .filter(|_| nb.spec.idle.is_some());
@@ -492,6 +516,34 @@ mod tests {
         let s2 = status(&n, &o, &obs, &now());
         assert_eq!(s2.conditions, s.conditions);
         assert_eq!(s2.last_activity, Some(Time(last)));
+        // The same reconcile from a status that missed the culler's write (a status written from
+        // an older copy raced with the suspension): rebuilt from the annotations the culler set in
+        // the same write as spec.suspend.
+        let mut raced = n.clone();
+        raced.status = Some(NotebookStatus {
+            last_activity: None,
+            conditions: Vec::new(),
+            ..s.clone()
+        });
+        raced.metadata.annotations = Some(
+            [
+                (
+                    ANNOTATION_CULLED_AT.to_string(),
+                    "2026-01-01T12:01:00Z".to_string(),
+                ),
+                (ANNOTATION_IDLE_LAST_ACTIVITY.to_string(), last.to_string()),
+            ]
+            .into(),
+        );
+        let s4 = status(&raced, &o, &obs, &now());
+        assert_eq!(s4.last_activity, Some(Time(last)));
+        assert_eq!(s4.phase, Some(NotebookPhase::Suspended));
+        let r = conditions::find(&s4.conditions, READY).unwrap();
+        assert_eq!(r.reason, "IdleCulled");
+        assert!(r.message.contains("2026-01-01T10:00:00Z"), "{}", r.message);
+        let c = conditions::find(&s4.conditions, IDLE_CULLING).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Culled"));
+        assert!(c.message.contains("2h1m"), "{}", c.message);
         // Suspended by a person: plain Suspended.
         n.metadata.annotations = None;
         let s3 = status(&n, &o, &obs, &now());
