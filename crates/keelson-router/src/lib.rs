@@ -73,6 +73,12 @@ pub struct RouterOptions {
     /// response is cut and the upstream connection closed.
     #[arg(long, default_value_t = 60_000)]
     pub upstream_read_timeout_ms: u64,
+    /// Time the client's request body may go without a byte while the router waits for it, in
+    /// milliseconds (between two reads, as nginx's `client_body_timeout`); past it the request gets
+    /// a 408 and the upstream connection is closed. Requests to `h2c` variants stream their body
+    /// over HTTP/2 and are not bounded by it.
+    #[arg(long, default_value_t = 60_000)]
+    pub client_body_timeout_ms: u64,
     /// Connections open to one variant address at most, idle ones included; past it a request
     /// waits up to --connect-timeout-ms for one, then gets a 503.
     #[arg(long, default_value_t = 1024)]
@@ -116,6 +122,7 @@ impl RouterOptions {
             mirror_slots: self.mirror_max_in_flight,
             max_conns_per_host: self.max_upstream_conns,
             upstream_read_timeout: Duration::from_millis(self.upstream_read_timeout_ms.max(1)),
+            client_body_timeout: Duration::from_millis(self.client_body_timeout_ms.max(1)),
             h2_conns_per_host: self.h2_upstream_conns.max(1),
             sticky_key: self.sticky_key.as_deref().map(|k| {
                 (
