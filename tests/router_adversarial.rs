@@ -967,6 +967,23 @@ async fn client_body_mistakes_are_the_clients() {
     assert_eq!(r.errors().await, 0);
 }
 
+/// A body timeout of one second, and a request timeout far past the patience: a 408 seen within
+/// the patience is the body timeout's.
+const BODY_TIMEOUT: &[&str] = &[
+    "--client-body-timeout-ms",
+    "1000",
+    "--request-timeout-ms",
+    "120000",
+];
+
+/// Sends a request to `path` that promises 10 body bytes and sends 2, then nothing; its response.
+async fn stall_body(r: &Router, path: &str) -> Resp {
+    let mut s = r.connect().await;
+    let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab");
+    s.write_all(head.as_bytes()).await.unwrap();
+    read_response(&mut s).await
+}
+
 /// A request body that stops mid-way gets a 408 after the body timeout, long before the request
 /// timeout (past the patience): the upstream saw the head and the first bytes, then its connection
 /// closed, and the variant's error count stays at 0. A body sent slowly, with each gap under the
@@ -974,21 +991,8 @@ async fn client_body_mistakes_are_the_clients() {
 #[tokio::test]
 async fn a_request_body_that_stalls_is_cut_after_the_body_timeout() {
     let up = Upstream::start(|_| Act::Reply(ok("hi"))).await;
-    let r = Router::one(
-        &up,
-        &[
-            "--client-body-timeout-ms",
-            "1000",
-            "--request-timeout-ms",
-            "120000",
-        ],
-    )
-    .await;
-    let mut s = r.connect().await;
-    s.write_all(b"POST /stall HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab")
-        .await
-        .unwrap();
-    let resp = read_response(&mut s).await;
+    let r = Router::one(&up, BODY_TIMEOUT).await;
+    let resp = stall_body(&r, "/stall").await;
     assert_eq!(resp.status, 408, "{}", resp.body());
     assert!(resp.body().contains("request body"), "{}", resp.body());
     up.wait_all_closed().await;
@@ -1022,21 +1026,8 @@ async fn a_mirrored_request_body_that_stalls_is_cut_after_the_body_timeout() {
     let config = serde_json::json!({"version": 1,
         "variants": [{"name": "a", "weight": 100, "upstream": up.addr.to_string()}],
         "mirror": {"variant": "a", "percent": 100}});
-    let r = Router::start(
-        config,
-        &[
-            "--client-body-timeout-ms",
-            "1000",
-            "--request-timeout-ms",
-            "120000",
-        ],
-    )
-    .await;
-    let mut s = r.connect().await;
-    s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab")
-        .await
-        .unwrap();
-    let resp = read_response(&mut s).await;
+    let r = Router::start(config, BODY_TIMEOUT).await;
+    let resp = stall_body(&r, "/").await;
     assert_eq!(resp.status, 408, "{}", resp.body());
     // Nothing went upstream: the body was never whole.
     assert_eq!(up.all(), "");

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use keelson_api::router_config::{
-    ROUTER_ADMIN_PORT, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_PORT,
+    ROUTER_ADMIN_PORT, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_PORT, ROUTER_STICKY_KEY_ENV,
 };
 use metrics::Metrics;
 use proxy::{Limits, Proxy};
@@ -100,7 +100,7 @@ pub struct RouterOptions {
     /// Secret key of the sticky hash (any string). Without it the key derives from the config's
     /// variant names and upstreams: the same on every replica, but not secret from whoever can
     /// read the config.
-    #[arg(long, env = "KEELSON_ROUTER_STICKY_KEY", hide_env_values = true)]
+    #[arg(long, env = ROUTER_STICKY_KEY_ENV, hide_env_values = true)]
     pub sticky_key: Option<String>,
     /// Mirror copies in flight at most; further copies are dropped and counted.
     #[arg(long, default_value_t = 256)]

@@ -230,12 +230,14 @@ fn validate(md: &ModelDeployment) -> Result<(), BuildError> {
 }
 
 /// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`);
-/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]).
+/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]);
+/// `router_key` is the router's sticky-hash key, used only when its Secret is made.
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
     ready: &ReadyPods,
+    router_key: &str,
 ) -> Result<Children, BuildError> {
     validate(md)?;
     let variants = md
@@ -246,7 +248,13 @@ pub fn build(
         .map(|(i, v)| build_variant(md, owner, i, v))
         .collect::<Result<Vec<_>, _>>()?;
     let kind = router_kind(md);
-    let traffic = traffic::build(md, owner, router_image, &gate(md, ready).weights)?;
+    let traffic = traffic::build(
+        md,
+        owner,
+        router_image,
+        &gate(md, ready).weights,
+        router_key,
+    )?;
     let role = if kind == RouterKind::Builtin {
         ROLE_ROUTER
     } else {
@@ -490,10 +498,12 @@ pub(crate) mod tests {
     }
 
     pub const IMAGE: &str = "ghcr.io/keelson/keelson:test";
+    /// The router key the builder tests pass in.
+    pub const TEST_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     /// The children with no variant ready (so with the spec's weights).
     pub fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Children, BuildError> {
-        super::build(m, owner, image, &ReadyPods::new())
+        super::build(m, owner, image, &ReadyPods::new(), TEST_KEY)
     }
 
     pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {
