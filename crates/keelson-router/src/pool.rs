@@ -450,8 +450,9 @@ impl Deadline {
     }
 
     /// Ready, with the timeout's failure, once the connection's timer has passed the deadline.
-    /// The timer is made at the connection's first wait and only moved on when it fires: a request
-    /// arms no timer of its own.
+    /// The timer is made at the connection's first wait and only moved on when it fires (or
+    /// brought forward by a wait for the request body, see [`poll_timer_at`]): a request arms no
+    /// timer of its own.
     fn poll(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<Failed> {
         let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
         loop {
