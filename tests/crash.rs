@@ -250,7 +250,7 @@ spec:
             phase: None,
             token_secret: None,
             ready: true,
-            must_hold: &[],
+            must_hold: &["Deployment/md-router", "ConfigMap/md-router", "Secret/md-router-key"],
             must_not_hold: &[],
         },
     ]

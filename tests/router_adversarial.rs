@@ -967,6 +967,73 @@ async fn client_body_mistakes_are_the_clients() {
     assert_eq!(r.errors().await, 0);
 }
 
+/// A body timeout of one second, and a request timeout far past the patience: a 408 seen within
+/// the patience is the body timeout's.
+const BODY_TIMEOUT: &[&str] = &[
+    "--client-body-timeout-ms",
+    "1000",
+    "--request-timeout-ms",
+    "120000",
+];
+
+/// Sends a request to `path` that promises 10 body bytes and sends 2, then nothing; its response.
+async fn stall_body(r: &Router, path: &str) -> Resp {
+    let mut s = r.connect().await;
+    let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab");
+    s.write_all(head.as_bytes()).await.unwrap();
+    read_response(&mut s).await
+}
+
+/// A request body that stops mid-way gets a 408 after the body timeout, long before the request
+/// timeout (past the patience): the upstream saw the head and the first bytes, then its connection
+/// closed, and the variant's error count stays at 0. A body sent slowly, with each gap under the
+/// body timeout and the whole taking several timeouts, goes through.
+#[tokio::test]
+async fn a_request_body_that_stalls_is_cut_after_the_body_timeout() {
+    let up = Upstream::start(|_| Act::Reply(ok("hi"))).await;
+    let r = Router::one(&up, BODY_TIMEOUT).await;
+    let resp = stall_body(&r, "/stall").await;
+    assert_eq!(resp.status, 408, "{}", resp.body());
+    assert!(resp.body().contains("request body"), "{}", resp.body());
+    up.wait_all_closed().await;
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let raw = String::from_utf8_lossy(&seen[0].raw).into_owned();
+    assert!(raw.starts_with("POST /stall HTTP/1.1\r\n"), "{raw}");
+    assert!(raw.ends_with("\r\n\r\nab"), "{raw}");
+    assert_eq!(r.errors().await, 0);
+
+    // Slow but steady: 12 pieces 300 ms apart, 3.3 s in all.
+    let mut s = r.connect().await;
+    s.write_all(b"POST /steady HTTP/1.1\r\nhost: x\r\ncontent-length: 12\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"0123456789ab" {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let resp = read_response(&mut s).await;
+    assert_eq!(resp.status, 200, "{}", resp.body());
+    assert_eq!(resp.body(), "hi");
+    assert!(up.all().contains("\r\n\r\n0123456789ab"), "{}", up.all());
+    assert_eq!(r.errors().await, 0);
+}
+
+/// A mirrored request's body, read whole before it goes on, is held to the same body timeout.
+#[tokio::test]
+async fn a_mirrored_request_body_that_stalls_is_cut_after_the_body_timeout() {
+    let up = Upstream::start(|_| Act::Reply(ok("hi"))).await;
+    let config = serde_json::json!({"version": 1,
+        "variants": [{"name": "a", "weight": 100, "upstream": up.addr.to_string()}],
+        "mirror": {"variant": "a", "percent": 100}});
+    let r = Router::start(config, BODY_TIMEOUT).await;
+    let resp = stall_body(&r, "/").await;
+    assert_eq!(resp.status, 408, "{}", resp.body());
+    // Nothing went upstream: the body was never whole.
+    assert_eq!(up.all(), "");
+    assert_eq!(r.errors().await, 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Findings 5 and 6, and what already held: broken upstream responses.
 

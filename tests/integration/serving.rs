@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 
 use crate::support::*;
@@ -166,6 +166,90 @@ async fn a_variant_without_ready_pods_gets_no_traffic_until_it_is_ready() {
     ]);
     assert!(events.contains("VariantNotReady"), "{events}");
     assert!(events.contains("TrafficRestored"), "{events}");
+}
+
+/// The router's sticky key: a Secret `<name>-router-key` of 64 hex characters, owned by the
+/// ModelDeployment, that the router Deployment reads through a `secretKeyRef` (never inline), made
+/// once and kept as it is through later reconciles (a weight change, a touched annotation).
+#[tokio::test]
+async fn the_router_gets_a_sticky_key_made_once() {
+    operator();
+    let ns = Ns::new("stickykey");
+    let client = client().await;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ab = |a: u32, b: u32| {
+        format!("    - {{name: champion, image: i, weight: {a}}}\n    - {{name: challenger, image: i, weight: {b}}}\n")
+    };
+    ns.apply(&md_yaml("fraud", &ab(90, 10))).unwrap();
+    let key = wait_for("the router key Secret", Duration::from_secs(60), || async {
+        secrets.get("fraud-router-key").await.ok()
+    })
+    .await;
+    let value = |s: &Secret| s.data.as_ref().unwrap()["sticky-key"].0.clone();
+    let v = value(&key);
+    assert_eq!(v.len(), 64, "{}", String::from_utf8_lossy(&v));
+    assert!(
+        v.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "not lower-case hex"
+    );
+    assert_eq!(key.data.as_ref().unwrap().len(), 1);
+    let md = mds.get("fraud").await.unwrap();
+    let refs = key.metadata.owner_references.clone().unwrap();
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].uid, md.metadata.uid.clone().unwrap());
+    assert_eq!(refs[0].controller, Some(true));
+    let labels = key.metadata.labels.clone().unwrap();
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "keelson");
+    assert_eq!(labels["keelson.dev/owner-kind"], "ModelDeployment");
+    assert_eq!(labels["keelson.dev/owner-name"], "fraud");
+
+    let router = wait_for("the router Deployment", Duration::from_secs(60), || async {
+        deps.get("fraud-router").await.ok()
+    })
+    .await;
+    let pod = router.spec.unwrap().template.spec.unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let e = env
+        .iter()
+        .find(|e| e.name == "KEELSON_ROUTER_STICKY_KEY")
+        .expect("the sticky key env");
+    assert_eq!(e.value, None);
+    let r = e.value_from.clone().unwrap().secret_key_ref.unwrap();
+    assert_eq!(
+        (r.name.as_str(), r.key.as_str()),
+        ("fraud-router-key", "sticky-key")
+    );
+    // The key is nowhere in the router's Deployment, the ConfigMap or the status.
+    let text = String::from_utf8(v.clone()).unwrap();
+    let router = deps.get("fraud-router").await.unwrap();
+    assert!(!serde_json::to_string(&router).unwrap().contains(&text));
+    let cm = cms.get("fraud-router").await.unwrap();
+    assert!(!serde_json::to_string(&cm).unwrap().contains(&text));
+
+    // Later reconciles (a weight change, a touched annotation) keep the Secret as it is.
+    ns.apply(&md_yaml("fraud", &ab(50, 50))).unwrap();
+    ns.kubectl(&["annotate", "modeldeployment", "fraud", "touched=1"]);
+    wait_for(
+        "the new split in the router config",
+        Duration::from_secs(60),
+        || async {
+            let w = config_weights(&cms, "fraud").await?;
+            (w == weights(&[("champion", 50), ("challenger", 50)])).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = secrets.get("fraud-router-key").await.unwrap();
+    assert_eq!(
+        again.metadata.resource_version,
+        key.metadata.resource_version
+    );
+    assert_eq!(value(&again), v);
+    let md = mds.get("fraud").await.unwrap();
+    assert!(!serde_json::to_string(&md).unwrap().contains(&text));
 }
 
 /// Which field managers own `spec.replicas` of a Deployment.

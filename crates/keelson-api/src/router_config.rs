@@ -24,6 +24,10 @@ pub const ROUTER_CONFIG_VOLUME: &str = "config";
 /// The user the router runs as (the distroless `nonroot` user), so that `runAsNonRoot` can be
 /// checked by the kubelet whatever the image's USER says.
 pub const ROUTER_UID: i64 = 65532;
+/// Environment variable the router reads its sticky-hash key from (`--sticky-key`).
+pub const ROUTER_STICKY_KEY_ENV: &str = "KEELSON_ROUTER_STICKY_KEY";
+/// Key of the sticky-hash key in the Secret `<name>-router-key`.
+pub const ROUTER_STICKY_KEY_KEY: &str = "sticky-key";
 /// Default mirror percentage.
 pub const DEFAULT_MIRROR_PERCENT: i32 = 100;
 

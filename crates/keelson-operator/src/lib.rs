@@ -2,7 +2,7 @@
 //! (spec -> children), a pure status function (observed children -> status) and a reconciler that
 //! applies the difference ([`notebook`], [`trainingjob`], [`modeldeployment`]), and the plumbing they
 //! share: child caches and the owner index ([`controller`]), writes ([`apply`]), Events ([`events`]),
-//! the client rate limit ([`ratelimit`]), probes and metrics ([`health`], [`metrics`]) and the
+//! the client rate limit ([`ratelimit`]), Secrets made once ([`secret`]), probes and metrics ([`health`], [`metrics`]) and the
 //! process itself ([`operator`]).
 //!
 //! The kinds' types come from `keelson-api`; this crate never defines API fields.
@@ -17,4 +17,5 @@ pub mod operator;
 pub mod pod;
 pub mod podstatus;
 pub mod runtime;
+pub mod secret;
 pub mod trainingjob;

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use keelson_api::router_config::{
-    ROUTER_ADMIN_PORT, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_PORT,
+    ROUTER_ADMIN_PORT, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_PORT, ROUTER_STICKY_KEY_ENV,
 };
 use metrics::Metrics;
 use proxy::{Limits, Proxy};
@@ -73,6 +73,12 @@ pub struct RouterOptions {
     /// response is cut and the upstream connection closed.
     #[arg(long, default_value_t = 60_000)]
     pub upstream_read_timeout_ms: u64,
+    /// Time the client's request body may go without a byte while the router waits for it, in
+    /// milliseconds (between two reads, as nginx's `client_body_timeout`); past it the request gets
+    /// a 408 and the upstream connection is closed. Requests to `h2c` variants stream their body
+    /// over HTTP/2 and are not bounded by it.
+    #[arg(long, default_value_t = 60_000)]
+    pub client_body_timeout_ms: u64,
     /// Connections open to one variant address at most, idle ones included; past it a request
     /// waits up to --connect-timeout-ms for one, then gets a 503.
     #[arg(long, default_value_t = 1024)]
@@ -94,7 +100,7 @@ pub struct RouterOptions {
     /// Secret key of the sticky hash (any string). Without it the key derives from the config's
     /// variant names and upstreams: the same on every replica, but not secret from whoever can
     /// read the config.
-    #[arg(long, env = "KEELSON_ROUTER_STICKY_KEY", hide_env_values = true)]
+    #[arg(long, env = ROUTER_STICKY_KEY_ENV, hide_env_values = true)]
     pub sticky_key: Option<String>,
     /// Mirror copies in flight at most; further copies are dropped and counted.
     #[arg(long, default_value_t = 256)]
@@ -116,6 +122,7 @@ impl RouterOptions {
             mirror_slots: self.mirror_max_in_flight,
             max_conns_per_host: self.max_upstream_conns,
             upstream_read_timeout: Duration::from_millis(self.upstream_read_timeout_ms.max(1)),
+            client_body_timeout: Duration::from_millis(self.client_body_timeout_ms.max(1)),
             h2_conns_per_host: self.h2_upstream_conns.max(1),
             sticky_key: self.sticky_key.as_deref().map(|k| {
                 (

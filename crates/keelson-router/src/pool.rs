@@ -19,7 +19,9 @@
 //! A request whose response head has not come within the request timeout fails with
 //! [`UpstreamError::Timeout`], and its connection is closed. Each connection keeps that deadline
 //! with one timer, made at its first wait and moved only when it fires: a request arms no timer of
-//! its own.
+//! its own. The same timer bounds each wait for the client's request body: the body fails with
+//! [`UpstreamError::RequestBodyTimeout`] when no piece of it comes within the body timeout (or the
+//! request deadline passes first), and the connection, which carries part of a request, is closed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -99,6 +101,8 @@ pub struct PoolLimits {
     pub max_conns_per_host: usize,
     /// Time a response body may go without a byte from the upstream.
     pub read_timeout: Duration,
+    /// Time the client's request body may go without a piece coming, while the router waits for it.
+    pub body_timeout: Duration,
 }
 
 /// Every upstream address's pool.
@@ -272,12 +276,14 @@ impl Conn {
         read
     }
 
-    /// Sends `req` and reads its response head, all within `timeout` of `started`.
+    /// Sends `req` and reads its response head, all within `timeout` of `started`; each wait for
+    /// the request body fails after `body_timeout`.
     async fn exchange(
         &mut self,
         req: &mut Request<ReqBody>,
         started: Instant,
         timeout: Duration,
+        body_timeout: Duration,
     ) -> Result<ResponseHead, Failed> {
         self.out.clear();
         let body = req.body();
@@ -286,6 +292,7 @@ impl Conn {
         let deadline = Deadline {
             at: tokio::time::Instant::from_std(started + timeout),
             timeout,
+            body_timeout,
         };
         self.write_request(req.body_mut(), framing, deadline)
             .await?;
@@ -339,13 +346,13 @@ impl Conn {
                     None => {
                         self.flush_out(deadline).await?;
                         let mut next = body.frame();
-                        // Waiting for the client: past the deadline, the client's fault.
+                        // Waiting for the client: past the body timeout or the request deadline,
+                        // the client's fault. Only a wait reads the clock and moves the timer.
+                        let (at, timeout) = deadline.body_wait();
                         std::future::poll_fn(|cx| match Pin::new(&mut next).poll(cx) {
                             Poll::Ready(frame) => Poll::Ready(Ok(frame)),
-                            Poll::Pending => deadline.poll(&mut self.timer, cx).map(|_| {
-                                Err(Failed::from(UpstreamError::RequestBodyTimeout(
-                                    deadline.timeout,
-                                )))
+                            Poll::Pending => poll_timer_at(&mut self.timer, at, cx).map(|()| {
+                                Err(Failed::from(UpstreamError::RequestBodyTimeout(timeout)))
                             }),
                         })
                         .await?
@@ -422,17 +429,30 @@ async fn write_all(
     .await
 }
 
-/// When a request must have its response head.
+/// When a request must have its response head, and how long a wait for its body may last.
 #[derive(Clone, Copy)]
 struct Deadline {
     at: tokio::time::Instant,
     timeout: Duration,
+    body_timeout: Duration,
 }
 
 impl Deadline {
+    /// When a wait for the client's request body that starts now fails, and the timeout that
+    /// failure reports: the body timeout from now, or the request deadline when that comes first.
+    fn body_wait(&self) -> (tokio::time::Instant, Duration) {
+        let idle = tokio::time::Instant::now() + self.body_timeout;
+        if idle < self.at {
+            (idle, self.body_timeout)
+        } else {
+            (self.at, self.timeout)
+        }
+    }
+
     /// Ready, with the timeout's failure, once the connection's timer has passed the deadline.
-    /// The timer is made at the connection's first wait and only moved on when it fires: a request
-    /// arms no timer of its own.
+    /// The timer is made at the connection's first wait and only moved on when it fires (or
+    /// brought forward by a wait for the request body, see [`poll_timer_at`]): a request arms no
+    /// timer of its own.
     fn poll(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<Failed> {
         let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
         loop {
@@ -446,6 +466,20 @@ impl Deadline {
             t.as_mut().reset(self.at);
         }
     }
+}
+
+/// Ready once the connection's timer, set to `at` (moved there if it was set elsewhere), fires.
+/// `at` is never past the request deadline, so [`Deadline::poll`] finds the timer before it.
+fn poll_timer_at(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    at: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if t.deadline() != at {
+        t.as_mut().reset(at);
+    }
+    t.as_mut().poll(cx)
 }
 
 impl HostPool {
@@ -466,7 +500,12 @@ impl HostPool {
         let repeatable = req.method().is_idempotent() && req.body().is_end_stream();
         loop {
             match conn
-                .exchange(&mut req, now, self.limits.request_timeout)
+                .exchange(
+                    &mut req,
+                    now,
+                    self.limits.request_timeout,
+                    self.limits.body_timeout,
+                )
                 .await
             {
                 Ok(head) => return Ok(self.response(conn, head, now)),

@@ -14,6 +14,7 @@ fn limits() -> PoolLimits {
         max_idle_per_host: 8,
         max_conns_per_host: 64,
         read_timeout: Duration::from_secs(60),
+        body_timeout: Duration::from_secs(60),
     }
 }
 

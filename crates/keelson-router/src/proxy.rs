@@ -55,6 +55,9 @@ pub struct Limits {
     pub max_conns_per_host: usize,
     /// Time a response body may go without a byte from the upstream.
     pub upstream_read_timeout: Duration,
+    /// Time the client's request body may go without a piece coming, while the router waits for
+    /// it (HTTP/1.1 variants, and bodies read whole for the mirror).
+    pub client_body_timeout: Duration,
     /// The secret key of the sticky hash; `None`: a key derived from the config's upstreams.
     pub sticky_key: Option<(u64, u64)>,
     /// HTTP/2 connections kept open to one `h2c` upstream address.
@@ -72,6 +75,7 @@ impl Default for Limits {
             pool_idle_per_host: 1024,
             max_conns_per_host: 1024,
             upstream_read_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
             sticky_key: None,
             h2_conns_per_host: 4,
         }
@@ -99,6 +103,7 @@ impl Proxy {
                 max_idle_per_host: limits.pool_idle_per_host,
                 max_conns_per_host: limits.max_conns_per_host.max(1),
                 read_timeout: limits.upstream_read_timeout,
+                body_timeout: limits.client_body_timeout,
             }),
             h2: H2Pools::new(H2Limits {
                 connect_timeout: limits.connect_timeout,
@@ -338,17 +343,9 @@ impl Proxy {
         let (main, copy) = if len == 0 {
             (Either::Left(body), Bytes::new())
         } else {
-            match tokio::time::timeout(self.limits.request_timeout, body.collect()).await {
-                Ok(Ok(c)) => {
-                    let b = c.to_bytes();
-                    (Either::Right(Full::new(b.clone())), b)
-                }
-                Ok(Err(e)) => return Err(client_error(&UpstreamError::RequestBody(e.into()))),
-                Err(_) => {
-                    return Err(client_error(&UpstreamError::RequestBodyTimeout(
-                        self.limits.request_timeout,
-                    )))
-                }
+            match read_body(body, len, &self.limits).await {
+                Ok(b) => (Either::Right(Full::new(b.clone())), b),
+                Err(e) => return Err(client_error(&e)),
             }
         };
         let mut req = Request::new(Either::Right(Full::new(copy)));
@@ -458,6 +455,51 @@ pub fn sticky_hash(key: (u64, u64), value: &[u8]) -> u64 {
     let mut h = std::hash::SipHasher::new_with_keys(key.0, key.1);
     h.write(value);
     h.finish()
+}
+
+/// Reads a request body of `len` bytes whole (a mirrored request's), within the request timeout
+/// and with no wait for a piece of it longer than the body timeout. One timer, moved at each wait.
+async fn read_body(mut body: Incoming, len: u64, limits: &Limits) -> Result<Bytes, UpstreamError> {
+    use std::future::Future as _;
+    use std::task::Poll;
+    let end = tokio::time::Instant::now() + limits.request_timeout;
+    let timer = tokio::time::sleep_until(end);
+    let mut timer = std::pin::pin!(timer);
+    let mut out = bytes::BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+    loop {
+        let mut next = body.frame();
+        let mut waiting = false;
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = std::pin::Pin::new(&mut next).poll(cx) {
+                return Poll::Ready(Some(frame));
+            }
+            if !waiting {
+                waiting = true;
+                timer
+                    .as_mut()
+                    .reset(end.min(tokio::time::Instant::now() + limits.client_body_timeout));
+            }
+            timer.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        match frame {
+            Some(None) => return Ok(out.freeze()),
+            Some(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Some(Some(Err(e))) => return Err(UpstreamError::RequestBody(e.into())),
+            None => {
+                let timeout = if timer.deadline() < end {
+                    limits.client_body_timeout
+                } else {
+                    limits.request_timeout
+                };
+                return Err(UpstreamError::RequestBodyTimeout(timeout));
+            }
+        }
+    }
 }
 
 /// The response to a client's own mistake with its request body: `400`, or `408` when it stalled.

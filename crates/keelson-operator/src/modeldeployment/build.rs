@@ -257,12 +257,14 @@ fn check_readiness(md: &ModelDeployment, i: usize, v: &Variant) -> Result<(), Bu
 }
 
 /// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`);
-/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]).
+/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]);
+/// `router_key` is the router's sticky-hash key, used only when its Secret is made.
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
     ready: &ReadyPods,
+    router_key: &str,
 ) -> Result<Children, BuildError> {
     validate(md)?;
     let variants = md
@@ -273,7 +275,13 @@ pub fn build(
         .map(|(i, v)| build_variant(md, owner, i, v))
         .collect::<Result<Vec<_>, _>>()?;
     let kind = router_kind(md);
-    let traffic = traffic::build(md, owner, router_image, &gate(md, ready).weights)?;
+    let traffic = traffic::build(
+        md,
+        owner,
+        router_image,
+        &gate(md, ready).weights,
+        router_key,
+    )?;
     let proto = protocol(md);
     // The router's data port is named `http` whatever it speaks; the model pods' port is named by
     // the protocol.
@@ -545,10 +553,12 @@ pub(crate) mod tests {
     }
 
     pub const IMAGE: &str = "ghcr.io/keelson/keelson:test";
+    /// The router key the builder tests pass in.
+    pub const TEST_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     /// The children with no variant ready (so with the spec's weights).
     pub fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Children, BuildError> {
-        super::build(m, owner, image, &ReadyPods::new())
+        super::build(m, owner, image, &ReadyPods::new(), TEST_KEY)
     }
 
     pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {

@@ -2,7 +2,14 @@
 //! Build is [`super::build`]; apply writes the variants, then what routes traffic to them, then the
 //! entry Service, sweeps the orphans and observes; status is [`super::status`].
 //!
-//! Deployments, Services, ConfigMaps and HorizontalPodAutoscalers are watched and cached. The ready
+//! The router's sticky-hash key is a Secret `<name>-router-key` made once ([`crate::secret`]): in
+//! `Builtin` mode it is created before the router when the cache does not hold it, and never
+//! updated, so every reconcile after the first writes nothing for it. It is not swept when the mode
+//! changes (the operator may not delete Secrets): it goes with the ModelDeployment, and a return to
+//! `Builtin` keeps the same sticky split.
+//!
+//! Deployments, Services, ConfigMaps, HorizontalPodAutoscalers and Secrets are watched and cached
+//! (the Secrets without their data: only their existence is read). The ready
 //! pods of each variant are read from the cached Deployments in `fetch` and gate the traffic
 //! (see [`super::gate`]): a Deployment's status change wakes its ModelDeployment.
 //!
@@ -29,7 +36,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::core::Status;
@@ -43,14 +50,15 @@ use super::names::{
     ANNOTATION_ROUTER, HANDOVER_MANAGER,
 };
 use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
-use super::traffic::Traffic;
+use super::traffic::{router_key_name, Traffic, ROUTER_KEY_BYTES};
 use crate::error::{BuildError, Error, Result};
 use crate::runtime::apply::{self, Object, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, children_of, error_policy, owner_of, parent_controller, timed, ChildStore,
-    Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, children_of, error_policy, owner_of,
+    parent_controller, timed, ChildStore, Shared, Synced, RESYNC,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
+use crate::secret::{self, Once};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
 use keelson_api::modeldeployment::{ModelDeployment, ModelDeploymentStatus, Protocol, RouterKind};
@@ -84,6 +92,8 @@ pub struct Ctx {
     pub services: ChildStore<Service>,
     pub config_maps: ChildStore<ConfigMap>,
     pub autoscalers: ChildStore<HorizontalPodAutoscaler>,
+    /// The router key Secrets, without their data.
+    pub secrets: ChildStore<Secret>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
     pub router_image: String,
@@ -101,19 +111,27 @@ pub async fn run(
     let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
     let (autoscalers, hpa_events) =
         child_cache::<HorizontalPodAutoscaler>(&client, "ModelDeployment");
+    // The key itself is never read back: the cache keeps no data.
+    let (secrets, secret_events) =
+        child_cache_trimmed::<Secret>(&client, "ModelDeployment", |s: &mut Secret| {
+            s.data = None;
+            s.string_data = None;
+        });
     let synced = {
-        let (d, s, c, h) = (
+        let (d, s, c, h, k) = (
             deployments.clone(),
             services.clone(),
             config_maps.clone(),
             autoscalers.clone(),
+            secrets.clone(),
         );
         Synced::spawn(async move {
             tokio::try_join!(
                 d.wait_until_ready(),
                 s.wait_until_ready(),
                 c.wait_until_ready(),
-                h.wait_until_ready()
+                h.wait_until_ready(),
+                k.wait_until_ready()
             )
             .map(|_| ())
         })
@@ -126,6 +144,7 @@ pub async fn run(
         services,
         config_maps,
         autoscalers,
+        secrets,
         synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
     });
@@ -134,6 +153,7 @@ pub async fn run(
         .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(hpa_events, |c| owner_of::<ModelDeployment, _>(&c))
+        .watches_stream(secret_events, |c| owner_of::<ModelDeployment, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
             move |o, c| timed(metrics.clone(), "ModelDeployment", driver::reconcile(o, c)),
@@ -153,8 +173,7 @@ pub fn type_missing(s: &Status, name: &str) -> bool {
 
 impl Kind for Ctx {
     type Parent = ModelDeployment;
-    /// Ready pods of each variant, from the cached Deployments: the input of the traffic gate.
-    type Fetched = ReadyPods;
+    type Fetched = Fetched;
     type Children = Children;
     type Observed = Observed;
     type Status = ModelDeploymentStatus;
@@ -165,14 +184,29 @@ impl Kind for Ctx {
         (&self.shared, &self.synced)
     }
 
-    fn fetch(&self, md: &ModelDeployment, owner: &Owner) -> ReadyPods {
-        ready_pods(md, |name| {
+    fn fetch(&self, md: &ModelDeployment, owner: &Owner) -> Fetched {
+        let ready = ready_pods(md, |name| {
             cached(&self.deployments, &owner.namespace, name)
                 .and_then(|d| d.status.as_ref()?.ready_replicas)
-        })
+        });
+        // A key is made only for a router that has none yet.
+        let builtin = router_kind(md) == RouterKind::Builtin;
+        let router_key = Once::fetch(
+            &self.secrets,
+            &owner.namespace,
+            &router_key_name(&owner.name),
+            || {
+                if builtin {
+                    secret::hex(ROUTER_KEY_BYTES)
+                } else {
+                    String::new()
+                }
+            },
+        );
+        Fetched { ready, router_key }
     }
 
-    fn previous(&self, md: &ModelDeployment, _: &ReadyPods) -> Option<ModelDeploymentStatus> {
+    fn previous(&self, md: &ModelDeployment, _: &Fetched) -> Option<ModelDeploymentStatus> {
         md.status.clone()
     }
 
@@ -180,15 +214,15 @@ impl Kind for Ctx {
         &self,
         md: &ModelDeployment,
         owner: &Owner,
-        ready: &ReadyPods,
+        f: &Fetched,
     ) -> Result<Children, BuildError> {
-        build(md, owner, &self.router_image, ready)
+        build(md, owner, &self.router_image, &f.ready, &f.router_key.value)
     }
 
     fn invalid(
         &self,
         md: &ModelDeployment,
-        _: &ReadyPods,
+        _: &Fetched,
         err: &BuildError,
         now: &Time,
     ) -> ModelDeploymentStatus {
@@ -199,11 +233,11 @@ impl Kind for Ctx {
         &self,
         md: &ModelDeployment,
         owner: &Owner,
-        _: &ReadyPods,
+        f: &Fetched,
         children: Children,
         changes: &mut Changes,
     ) -> Applied<Observed> {
-        match converge(md, owner, self, children, changes).await {
+        match converge(md, owner, self, &f.router_key, children, changes).await {
             Ok(observed) => Applied {
                 observed,
                 error: None,
@@ -225,7 +259,7 @@ impl Kind for Ctx {
     fn status(
         &self,
         md: &ModelDeployment,
-        _: &ReadyPods,
+        _: &Fetched,
         observed: &Observed,
         failed: Option<&Error>,
         now: &Time,
@@ -281,11 +315,20 @@ impl Kind for Ctx {
     }
 }
 
+/// What a ModelDeployment reconcile reads from the caches before it builds.
+pub struct Fetched {
+    /// Ready pods of each variant, from the cached Deployments: the input of the traffic gate.
+    ready: ReadyPods,
+    /// The router key Secret, or a new key when there is none yet.
+    router_key: Once,
+}
+
 /// Brings the children to `children` and returns what the cluster holds afterwards.
 async fn converge(
     md: &ModelDeployment,
     owner: &Owner,
     ctx: &Ctx,
+    router_key: &Once,
     children: Children,
     changes: &mut Changes,
 ) -> Result<Observed> {
@@ -328,8 +371,13 @@ async fn converge(
     let mut route_desired = None;
     let mut grpc_route_desired = None;
     match traffic {
-        Traffic::Builtin { config, router } => {
-            // The config before the router: the router pod mounts it.
+        Traffic::Builtin {
+            config,
+            router,
+            key,
+        } => {
+            // The key and the config before the router: the router pod reads both.
+            router_key.create(&ctx.shared, *key, changes).await?;
             let cm = config.object_ref(&());
             if apply_child(ctx, md, &ctx.config_maps, *config, changes).await? == Outcome::Updated {
                 let note = format!(

@@ -1,7 +1,7 @@
 //! Tests of the ModelDeployment status: effective weights, readiness and conditions from observed children.
 
 use super::*;
-use crate::modeldeployment::build::tests::{ab, build, md, variant, IMAGE};
+use crate::modeldeployment::build::tests::{ab, build, md, variant, IMAGE, TEST_KEY};
 use crate::modeldeployment::build::Children;
 use crate::modeldeployment::traffic::Traffic;
 use gateway_api::httproutes::{
@@ -512,7 +512,7 @@ fn gated_children(m: &ModelDeployment, o: &Owner, deployments: &[Deployment]) ->
             .find(|d| d.metadata.name.as_deref() == Some(n))
             .and_then(|d| d.status.as_ref()?.ready_replicas)
     });
-    crate::modeldeployment::build::build(m, o, IMAGE, &ready).unwrap()
+    crate::modeldeployment::build::build(m, o, IMAGE, &ready, TEST_KEY).unwrap()
 }
 
 #[test]

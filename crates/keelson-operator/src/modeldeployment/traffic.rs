@@ -1,7 +1,9 @@
 //! How traffic reaches the variants. Pure.
 //!
 //! - `Builtin`: Keelson's router, a Deployment `<name>-router` reading [`RouterConfig`] from the
-//!   ConfigMap `<name>-router`. The ConfigMap is mounted as a directory (never with `subPath`), so the
+//!   ConfigMap `<name>-router`, and the key of its sticky hash from the Secret `<name>-router-key`
+//!   (64 hex characters, made once, see [`crate::secret`]; every replica has the same key, and
+//!   clients can neither predict nor steer the sticky split). The ConfigMap is mounted as a directory (never with `subPath`), so the
 //!   kubelet refreshes the file in place when the weights change and the router picks it up without
 //!   a restart; the router's pod template does not depend on the weights or the variants at all.
 //! - `GatewayAPI`: an HTTPRoute `<name>` with one rule, weighted backendRefs to the variant Services
@@ -23,9 +25,9 @@ use gateway_api::httproutes::{
 };
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -34,7 +36,8 @@ use keelson_api::router_config::RouterProtocol;
 use keelson_api::router_config::{
     RouterConfig, RouterMirror, RouterVariant, DEFAULT_MIRROR_PERCENT, ROUTER_ADMIN_PORT,
     ROUTER_ADMIN_PORT_NAME, ROUTER_CONFIG_DIR, ROUTER_CONFIG_KEY, ROUTER_CONFIG_VERSION,
-    ROUTER_CONFIG_VOLUME, ROUTER_CONTAINER, ROUTER_PORT, ROUTER_UID,
+    ROUTER_CONFIG_VOLUME, ROUTER_CONTAINER, ROUTER_PORT, ROUTER_STICKY_KEY_ENV,
+    ROUTER_STICKY_KEY_KEY, ROUTER_UID,
 };
 
 use super::names::{
@@ -43,6 +46,7 @@ use super::names::{
 };
 use crate::error::BuildError;
 use crate::pod::DEFAULT_CONTAINER_ANNOTATION;
+use crate::secret::secret;
 use keelson_api::meta::Owner;
 use keelson_api::modeldeployment::{ModelDeployment, Protocol, RouterKind, RouterPod};
 use keelson_api::workload::check_quantities;
@@ -53,6 +57,8 @@ pub enum Traffic {
     Builtin {
         config: Box<ConfigMap>,
         router: Box<Deployment>,
+        /// The Secret `<name>-router-key`, written only when it does not exist yet.
+        key: Box<Secret>,
     },
     GatewayApi {
         route: Box<HttpRoute>,
@@ -68,6 +74,14 @@ pub enum Traffic {
 pub fn router_name(md_name: &str) -> String {
     format!("{md_name}-{ROLE_ROUTER}")
 }
+
+/// Name of the Secret holding the router's sticky-hash key.
+pub fn router_key_name(md_name: &str) -> String {
+    format!("{md_name}-{ROLE_ROUTER}-key")
+}
+
+/// Random bytes of a router's sticky-hash key (64 hex characters in the Secret).
+pub const ROUTER_KEY_BYTES: usize = 32;
 
 fn to_u32(n: i32) -> u32 {
     u32::try_from(n).unwrap_or(0)
@@ -267,12 +281,14 @@ pub fn grpc_route_weights(route: &GrpcRoute) -> BTreeMap<String, i32> {
         .collect()
 }
 
-/// The children of the traffic mode, routing by `weights` (in spec order).
+/// The children of the traffic mode, routing by `weights` (in spec order). `router_key` goes into
+/// the router key Secret, which is written only when it does not exist (else it is empty).
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
     weights: &[i32],
+    router_key: &str,
 ) -> Result<Traffic, BuildError> {
     let t = md.spec.traffic.as_ref();
     if let Some(m) = t.and_then(|t| t.mirror.as_ref()) {
@@ -321,9 +337,16 @@ pub fn build(
                 ..ConfigMap::default()
             };
             add_role_label(&mut cm.metadata, ROLE_ROUTER);
+            let mut key = secret(
+                owner.child_meta(router_key_name(&owner.name)),
+                ROUTER_STICKY_KEY_KEY,
+                router_key,
+            );
+            add_role_label(&mut key.metadata, ROLE_ROUTER);
             Ok(Traffic::Builtin {
                 config: Box::new(cm),
                 router: Box::new(router_deployment(owner, router_image, placement)),
+                key: Box::new(key),
             })
         }
         RouterKind::GatewayApi => {
@@ -424,6 +447,19 @@ pub fn router_deployment(owner: &Owner, image: &str, placement: Option<&RouterPo
                 ..ContainerPort::default()
             },
         ]),
+        // The sticky-hash key, the same for every replica; never inline in the pod spec.
+        env: Some(vec![EnvVar {
+            name: ROUTER_STICKY_KEY_ENV.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: router_key_name(&owner.name),
+                    key: ROUTER_STICKY_KEY_KEY.into(),
+                    optional: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
         // Ready once a valid config is loaded; alive while the process answers.
         readiness_probe: Some(admin_probe("/readyz", 5, 1)),
         liveness_probe: Some(admin_probe("/healthz", 10, 3)),
@@ -518,7 +554,7 @@ mod tests {
 
     /// The traffic children with the spec's weights.
     fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Traffic, BuildError> {
-        super::build(m, owner, image, &spec_weights(m))
+        super::build(m, owner, image, &spec_weights(m), TEST_KEY)
     }
 
     /// Every child, with no variant ready (so with the spec's weights).
@@ -527,9 +563,9 @@ mod tests {
         owner: &Owner,
         image: &str,
     ) -> Result<crate::modeldeployment::build::Children, BuildError> {
-        crate::modeldeployment::build::build(m, owner, image, &Default::default())
+        crate::modeldeployment::build::build(m, owner, image, &Default::default(), TEST_KEY)
     }
-    use crate::modeldeployment::build::tests::{ab, md, variant, IMAGE};
+    use crate::modeldeployment::build::tests::{ab, md, variant, IMAGE, TEST_KEY};
     use crate::modeldeployment::names::ANNOTATION_ROUTER;
     use keelson_api::modeldeployment::{
         GatewayAttachment, Mirror, ParentRef, Traffic as TrafficSpec,
@@ -640,10 +676,12 @@ mod tests {
             Traffic::Builtin {
                 router: ra,
                 config: ca,
+                ..
             },
             Traffic::Builtin {
                 router: rb,
                 config: cb,
+                ..
             },
         ) = (&ta, &tb)
         else {
@@ -659,6 +697,42 @@ mod tests {
         assert_eq!(fa.variants[0].deployment, fb.variants[0].deployment);
         assert_eq!(fa.variants[1].deployment, fb.variants[1].deployment);
         assert_eq!(fa.entry, fb.entry);
+    }
+
+    #[test]
+    fn the_router_reads_its_sticky_key_from_its_own_secret() {
+        let (m, owner) = md(ab(), None);
+        let Traffic::Builtin { router, key, .. } = build(&m, &owner, IMAGE).unwrap() else {
+            panic!("not Builtin")
+        };
+        assert_eq!(key.metadata.name.as_deref(), Some("fraud-router-key"));
+        let data = key.data.as_ref().unwrap();
+        assert_eq!(data.len(), 1);
+        assert_eq!(data["sticky-key"].0, TEST_KEY.as_bytes());
+        let refs = key.metadata.owner_references.as_ref().unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].kind, "ModelDeployment");
+        assert_eq!(refs[0].controller, Some(true));
+        let ps = router.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let env = ps.containers[0].env.as_ref().unwrap();
+        assert_eq!(env.len(), 1);
+        assert_eq!(env[0].name, "KEELSON_ROUTER_STICKY_KEY");
+        assert_eq!(
+            env[0].value, None,
+            "the key is never inline in the pod spec"
+        );
+        assert_eq!(
+            crate::secret::secret_ref(&env[0]),
+            Some(("fraud-router-key", "sticky-key"))
+        );
+        // The key is nowhere in the Deployment; a different key builds the same Deployment.
+        assert!(!serde_json::to_string(&router).unwrap().contains(TEST_KEY));
+        let Traffic::Builtin { router: other, .. } =
+            super::build(&m, &owner, IMAGE, &spec_weights(&m), "").unwrap()
+        else {
+            panic!("not Builtin")
+        };
+        assert_eq!(other, router);
     }
 
     #[test]
@@ -778,7 +852,7 @@ mod tests {
         m.spec.protocol = Some(Protocol::Grpc);
         m.spec.traffic = Some(traffic(RouterKind::Builtin, Some("x-user-id"), None));
         let t = build(&m, &owner, IMAGE).unwrap();
-        let Traffic::Builtin { config, router } = &t else {
+        let Traffic::Builtin { config, router, .. } = &t else {
             panic!("not Builtin")
         };
         let raw: serde_json::Value =
@@ -809,7 +883,8 @@ mod tests {
             None,
             Some(("challenger", Some(25))),
         ));
-        let Traffic::GatewayApiGrpc { route } = super::build(&m, &owner, IMAGE, &[100, 0]).unwrap()
+        let Traffic::GatewayApiGrpc { route } =
+            super::build(&m, &owner, IMAGE, &[100, 0], TEST_KEY).unwrap()
         else {
             panic!("not a GRPCRoute")
         };

@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::ByteString;
 
 use super::access;
 use crate::error::BuildError;
@@ -125,15 +124,7 @@ pub fn build(nb: &Notebook, owner: &Owner, ctx: &BuildCtx) -> Result<Children, B
     };
 
     let secret_name = token_secret_name(&owner.name);
-    let token = Secret {
-        metadata: owner.child_meta(&secret_name),
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            TOKEN_KEY.to_string(),
-            ByteString(token.as_bytes().to_vec()),
-        )])),
-        ..Secret::default()
-    };
+    let token = crate::secret::secret(owner.child_meta(&secret_name), TOKEN_KEY, token);
 
     let workspace = spec.workspace.as_ref().map(|ws| {
         let meta = match ws.delete_policy.unwrap_or_default() {
@@ -339,16 +330,9 @@ mod tests {
             .find(|e| e.name == TOKEN_ENV)
             .unwrap();
         assert!(env.value.is_none());
-        let r = env
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
         assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("alice-token", TOKEN_KEY)
+            crate::secret::secret_ref(env),
+            Some(("alice-token", TOKEN_KEY))
         );
         // The token appears nowhere in the pod.
         assert!(!serde_json::to_string(&pod).unwrap().contains("s3cret"));

@@ -23,7 +23,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
-use rand::distr::{Alphanumeric, SampleString};
 
 use super::build::{
     build, pod_name, token_secret_name, workspace_name, BuildCtx, Children, ANNOTATION_EXPOSED,
@@ -39,6 +38,7 @@ use crate::runtime::controller::{
     Synced,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
+use crate::secret::{self, Once};
 use keelson_api::conditions::{self, READY};
 use keelson_api::meta::{is_controlled_by, Owner};
 use keelson_api::notebook::{
@@ -83,22 +83,12 @@ impl Default for Options {
     }
 }
 
-/// Whether a token must be made: only when no token Secret exists. An existing token is never replaced.
-pub fn needs_token(existing: Option<&Secret>) -> bool {
-    existing.is_none()
-}
-
-fn new_token() -> String {
-    Alphanumeric.sample_string(&mut rand::rng(), TOKEN_LEN)
-}
-
 /// What a Notebook reconcile reads from the caches before it builds.
 pub struct Fetched {
     owner: Owner,
-    /// The token Secret, if it exists.
-    token_secret: Option<Arc<Secret>>,
-    /// A new token, when there is no token Secret yet (else empty).
-    token: String,
+    /// The token Secret, or a new token when there is none yet (an existing token is never
+    /// replaced).
+    token: Once,
 }
 
 /// Runs the Notebook controller until `shutdown` resolves.
@@ -175,19 +165,14 @@ impl Kind for Ctx {
     }
 
     fn fetch(&self, _nb: &Notebook, owner: &Owner) -> Fetched {
-        let token_secret = cached(
+        let token = Once::fetch(
             &self.secrets,
             &owner.namespace,
             &token_secret_name(&owner.name),
+            || secret::alphanumeric(TOKEN_LEN),
         );
-        let token = if needs_token(token_secret.as_deref()) {
-            new_token()
-        } else {
-            String::new()
-        };
         Fetched {
             owner: owner.clone(),
-            token_secret,
             token,
         }
     }
@@ -201,7 +186,7 @@ impl Kind for Ctx {
             nb,
             owner,
             &BuildCtx {
-                token: &f.token,
+                token: &f.token.value,
                 operator_namespace: self.opts.operator_namespace.as_deref(),
             },
         )
@@ -224,7 +209,7 @@ impl Kind for Ctx {
             nb,
             self,
             owner,
-            f.token_secret.is_none(),
+            &f.token,
             children,
             changes,
             &mut gateway_api_missing,
@@ -242,7 +227,7 @@ impl Kind for Ctx {
         let observed = Observed {
             pod,
             workspace: cached(&self.pvcs, ns, &workspace_name(&owner.name)).map(|p| (*p).clone()),
-            token_exists: f.token_secret.is_some()
+            token_exists: f.token.exists()
                 || changes.created::<Secret>(&token_secret_name(&owner.name)),
             idle,
             culled,
@@ -367,7 +352,8 @@ async fn cull_step(
     };
     let ns = owner.namespace.as_str();
     let token = f
-        .token_secret
+        .token
+        .existing
         .as_deref()
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get(TOKEN_KEY))
@@ -428,13 +414,13 @@ async fn cull_step(
     Ok((Some(verdict), true))
 }
 
-/// Writes the children of `nb`: the token Secret (when `make_token`), the workspace PVC, the
+/// Writes the children of `nb`: the token Secret (when there was none), the workspace PVC, the
 /// Service and the pod. What it changed goes to `changed`, also when a write fails.
 async fn write_children(
     nb: &Notebook,
     ctx: &Ctx,
     owner: &Owner,
-    make_token: bool,
+    token: &Once,
     children: Children,
     changes: &mut Changes,
     gateway_api_missing: &mut bool,
@@ -451,12 +437,7 @@ async fn write_children(
     let client = &shared.client;
     let ns = owner.namespace.as_str();
 
-    if make_token {
-        let made = Change::created(&secret);
-        if apply::create_once(client, &shared.writes, secret).await? == Outcome::Created {
-            changes.push(made);
-        }
-    }
+    token.create(shared, secret, changes).await?;
 
     let existing_pvc = cached(&ctx.pvcs, ns, &workspace_name(&owner.name));
     if let Some(pvc) = workspace {
@@ -651,18 +632,4 @@ async fn sweep_route(
         changes.push(Change::deleted(&route, "spec.access.gateway removed"));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_is_made_once() {
-        assert!(needs_token(None));
-        assert!(!needs_token(Some(&Secret::default())));
-        let a = new_token();
-        assert_eq!(a.len(), TOKEN_LEN);
-        assert_ne!(a, new_token());
-    }
 }
