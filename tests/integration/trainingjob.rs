@@ -190,11 +190,12 @@ async fn pytorch_job_on_gpus_runs_and_succeeds() {
         "{table}"
     );
 
-    // A spec edit does not re-create running pods, and the status catches up with the generation.
+    // An edit of a field a running job may change (runPolicy) does not re-create running pods,
+    // and the status catches up with the generation.
     let uids: Vec<_> = pods.values().map(|p| p.metadata.uid.clone()).collect();
     j.merge(
         "resnet50",
-        serde_json::json!({"args": ["train.py", "--epochs=20"]}),
+        serde_json::json!({"runPolicy": {"backoffLimit": 5}}),
     )
     .await;
     j.phase("resnet50", JobPhase::Running).await;
