@@ -288,7 +288,7 @@ spec:
         ),
         (
             "trainingjob/tj",
-            r#"{"spec":{"env":[{"name":"LR","value":"0.1"}]}}"#,
+            r#"{"spec":{"runPolicy":{"backoffLimit":5}}}"#,
         ),
         (
             "modeldeployment/fraud",

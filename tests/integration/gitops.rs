@@ -316,7 +316,7 @@ async fn flux_kstatus_follows_observed_generation_and_ready() {
         ),
         (
             "trainingjob/tj",
-            r#"{"spec":{"env":[{"name":"LR","value":"0.1"}]}}"#,
+            r#"{"spec":{"runPolicy":{"backoffLimit":5}}}"#,
         ),
         (
             "modeldeployment/md",

@@ -190,11 +190,12 @@ async fn pytorch_job_on_gpus_runs_and_succeeds() {
         "{table}"
     );
 
-    // A spec edit does not re-create running pods, and the status catches up with the generation.
+    // An edit of a field a running job may change (runPolicy) does not re-create running pods,
+    // and the status catches up with the generation.
     let uids: Vec<_> = pods.values().map(|p| p.metadata.uid.clone()).collect();
     j.merge(
         "resnet50",
-        serde_json::json!({"args": ["train.py", "--epochs=20"]}),
+        serde_json::json!({"runPolicy": {"backoffLimit": 5}}),
     )
     .await;
     j.phase("resnet50", JobPhase::Running).await;
@@ -400,12 +401,54 @@ async fn queued_job_suspends_resumes_and_scales_down() {
     j.running_pods("bert-queued", 2).await;
     j.phase("bert-queued", JobPhase::Running).await;
 
-    // Fewer workers: the surplus ranks are swept.
+    // Fewer workers. A running job refuses the edit (its ranks share one WORLD_SIZE), naming the
+    // field and what to do, and the live object is unchanged.
     j.ns.apply(&j.yaml("shrink", "  workers: 4\n")).unwrap();
     j.running_pods("shrink", 4).await;
-    j.merge("shrink", serde_json::json!({"workers": 2})).await;
+    let before = j.api.get("shrink").await.unwrap();
+    let refused = j
+        .api
+        .patch(
+            "shrink",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"workers": 2}})),
+        )
+        .await
+        .expect_err("a workers edit of a running job is refused");
+    let msg = refused.to_string();
+    assert!(
+        msg.contains("spec.workers") && msg.contains("suspend the job"),
+        "{msg}"
+    );
+    let after = j.api.get("shrink").await.unwrap();
+    assert_eq!(after.spec, before.spec);
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    let refused =
+        j.ns.apply(&j.yaml("shrink", "  workers: 4\n  image: trainer:2\n"));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("spec.image")),
+        "{refused:?}"
+    );
+
+    // Suspended, the same edit is taken, and the resumed job has only pods of the new shape.
+    j.merge("shrink", serde_json::json!({"suspend": true, "workers": 2}))
+        .await;
+    wait_for("the suspended job's pods gone", TIMEOUT, || async {
+        j.pods_of("shrink").await.is_empty().then_some(())
+    })
+    .await;
+    j.merge("shrink", serde_json::json!({"suspend": false}))
+        .await;
     let left = j.running_pods("shrink", 2).await;
     assert!(left.contains_key("shrink-worker-0") && left.contains_key("shrink-worker-1"));
+    for (name, p) in &j.pods_of("shrink").await {
+        let env = p.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap_or_default();
+        let world = env.iter().find(|e| e.name == "WORLD_SIZE");
+        assert_eq!(world.and_then(|e| e.value.as_deref()), Some("2"), "{name}");
+    }
     let job = j.phase("shrink", JobPhase::Running).await;
     assert_eq!(job.status.unwrap().workers_ready.as_deref(), Some("2/2"));
 }

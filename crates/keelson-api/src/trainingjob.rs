@@ -1,6 +1,7 @@
 //! The TrainingJob kind: distributed training on GPUs, one pod per rank, data mounted in place.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::{Reason, Rule};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,43 @@ pub const JAX_PORT: i32 = 1234;
 pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
 /// Largest number of workers (ranks) a job may ask for.
 pub const MAX_WORKERS: i32 = 1000;
+
+/// Fields of the spec that shape the pods: they cannot change while the job runs (a CEL transition
+/// rule refuses the edit), only while it is suspended or in the same edit that suspends it. The
+/// pods of a running job share one `WORLD_SIZE`, one image and one resource shape; changing one
+/// rank would leave the group inconsistent, and re-creating every rank behind the user's back
+/// would silently lose the job's progress. Suspending makes that choice explicit.
+pub const FROZEN_WHILE_RUNNING: [&str; 14] = [
+    "workers",
+    "framework",
+    "image",
+    "command",
+    "args",
+    "env",
+    "resources",
+    "gpus",
+    "volumes",
+    "nodeSelector",
+    "tolerations",
+    "serviceAccountName",
+    "template",
+    "scheduling",
+];
+
+/// The transition rule that keeps `spec.<field>` unchanged unless the job is, or becomes, suspended.
+pub fn frozen_while_running(field: &str) -> Rule {
+    Rule::new(format!(
+        "(has(self.suspend) && self.suspend) || (has(oldSelf.suspend) && oldSelf.suspend) || (has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field}))"
+    ))
+    .message(
+        format!(
+            "spec.{field} cannot change while the job runs: suspend the job (spec.suspend: true) to change {field}; the change applies when it resumes"
+        )
+        .as_str(),
+    )
+    .field_path(format!(".{field}"))
+    .reason(Reason::FieldValueForbidden)
+}
 
 /// A distributed training job: `workers` pods `<name>-worker-<rank>` behind the headless Service
 /// `<name>`, with the rendezvous environment of the chosen framework injected.
@@ -39,6 +77,20 @@ pub const MAX_WORKERS: i32 = 1000;
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 51").message("metadata.name must be a DNS-1035 label of at most 51 characters (each rank's hostname is <name>-worker-<rank>)")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = frozen_while_running("workers"))]
+#[x_kube(validation = frozen_while_running("framework"))]
+#[x_kube(validation = frozen_while_running("command"))]
+#[x_kube(validation = frozen_while_running("args"))]
+#[x_kube(validation = frozen_while_running("resources"))]
+#[x_kube(validation = frozen_while_running("serviceAccountName"))]
+#[x_kube(validation = frozen_while_running("scheduling"))]
+#[x_kube(validation = frozen_while_running("image"))]
+#[x_kube(validation = frozen_while_running("gpus"))]
+#[x_kube(validation = frozen_while_running("env"))]
+#[x_kube(validation = frozen_while_running("volumes"))]
+#[x_kube(validation = frozen_while_running("nodeSelector"))]
+#[x_kube(validation = frozen_while_running("tolerations"))]
+#[x_kube(validation = frozen_while_running("template"))]
 pub struct TrainingJobSpec {
     /// PyTorch, TensorFlow, JAX or Generic: which rendezvous environment is injected. Default Generic.
     #[serde(default, skip_serializing_if = "Option::is_none")]

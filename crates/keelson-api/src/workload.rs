@@ -23,8 +23,8 @@ pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSpec {
-    /// Container image to run, e.g. `ghcr.io/acme/trainer:1.4`. Required.
-    #[schemars(length(min = 1))]
+    /// Container image to run, e.g. `ghcr.io/acme/trainer:1.4`. Required, at most 1024 characters.
+    #[schemars(length(min = 1, max = 1024))]
     pub image: String,
 
     /// Entrypoint override (the image's ENTRYPOINT when absent), e.g. `["python"]`.
@@ -127,7 +127,7 @@ pub struct GpuSpec {
 
     /// Extended resource name of the GPU. Default `nvidia.com/gpu`; e.g. `amd.com/gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub resource: Option<String>,
 
     /// GPU product the pods must land on, e.g. `NVIDIA-A100-SXM4-80GB`; becomes a node selector on
