@@ -274,7 +274,7 @@ async fn the_api_server_restarted_under_load_and_the_watch_expiry_are_recovered(
         "burst-00",
         "--type=merge",
         "-p",
-        "{\"spec\":{\"env\":[{\"name\":\"EDITED\",\"value\":\"1\"}]}}",
+        "{\"spec\":{\"runPolicy\":{\"backoffLimit\":5}}}",
     ]);
     tokio::time::sleep(Duration::from_secs(5)).await;
     // What the API server would do on its own every 5 minutes: compact etcd's history, here up to
