@@ -25,18 +25,6 @@ fn crds_are_established_with_columns_and_short_names() {
     assert!(explain.contains("ExitCode"), "{explain}");
 }
 
-fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
-    let err = ns
-        .apply(yaml)
-        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
-        );
-    }
-}
-
 #[test]
 fn invalid_manifests_are_refused_naming_the_field() {
     let ns = Ns::new("invalid");

@@ -26,18 +26,6 @@ fn grpc_md(name: &str, traffic: &str, variants: &str) -> String {
     )
 }
 
-fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
-    let err = ns
-        .apply(yaml)
-        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
-        );
-    }
-}
-
 #[test]
 fn grpc_settings_that_cannot_work_are_refused_naming_the_field() {
     let ns = Ns::new("grpc-invalid");

@@ -271,18 +271,6 @@ async fn delete_policy_workspace_is_collected_and_bad_image_is_reported() {
 
 use std::time::Duration;
 
-fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
-    let err = ns
-        .apply(yaml)
-        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
-        );
-    }
-}
-
 fn lab(spec: &str) -> String {
     format!("apiVersion: keelson.dev/v1alpha1\nkind: Notebook\nmetadata: {{name: lab}}\nspec:\n  image: i\n{spec}")
 }

@@ -454,18 +454,6 @@ async fn autoscaling_takes_replicas_over_and_hands_them_back() {
     assert_eq!(d.spec.unwrap().replicas, Some(2));
 }
 
-fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
-    let err = ns
-        .apply(yaml)
-        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
-        );
-    }
-}
-
 #[test]
 fn serving_settings_that_cannot_work_are_refused_naming_the_field() {
     let ns = Ns::new("serving-invalid");

@@ -256,6 +256,19 @@ pub fn operator() -> &'static Operator {
     })
 }
 
+/// Asserts that the API server refuses `yaml` in `ns`, with every one of `needles` in the error.
+pub fn refused(ns: &Ns, yaml: &str, needles: &[&str]) {
+    let err = ns
+        .apply(yaml)
+        .expect_err(&format!("accepted but should be refused:\n{yaml}"));
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "expected {n:?} in the error:\n{err}\nfor:\n{yaml}"
+        );
+    }
+}
+
 /// A namespace of one test, deleted when dropped.
 pub struct Ns {
     pub name: String,
