@@ -8,9 +8,9 @@
 //! (field manager `keelson-idle-culler`, with the resourceVersion the decision was taken on), with
 //! the annotation `keelson.dev/idle-culled-at`, the counterpart of Kubeflow's
 //! `kubeflow-resource-stopped`, and `keelson.dev/idle-last-activity`, the activity the decision was
-//! taken on (the status of a culled notebook is rebuilt from it). The pod then goes as for any suspension; the workspace PVC and the
-//! token Secret are never touched. Resuming is `spec.suspend: false`; the operator then removes the
-//! annotations.
+//! taken on (the status of a culled notebook is rebuilt from it). The pod then goes as for any
+//! suspension; the workspace PVC and the token Secret are never touched. Resuming is
+//! `spec.suspend: false`; the operator then removes the annotations.
 
 use std::sync::Arc;
 use std::time::Duration;
