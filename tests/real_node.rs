@@ -1570,6 +1570,28 @@ async fn modeldeployment_router_splits_pins_and_reweights_real_traffic() {
     )
     .await;
 
+    // Status shows the effective weights as soon as the operator wrote them, but the router reads
+    // them only once the kubelet refreshes its mounted ConfigMap (the challenger became ready after
+    // the router's first config, which gave it weight 0). Wait for the router to route to it.
+    wait(
+        &ns,
+        "the router to send requests to the challenger",
+        Duration::from_secs(240),
+        || {
+            let (http, url) = (&http, url.clone());
+            async move {
+                for _ in 0..100 {
+                    let r = call(http, Method::GET, &url, &[], "").await.ok()?;
+                    if r.status == 200 && r.variant.as_deref() == Some("challenger") {
+                        return Some(());
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
+
     // 10,000 requests, split 90/10.
     let t = Arc::new(Tally::default());
     let t1 = Instant::now();
