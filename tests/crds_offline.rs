@@ -50,7 +50,7 @@ fn names_columns_and_subresources() {
             "ModelDeployment",
             "modeldeployments",
             "mdep",
-            vec!["READY", "TRAFFIC", "URL", "AGE"],
+            vec!["READY", "TRAFFIC", "ROLLOUT", "URL", "AGE"],
         ),
     ];
     for (kind, plural, short, cols) in expect {

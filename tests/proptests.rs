@@ -85,13 +85,20 @@ fn modeldeployment_specs_accepted_by_the_schema_build() {
         let md: ModelDeployment = serde_json::from_value(obj).expect("accepted spec deserializes");
         let owner = Owner::of(&md).expect("owner");
         // With no variant ready, and with every variant ready (the traffic gate's two ends).
-        let _ = build(&md, &owner, "keelson:test", &Default::default(), "key");
+        let _ = build(
+            &md,
+            &owner,
+            "keelson:test",
+            None,
+            &Default::default(),
+            "key",
+        );
         let all = md
             .spec
             .variants
             .iter()
             .map(|v| (v.name.clone(), 1))
             .collect();
-        let _ = build(&md, &owner, "keelson:test", &all, "key");
+        let _ = build(&md, &owner, "keelson:test", None, &all, "key");
     });
 }

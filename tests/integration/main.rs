@@ -12,5 +12,6 @@ mod grpc;
 mod leader;
 mod modeldeployment;
 mod notebook;
+mod rollout;
 mod serving;
 mod trainingjob;

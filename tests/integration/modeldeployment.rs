@@ -109,7 +109,7 @@ async fn ab_split_variants_status_and_weight_edits_restart_nothing() {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "TRAFFIC", "URL", "AGE"],
+        ["NAME", "READY", "TRAFFIC", "ROLLOUT", "URL", "AGE"],
         "{table}"
     );
     assert!(table.contains("champion=90,challenger=10"), "{table}");

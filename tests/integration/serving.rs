@@ -21,7 +21,7 @@ fn md_yaml(name: &str, variants: &str) -> String {
 }
 
 /// `(name, weight)` of the router config in the ConfigMap `<md>-router`.
-async fn config_weights(cms: &Api<ConfigMap>, md: &str) -> Option<Vec<(String, u32)>> {
+pub(crate) async fn config_weights(cms: &Api<ConfigMap>, md: &str) -> Option<Vec<(String, u32)>> {
     let cm = cms.get(&format!("{md}-router")).await.ok()?;
     let cfg = RouterConfig::parse(cm.data.as_ref()?.get(ROUTER_CONFIG_KEY)?).ok()?;
     Some(

@@ -20,6 +20,8 @@ pub mod modeldeployment;
 #[cfg(feature = "kinds")]
 pub mod notebook;
 #[cfg(feature = "kinds")]
+pub mod rollout;
+#[cfg(feature = "kinds")]
 pub mod trainingjob;
 #[cfg(feature = "kinds")]
 pub mod workload;

@@ -8,6 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{Rollout, RolloutStatus};
 use crate::workload::WorkloadSpec;
 
 /// Default port of the model server.
@@ -29,6 +30,7 @@ pub const MODEL_MOUNT: &str = "/mnt/models";
     doc = "Models served as microservices, with A/B traffic splits between variants.",
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.ready"}"#,
     printcolumn = r#"{"name":"TRAFFIC","type":"string","jsonPath":".status.traffic"}"#,
+    printcolumn = r#"{"name":"ROLLOUT","type":"string","jsonPath":".status.rollout.summary"}"#,
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS-1035 label of at most 40 characters (it prefixes every variant's Service)"),
@@ -37,6 +39,8 @@ pub const MODEL_MOUNT: &str = "/mnt/models";
     validation = Rule::new("!has(self.spec.traffic) || !has(self.spec.traffic.routerPod) || !has(self.spec.traffic.router) || self.spec.traffic.router == 'Builtin'").message("spec.traffic.routerPod is only used with spec.traffic.router: Builtin"),
     validation = Rule::new("!has(self.spec.protocol) || self.spec.protocol != 'GRPC' || self.spec.variants.all(v, !has(v.readiness) || !has(v.readiness.httpGet))").message("spec.variants[].readiness.httpGet is an HTTP/1.1 check and cannot probe a server of spec.protocol: GRPC; use spec.variants[].readiness.grpc (the gRPC health checking protocol) or leave readiness out for a TCP check"),
     validation = Rule::new("(has(self.spec.protocol) && self.spec.protocol == 'GRPC') || self.spec.variants.all(v, !has(v.readiness) || !has(v.readiness.grpc))").message("spec.variants[].readiness.grpc needs spec.protocol: GRPC; set it, or use spec.variants[].readiness.httpGet for an HTTP server"),
+    validation = Rule::new("!self.spec.variants.exists(v, has(v.rollout)) || !has(self.spec.traffic) || !has(self.spec.traffic.router) || self.spec.traffic.router != 'None'").message("spec.variants[].rollout moves traffic by weight, which spec.traffic.router: None does not use (the split follows replica counts); use router Builtin or GatewayAPI"),
+    validation = Rule::new("!self.spec.variants.exists(v, has(v.rollout) && has(v.rollout.analysis)) || !has(self.spec.traffic) || !has(self.spec.traffic.router) || self.spec.traffic.router == 'Builtin'").message("spec.variants[].rollout.analysis reads the measurements of the Builtin router and needs spec.traffic.router: Builtin; remove the analysis to advance by pauses alone"),
     validation = Rule::new("!has(self.spec.protocol) || self.spec.protocol != 'GRPC' || !has(self.spec.traffic) || !has(self.spec.traffic.mirror) || (has(self.spec.traffic.router) && self.spec.traffic.router == 'GatewayAPI')").message("spec.traffic.mirror with spec.protocol: GRPC needs spec.traffic.router: GatewayAPI (a GRPCRoute RequestMirror filter): the Builtin router copies only requests of a known length, and gRPC calls are streams; remove spec.traffic.mirror")
 )]
 #[serde(rename_all = "camelCase")]
@@ -60,7 +64,9 @@ pub struct ModelDeploymentSpec {
     #[schemars(length(min = 1, max = 10))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
-        validation = Rule::new("self.map(v, v.weight).sum() == 100").message("variants[].weight must sum to 100")
+        validation = Rule::new("self.map(v, v.weight).sum() == 100").message("variants[].weight must sum to 100"),
+        validation = Rule::new("self.filter(v, has(v.rollout)).size() <= 1").message("variants[].rollout: at most one variant may roll out at a time (the others are its baseline); remove the rollout of the others"),
+        validation = Rule::new("!self.exists(v, has(v.rollout)) || self.size() >= 2").message("variants[].rollout needs a second variant to take the traffic the rolling one does not")
     )]
     pub variants: Vec<Variant>,
 
@@ -86,6 +92,7 @@ pub enum Protocol {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.replicas)").message("variants[].replicas and variants[].autoscaling are exclusive: with autoscaling the HorizontalPodAutoscaler sets the replica count between minReplicas and maxReplicas; remove replicas"))]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || (has(self.resources) && ((has(self.resources.requests) && 'cpu' in self.resources.requests) || (has(self.resources.limits) && 'cpu' in self.resources.limits)))").message("variants[].autoscaling scales on CPU utilization, a share of the CPU request: set variants[].resources.requests.cpu"))]
+#[x_kube(validation = Rule::new("!has(self.rollout) || self.rollout.steps.all(s, s.weight <= self.weight)").message("variants[].rollout.steps[].weight must not exceed variants[].weight, the share the rollout ends at"))]
 pub struct Variant {
     /// Variant name, a DNS-1123 label of at most 22 characters, unique among the variants.
     #[schemars(
@@ -116,6 +123,13 @@ pub struct Variant {
     /// The model this variant serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSource>,
+
+    /// Progressive delivery: the variant's share walks `steps` up to `weight`, each step held for
+    /// its pause and, with `analysis`, judged by the router's measurements, e.g.
+    /// `{steps: [{weight: 10}, {weight: 50}], analysis: {maxErrorRatio: 0.01}}`. At most one variant
+    /// rolls out at a time. See the rollout's own fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 
     #[serde(flatten)]
     pub workload: WorkloadSpec,
@@ -339,6 +353,9 @@ pub struct ModelDeploymentStatus {
     /// Traffic split in effect, e.g. `champion=90,challenger=10` (the TRAFFIC column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<String>,
+    /// The rollout of the variant that carries one: its step, phase, reason and timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -10,6 +10,7 @@
 pub mod cachedpod;
 pub mod error;
 pub mod health;
+pub mod httpget;
 pub mod metrics;
 pub mod modeldeployment;
 pub mod notebook;

@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::gate::{gate, ReadyPods};
 use super::names::*;
+use super::rollout;
 use super::traffic::{self, Traffic};
 use crate::error::BuildError;
 use crate::pod::{env, pod_template, MainContainer};
@@ -29,6 +30,7 @@ use keelson_api::meta::Owner;
 use keelson_api::modeldeployment::{
     ModelDeployment, Protocol, RouterKind, Variant, DEFAULT_PORT, MODEL_MOUNT,
 };
+use keelson_api::rollout::RolloutStatus;
 
 /// The children of one variant.
 #[derive(Clone, Debug, PartialEq)]
@@ -257,12 +259,14 @@ fn check_readiness(md: &ModelDeployment, i: usize, v: &Variant) -> Result<(), Bu
 }
 
 /// Builds the children of `md`. `router_image` runs the built-in router (`router: Builtin`);
-/// `ready` holds the ready pods of each variant, which gate its traffic (see [`super::gate`]);
-/// `router_key` is the router's sticky-hash key, used only when its Secret is made.
+/// `rollout` is the state of the variant that rolls out, whose step sets the weights asked for (see
+/// [`super::rollout`]); `ready` holds the ready pods of each variant, which gate its traffic (see
+/// [`super::gate`]); `router_key` is the router's sticky-hash key, used only when its Secret is made.
 pub fn build(
     md: &ModelDeployment,
     owner: &Owner,
     router_image: &str,
+    rollout: Option<&RolloutStatus>,
     ready: &ReadyPods,
     router_key: &str,
 ) -> Result<Children, BuildError> {
@@ -279,7 +283,7 @@ pub fn build(
         md,
         owner,
         router_image,
-        &gate(md, ready).weights,
+        &gate(md, &rollout::weights(md, rollout), ready).weights,
         router_key,
     )?;
     let proto = protocol(md);
@@ -558,7 +562,7 @@ pub(crate) mod tests {
 
     /// The children with no variant ready (so with the spec's weights).
     pub fn build(m: &ModelDeployment, owner: &Owner, image: &str) -> Result<Children, BuildError> {
-        super::build(m, owner, image, &ReadyPods::new(), TEST_KEY)
+        super::build(m, owner, image, None, &ReadyPods::new(), TEST_KEY)
     }
 
     pub fn variant(name: &str, weight: i32, replicas: Option<i32>) -> Variant {
@@ -571,6 +575,7 @@ pub(crate) mod tests {
             }),
             autoscaling: None,
             readiness: None,
+            rollout: None,
             workload: WorkloadSpec {
                 image: format!("ghcr.io/acme/fraud-server:{name}"),
                 ..WorkloadSpec::default()

@@ -42,15 +42,22 @@ pub struct Gate {
 /// Integer percentages proportional to `counts` that sum to 100 (largest remainder, ties to the
 /// earlier entry); all zero when every count is zero.
 pub fn shares(counts: &[i32]) -> Vec<i32> {
+    shares_of(100, counts)
+}
+
+/// Integers proportional to `counts` that sum to `whole` (largest remainder, ties to the earlier
+/// entry); all zero when every count is zero.
+pub fn shares_of(whole: i32, counts: &[i32]) -> Vec<i32> {
+    let whole = i64::from(whole.max(0));
     let counts: Vec<i64> = counts.iter().map(|c| i64::from((*c).max(0))).collect();
     let total: i64 = counts.iter().sum();
     if total == 0 {
         return vec![0; counts.len()];
     }
-    let mut out: Vec<i64> = counts.iter().map(|c| c * 100 / total).collect();
+    let mut out: Vec<i64> = counts.iter().map(|c| c * whole / total).collect();
     let mut order: Vec<usize> = (0..counts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(counts[i] * 100 % total));
-    let missing = 100 - out.iter().sum::<i64>();
+    order.sort_by_key(|&i| std::cmp::Reverse(counts[i] * whole % total));
+    let missing = whole - out.iter().sum::<i64>();
     for &i in order.iter().take(usize::try_from(missing).unwrap_or(0)) {
         out[i] += 1;
     }
@@ -75,10 +82,11 @@ pub fn ready_pods<'a>(
         .collect()
 }
 
-/// The weights to route by, given the ready pods of each variant. `None` mode does not route by
-/// weight: the spec's weights, as desired.
-pub fn gate(md: &ModelDeployment, ready: &ReadyPods) -> Gate {
-    let desired: Vec<i32> = md.spec.variants.iter().map(|v| v.weight).collect();
+/// The weights to route by, given the weights asked for (`desired`, in spec order: the spec's, or
+/// a rollout's, see [`super::rollout::weights`]) and the ready pods of each variant. `None` mode does
+/// not route by weight: the desired weights.
+pub fn gate(md: &ModelDeployment, desired: &[i32], ready: &ReadyPods) -> Gate {
+    let desired: Vec<i32> = desired.to_vec();
     if router_kind(md) == RouterKind::None {
         return Gate {
             weights: desired,
@@ -90,8 +98,9 @@ pub fn gate(md: &ModelDeployment, ready: &ReadyPods) -> Gate {
         .spec
         .variants
         .iter()
-        .filter(|v| v.weight > 0 && !serving(&v.name))
-        .map(|v| v.name.clone())
+        .zip(&desired)
+        .filter(|(v, w)| **w > 0 && !serving(&v.name))
+        .map(|(v, _)| v.name.clone())
         .collect();
     if unready.is_empty() {
         return Gate {
@@ -103,7 +112,8 @@ pub fn gate(md: &ModelDeployment, ready: &ReadyPods) -> Gate {
         .spec
         .variants
         .iter()
-        .map(|v| if serving(&v.name) { v.weight } else { 0 })
+        .zip(&desired)
+        .map(|(v, w)| if serving(&v.name) { *w } else { 0 })
         .collect();
     if kept.iter().all(|w| *w == 0) {
         return Gate {
@@ -123,6 +133,10 @@ mod tests {
     use super::super::build::tests::{ab, md, variant};
     use super::*;
 
+    fn spec(m: &ModelDeployment) -> Vec<i32> {
+        m.spec.variants.iter().map(|v| v.weight).collect()
+    }
+
     fn ready(pairs: &[(&str, i32)]) -> ReadyPods {
         pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect()
     }
@@ -134,6 +148,9 @@ mod tests {
         assert_eq!(shares(&[0, 0]), [0, 0]);
         assert_eq!(shares(&[]), Vec::<i32>::new());
         assert_eq!(shares(&[60, 0, 30]), [67, 0, 33]);
+        assert_eq!(shares_of(90, &[1, 1]), [45, 45]);
+        assert_eq!(shares_of(75, &[2, 1]), [50, 25]);
+        assert_eq!(shares_of(0, &[2, 1]), [0, 0]);
     }
 
     #[test]
@@ -172,7 +189,7 @@ mod tests {
         ];
         for (r, weights, state) in cases {
             let (m, _) = md(three(), None);
-            let g = gate(&m, &ready(&r));
+            let g = gate(&m, &spec(&m), &ready(&r));
             assert_eq!((g.weights, g.state), (weights, state), "{r:?}");
         }
     }
@@ -183,17 +200,17 @@ mod tests {
             vec![variant("a", 100, None), variant("shadow", 0, None)],
             None,
         );
-        let g = gate(&m, &ready(&[("a", 1), ("shadow", 0)]));
+        let g = gate(&m, &spec(&m), &ready(&[("a", 1), ("shadow", 0)]));
         assert_eq!((g.weights, g.state), (vec![100, 0], GateState::AsDesired));
         // The weighted variant down and only the weight-0 one ready: the spec's weights stay.
-        let g = gate(&m, &ready(&[("a", 0), ("shadow", 3)]));
+        let g = gate(&m, &spec(&m), &ready(&[("a", 0), ("shadow", 3)]));
         assert_eq!((g.weights, g.state), (vec![100, 0], GateState::NoneReady));
     }
 
     #[test]
     fn router_none_is_not_gated() {
         let (m, _) = md(ab(), Some(RouterKind::None));
-        let g = gate(&m, &ready(&[]));
+        let g = gate(&m, &spec(&m), &ready(&[]));
         assert_eq!((g.weights, g.state), (vec![90, 10], GateState::AsDesired));
     }
 

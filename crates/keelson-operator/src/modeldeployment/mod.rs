@@ -4,6 +4,8 @@ pub mod build;
 pub mod gate;
 pub mod names;
 pub mod reconcile;
+pub mod rollout;
+pub mod rollout_metrics;
 pub mod status;
 pub mod traffic;
 

@@ -49,6 +49,8 @@ use super::names::{
     protocol, router_kind, router_kind_name, ANNOTATION_AUTOSCALED, ANNOTATION_PROTOCOL,
     ANNOTATION_ROUTER, HANDOVER_MANAGER,
 };
+use super::rollout::{self, Decision};
+use super::rollout_metrics::Windows;
 use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
 use super::traffic::{router_key_name, Traffic, ROUTER_KEY_BYTES};
 use crate::error::{BuildError, Error, Result};
@@ -97,6 +99,8 @@ pub struct Ctx {
     /// Whether the child caches have been listed.
     pub synced: Synced,
     pub router_image: String,
+    /// The open analysis window of each rollout.
+    pub windows: Windows,
 }
 
 /// Runs the ModelDeployment controller until `shutdown` resolves.
@@ -147,6 +151,7 @@ pub async fn run(
         secrets,
         synced,
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
+        windows: Windows::default(),
     });
     parent_controller(Api::<ModelDeployment>::all(client), concurrency)
         .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
@@ -203,11 +208,53 @@ impl Kind for Ctx {
                 }
             },
         );
-        Fetched { ready, router_key }
+        Fetched {
+            ready,
+            router_key,
+            rollout: None,
+        }
     }
 
     fn previous(&self, md: &ModelDeployment, _: &Fetched) -> Option<ModelDeploymentStatus> {
         md.status.clone()
+    }
+
+    fn forget(&self, md: &ModelDeployment) {
+        self.windows.forget(&window_key(md));
+    }
+
+    /// The rollout's decision, with what the router measured when its analysis window opens or
+    /// is due.
+    async fn sense(
+        &self,
+        md: &ModelDeployment,
+        owner: &Owner,
+        prev: Option<&ModelDeploymentStatus>,
+        f: &mut Fetched,
+        now: &Time,
+    ) {
+        let key = window_key(md);
+        let Some(r) = rollout::rolling(md) else {
+            self.windows.forget(&key);
+            return;
+        };
+        let prev = prev.and_then(|s| s.rollout.as_ref());
+        let state = rollout::current(&r, prev, now);
+        let sensed = self
+            .windows
+            .sense(
+                &self.shared.client,
+                &key,
+                (&owner.namespace, &owner.name),
+                &r,
+                &state,
+                now.0,
+            )
+            .await;
+        let ready = f.ready.get(&r.variant.name).copied().unwrap_or(0) > 0;
+        let decision = rollout::decide(&r, prev, ready, &sensed.signal, now);
+        self.windows.settle(&key, &decision, sensed);
+        f.rollout = Some(decision);
     }
 
     fn build(
@@ -216,7 +263,15 @@ impl Kind for Ctx {
         owner: &Owner,
         f: &Fetched,
     ) -> Result<Children, BuildError> {
-        build(md, owner, &self.router_image, &f.ready, &f.router_key.value)
+        let rollout = f.rollout.as_ref().map(|d| &d.status);
+        build(
+            md,
+            owner,
+            &self.router_image,
+            rollout,
+            &f.ready,
+            &f.router_key.value,
+        )
     }
 
     fn invalid(
@@ -238,10 +293,16 @@ impl Kind for Ctx {
         changes: &mut Changes,
     ) -> Applied<Observed> {
         match converge(md, owner, self, &f.router_key, children, changes).await {
-            Ok(observed) => Applied {
-                observed,
-                error: None,
-            },
+            Ok(mut observed) => {
+                if let Some(d) = &f.rollout {
+                    observed.rollout = Some(d.status.clone());
+                    observed.rollout_requeue = d.requeue;
+                }
+                Applied {
+                    observed,
+                    error: None,
+                }
+            }
             Err(e) => {
                 driver::record(
                     &self.shared,
@@ -303,16 +364,30 @@ impl Kind for Ctx {
                 notes.push(Note::normal("TrafficRestored", d.message.clone()));
             }
         }
+        notes.extend(rollout::notes(
+            prev.and_then(|s| s.rollout.as_ref()),
+            new.rollout.as_ref(),
+        ));
         (notes, Vec::new())
     }
 
-    fn next(&self, md: &ModelDeployment, _observed: &Observed) -> Next {
-        Next::Requeue(if router_kind(md) == RouterKind::GatewayApi {
+    fn next(&self, md: &ModelDeployment, observed: &Observed) -> Next {
+        let resync = if router_kind(md) == RouterKind::GatewayApi {
             ROUTE_RESYNC
         } else {
             RESYNC
-        })
+        };
+        Next::Requeue(observed.rollout_requeue.map_or(resync, |r| r.min(resync)))
     }
+}
+
+/// The key of a ModelDeployment's analysis window.
+fn window_key(md: &ModelDeployment) -> String {
+    format!(
+        "{}/{}",
+        md.metadata.namespace.as_deref().unwrap_or_default(),
+        md.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// What a ModelDeployment reconcile reads from the caches before it builds.
@@ -321,6 +396,8 @@ pub struct Fetched {
     ready: ReadyPods,
     /// The router key Secret, or a new key when there is none yet.
     router_key: Once,
+    /// The rollout's decision for this reconcile, when a variant rolls out.
+    rollout: Option<Decision>,
 }
 
 /// Brings the children to `children` and returns what the cluster holds afterwards.

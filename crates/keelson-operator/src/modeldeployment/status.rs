@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::gate::{gate, ready_pods, shares, Gate, GateState};
 use super::names::{protocol, replicas, router_kind, url, variant_name};
+use super::rollout::weights as rollout_weights;
 use super::traffic::{
     grpc_route_spec, grpc_route_weights, route_spec, route_weights, router_config, router_name,
 };
@@ -21,6 +22,7 @@ use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::modeldeployment::{
     ModelDeployment, ModelDeploymentStatus, Protocol, RouterKind, VariantStatus,
 };
+use keelson_api::rollout::RolloutStatus;
 use keelson_api::router_config::{RouterConfig, ROUTER_CONFIG_KEY};
 
 pub const PROGRESSING: &str = "Progressing";
@@ -45,6 +47,10 @@ pub struct Observed {
     pub grpc_route: Option<GrpcRoute>,
     /// The API server does not serve the route's type (HTTPRoutes, or GRPCRoutes with GRPC).
     pub gateway_api_missing: bool,
+    /// The rollout of the variant that carries one, as this reconcile decided it.
+    pub rollout: Option<RolloutStatus>,
+    /// When the rollout wants to be looked at again.
+    pub rollout_requeue: Option<std::time::Duration>,
 }
 
 impl Observed {
@@ -278,8 +284,10 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
     let kind = router_kind(md);
 
     let weights = effective_weights(md, &name, observed);
+    let desired = rollout_weights(md, observed.rollout.as_ref());
     let gated = gate(
         md,
+        &desired,
         &ready_pods(md, |d| {
             observed.deployment(d).map(|d| ready_replicas(Some(d)))
         }),
@@ -353,7 +361,7 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
         .collect::<Vec<_>>()
         .join(",");
     let in_effect = routing_in_effect(md, &name, &ns, observed, &gated.weights);
-    let degraded = traffic_degraded(md, &gated, &ns, &name);
+    let degraded = traffic_degraded(md, &desired, &gated, &ns, &name);
     let route_problem = match protocol(md) {
         Protocol::Http => observed.route.as_ref().and_then(route_problem),
         Protocol::Grpc => observed.grpc_route.as_ref().and_then(grpc_route_problem),
@@ -434,6 +442,7 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
         variants,
         ready: Some(format!("{ready_pods}/{desired_pods}")),
         traffic: Some(traffic),
+        rollout: observed.rollout.clone(),
         observed_generation: generation,
         conditions: conditions::merge(
             &prev.conditions,
@@ -445,7 +454,13 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
 }
 
 /// The `TrafficDegraded` condition: whether the gate moved traffic off variants with no ready pod.
-fn traffic_degraded(md: &ModelDeployment, gated: &Gate, ns: &str, name: &str) -> Cond {
+fn traffic_degraded(
+    md: &ModelDeployment,
+    desired: &[i32],
+    gated: &Gate,
+    ns: &str,
+    name: &str,
+) -> Cond {
     let split = |weights: &[i32]| {
         md.spec
             .variants
@@ -485,7 +500,7 @@ fn traffic_degraded(md: &ModelDeployment, gated: &Gate, ns: &str, name: &str) ->
                 "no ready pod in {}: traffic {} instead of {} until they are ready; check their pods: {}",
                 unready.join(", "),
                 split(&gated.weights),
-                split(&md.spec.variants.iter().map(|v| v.weight).collect::<Vec<_>>()),
+                split(desired),
                 pods(unready)
             ),
         ),
@@ -494,8 +509,9 @@ fn traffic_degraded(md: &ModelDeployment, gated: &Gate, ns: &str, name: &str) ->
                 .spec
                 .variants
                 .iter()
-                .filter(|v| v.weight > 0)
-                .map(|v| v.name.clone())
+                .zip(desired)
+                .filter(|(_, w)| **w > 0)
+                .map(|(v, _)| v.name.clone())
                 .collect();
             Cond::new(
                 TRAFFIC_DEGRADED,

@@ -512,7 +512,7 @@ fn gated_children(m: &ModelDeployment, o: &Owner, deployments: &[Deployment]) ->
             .find(|d| d.metadata.name.as_deref() == Some(n))
             .and_then(|d| d.status.as_ref()?.ready_replicas)
     });
-    crate::modeldeployment::build::build(m, o, IMAGE, &ready, TEST_KEY).unwrap()
+    crate::modeldeployment::build::build(m, o, IMAGE, None, &ready, TEST_KEY).unwrap()
 }
 
 #[test]

@@ -563,7 +563,7 @@ mod tests {
         owner: &Owner,
         image: &str,
     ) -> Result<crate::modeldeployment::build::Children, BuildError> {
-        crate::modeldeployment::build::build(m, owner, image, &Default::default(), TEST_KEY)
+        crate::modeldeployment::build::build(m, owner, image, None, &Default::default(), TEST_KEY)
     }
     use crate::modeldeployment::build::tests::{ab, md, variant, IMAGE, TEST_KEY};
     use crate::modeldeployment::names::ANNOTATION_ROUTER;

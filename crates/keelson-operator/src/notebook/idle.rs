@@ -11,11 +11,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
+
+use crate::httpget::{get, url};
 
 /// How often an idle-culled notebook's activity is read, unless the operator is told otherwise.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(60);
@@ -113,45 +112,17 @@ pub fn decide(timeout: Duration, poll: Duration, reading: &Reading, now: Timesta
 
 /// Reads `/api/status` at `host:port` with the token.
 pub async fn read_status(host: &str, port: i32, token: &str) -> Reading {
-    tokio::time::timeout(READ_TIMEOUT, get_status(host, port, token))
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "GET http://{host}:{port}/api/status: no answer in {}s",
-                READ_TIMEOUT.as_secs()
-            ))
-        })
-}
-
-async fn get_status(host: &str, port: i32, token: &str) -> Reading {
-    let url = format!("http://{host}:{port}/api/status");
-    let fail = |e: &dyn std::fmt::Display| format!("GET {url}: {e}");
-    let stream = tokio::net::TcpStream::connect((host, u16::try_from(port).unwrap_or(0)))
-        .await
-        .map_err(|e| fail(&e))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| fail(&e))?;
-    tokio::spawn(conn);
-    let req = http::Request::get("/api/status")
-        .header(http::header::HOST, format!("{host}:{port}"))
-        .header(http::header::AUTHORIZATION, format!("token {token}"))
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| fail(&e))?;
-    let resp = send.send_request(req).await.map_err(|e| fail(&e))?;
-    let code = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(&e))?
-        .to_bytes();
-    if !code.is_success() {
-        return Err(format!("GET {url}: HTTP {}", code.as_u16()));
-    }
-    serde_json::from_slice::<ApiStatus>(&body)
-        .map_err(|e| fail(&format!("not Jupyter's status JSON: {e}")))
+    let headers = [
+        (http::header::AUTHORIZATION, format!("token {token}")),
+        (http::header::ACCEPT, "application/json".to_string()),
+    ];
+    let body = get(host, port, "/api/status", &headers, READ_TIMEOUT).await?;
+    serde_json::from_slice::<ApiStatus>(&body).map_err(|e| {
+        format!(
+            "GET {}: not Jupyter's status JSON: {e}",
+            url(host, port, "/api/status")
+        )
+    })
 }
 
 #[cfg(test)]

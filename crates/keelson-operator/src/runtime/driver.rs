@@ -1,4 +1,4 @@
-//! The one reconcile of every kind: fetch -> build -> apply -> status -> next.
+//! The one reconcile of every kind: fetch -> (sense) -> build -> apply -> status -> next.
 //!
 //! A kind supplies its steps ([`Kind`]): what it reads from its caches, the pure build, the writes of
 //! its children (with what it then observes), the pure status, the Events a status change records
@@ -220,6 +220,20 @@ pub trait Kind: Send + Sync + 'static {
     /// The status this reconcile starts from (the cached one, unless the kind knows better).
     fn previous(&self, parent: &Self::Parent, fetched: &Self::Fetched) -> Option<Self::Status>;
 
+    /// Reads what the build needs from outside the caches (a measurement the kind's own pods
+    /// serve), into `fetched`, after [`Kind::fetch`] and before the build. It writes nothing.
+    /// Default: nothing to read.
+    fn sense<'a>(
+        &'a self,
+        _parent: &'a Self::Parent,
+        _owner: &'a Owner,
+        _prev: Option<&'a Self::Status>,
+        _fetched: &'a mut Self::Fetched,
+        _now: &'a Time,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async {}
+    }
+
     /// Spec -> children. Pure.
     fn build(
         &self,
@@ -347,8 +361,10 @@ async fn run<K: Kind>(parent: &K::Parent, kind: &K) -> Result<Action> {
     // empty cache would turn every child into a create and hide every orphan).
     kind.context().1.wait().await?;
     let now = now();
-    let fetched = kind.fetch(parent, &owner);
+    let mut fetched = kind.fetch(parent, &owner);
     let prev = kind.previous(parent, &fetched);
+    kind.sense(parent, &owner, prev.as_ref(), &mut fetched, &now)
+        .await;
 
     let children = match kind.build(parent, &owner, &fetched) {
         Ok(c) => c,
