@@ -33,6 +33,9 @@
 //!   under steady load fails no request and moves the split to 30/70 without restarting a pod. The
 //!   router container runs as containerd shows it: non-root, no capability, read-only root, seccomp,
 //!   no service-account token.
+//! - ModelDeployment progressive rollouts under load ([`rollout`]): a healthy canary promoted step by
+//!   step, a failing one rolled back, both judged by the operator's reads of the real router's
+//!   `/metrics`.
 //!
 //! Without a real node every test fails with what to run. `KEEP_NAMESPACES=1` keeps the namespaces.
 
@@ -870,6 +873,25 @@ async fn call(
         .map_err(|_| format!("{url}: no answer in 10 s"))?
 }
 
+/// Waits until `url` answers 200 from the host.
+async fn answering(ns: &Ns, http: &Http, url: &str, timeout: Duration) {
+    wait(
+        ns,
+        &format!("{url} to answer from the host"),
+        timeout,
+        || {
+            let url = url.to_string();
+            async move {
+                call(http, Method::GET, &url, &[], "")
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+            }
+        },
+    )
+    .await;
+}
+
 async fn service_ip(services: &Api<Service>, name: &str) -> String {
     services
         .get(name)
@@ -1554,21 +1576,7 @@ async fn modeldeployment_router_splits_pins_and_reweights_real_traffic() {
 
     let http = http();
     let url = format!("http://{}/predict", service_ip(&services, "fraud").await);
-    wait(
-        &ns,
-        "the entry Service to answer from the host",
-        Duration::from_secs(30),
-        || {
-            let (http, url) = (&http, url.clone());
-            async move {
-                call(http, Method::GET, &url, &[], "")
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
-            }
-        },
-    )
-    .await;
+    answering(&ns, &http, &url, Duration::from_secs(30)).await;
 
     // Status shows the effective weights as soon as the operator wrote them, but the router reads
     // them only once the kubelet refreshes its mounted ConfigMap (the challenger became ready after
@@ -1872,3 +1880,6 @@ async fn notebook_network_policy_is_enforced_on_the_real_node() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+#[path = "real_node/rollout.rs"]
+mod rollout;
