@@ -8,6 +8,8 @@
 #   kube-scheduler           k8s.io/kubernetes/cmd/kube-scheduler
 #   kubectl                  k8s.io/kubernetes/cmd/kubectl
 #   kwok                     sigs.k8s.io/kwok/cmd/kwok
+#   kueue                    sigs.k8s.io/kueue/cmd/kueue, with its CRDs and webhook
+#                            manifests (cached in .../keelson/kueue-<v>/)
 #
 # With the real node on (REAL_NODE=1; docs/real-node.md), also:
 #
@@ -184,6 +186,66 @@ else
   ((all)) && date -u +%FT%TZ >"$CACHE_DIR/.complete"
   ((${#BUILT[@]} == 0)) || log "built ${BUILT[*]} in $((SECONDS - T0))s"
 fi
+
+# --- Kueue -----------------------------------------------------------------------
+# The kueue binary, plus what its module source ships: the CRDs
+# (config/components/crd/bases), the admission webhooks of Kueue's own API
+# (the kueue.x-k8s.io entries of config/components/webhook/manifests.yaml)
+# and the names of the CRDs that get a conversion webhook
+# (config/components/crd/patches/webhook_in_<plural>.yaml). up.sh points the
+# webhooks at the local process (kueue.sh).
+KUEUE_CACHE_BIN="$KUEUE_CACHE_DIR/bin"
+build_kueue() {
+  local dir="$KUEUE_CACHE_DIR/src/kueue" kmod src cfg="$KUEUE_CACHE_DIR/config"
+  [[ -x $KUEUE_CACHE_BIN/kueue && -f $cfg/.complete ]] && return 0
+  mkdir -p "$dir" "$KUEUE_CACHE_BIN"
+  kmod=$(modfile sigs.k8s.io/kueue "$KUEUE_VERSION")
+  src=$(cd "$CACHE_DIR" && go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  [[ -d $src/config/components/crd/bases ]] || die "no config/components/crd/bases in sigs.k8s.io/kueue@$KUEUE_VERSION ($src)"
+  if [[ ! -x $KUEUE_CACHE_BIN/kueue ]]; then
+    if ! grep -q "sigs.k8s.io/kueue $KUEUE_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+      {
+        echo "module keelson.local/kueue-build"
+        echo
+        grep -E '^go ' "$kmod"
+        echo
+        echo "require sigs.k8s.io/kueue $KUEUE_VERSION"
+      } >"$dir/go.mod"
+      rm -f "$dir/go.sum"
+    fi
+    log "building kueue $KUEUE_VERSION (first run takes several minutes)..."
+    CACHE_BIN=$KUEUE_CACHE_BIN CACHE_DIR=$KUEUE_CACHE_DIR gobuild kueue "$dir" \
+      "$LDFLAGS_BASE -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue
+  fi
+  rm -rf "$cfg"
+  mkdir -p "$cfg/crds"
+  cp "$src"/config/components/crd/bases/*.yaml "$cfg/crds/"
+  chmod -R u+w "$cfg"
+  # Each webhook entry runs from its "- admissionReviewVersions" line to its
+  # "sideEffects" line; "---" separates the mutating list from the validating one.
+  awk '/^---/ {n++; next}
+       /^- admissionReviewVersions/ {buf = $0; next}
+       {buf = buf "\n" $0}
+       /^  sideEffects/ {if (buf ~ /path: \/(mutate|validate)-kueue-x-k8s-io-/) print buf > (n == 1 ? m : v); buf = ""}' \
+    m="$cfg/mutating-webhooks.yaml" v="$cfg/validating-webhooks.yaml" "$src/config/components/webhook/manifests.yaml"
+  [[ -s $cfg/mutating-webhooks.yaml && -s $cfg/validating-webhooks.yaml ]] ||
+    die "found no kueue.x-k8s.io webhooks in $src/config/components/webhook/manifests.yaml"
+  (cd "$src/config/components/crd/patches" && ls webhook_in_*.yaml) |
+    sed 's/^webhook_in_\(.*\)\.yaml$/\1.kueue.x-k8s.io/' >"$cfg/conversion-crds.txt"
+  date -u +%FT%TZ >"$cfg/.complete"
+}
+mkdir -p "$KUEUE_CACHE_DIR"
+exec 7>"$KUEUE_CACHE_DIR/.lock"
+if ! flock -n 7; then
+  log "another build holds $KUEUE_CACHE_DIR/.lock; waiting for it..."
+  flock 7
+fi
+BUILT=()
+build_kueue
+exec 7>&-
+[[ -x $KUEUE_CACHE_BIN/kueue ]] || die "missing kueue (expected $KUEUE_CACHE_BIN/kueue)"
+ln -sfn "$KUEUE_CACHE_BIN/kueue" "$BIN_DIR/kueue"
 
 # --- real node -----------------------------------------------------------------
 # Built only when the real node is on; kubelet and kube-proxy share the

@@ -2,7 +2,7 @@
 # Stop the local control plane (make cluster-down). Idempotent.
 #
 # Takes a real node down first (node-down.sh; docs/real-node.md), then
-# stops exactly the processes named by target/cluster/pids/*.pid (TERM, then
+# stops exactly the processes named by target/cluster/pids/*.pid (kueue first) (TERM, then
 # KILL after a bounded wait), then removes the cluster's data: etcd data,
 # certificates, pid files and the kubeconfig. Logs (target/cluster/logs/) and
 # the binaries are kept.
@@ -21,7 +21,7 @@ for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
   fi
 done
 
-rm -rf "$ETCD_DATA_DIR" "$CERTS_DIR" "$PIDS_DIR" "$KUBECONFIG_FILE" "$KUBECONFIG_FILE.tmp"
+rm -rf "$ETCD_DATA_DIR" "$CERTS_DIR" "$PIDS_DIR" "$KUBECONFIG_FILE" "$KUBECONFIG_FILE.tmp" "$CLUSTER_STATE/kueue"
 if ((${#stopped[@]})); then
   log "stopped: ${stopped[*]}; removed etcd data, certificates and kubeconfig (logs kept in $LOGS_DIR)"
 else

@@ -28,6 +28,9 @@ CACHE_DIR="$CACHE_ROOT/$CACHE_KEY"
 CACHE_BIN="$CACHE_DIR/bin"
 
 ALL_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+# Kueue in its own cache directory: its binary, and the CRDs and webhook
+# manifests taken from its module source (build.sh).
+KUEUE_CACHE_DIR="$CACHE_ROOT/kueue-${KUEUE_VERSION}"
 
 # An unexpected failure names the script line instead of exiting silently.
 set -o errtrace
@@ -43,7 +46,7 @@ ETCD_DATA_DIR="$CLUSTER_STATE/etcd"
 KUBECONFIG_FILE="$CLUSTER_STATE/kubeconfig"
 APISERVER_URL="https://${CLUSTER_HOST}:${APISERVER_PORT}"
 # Start order; down.sh stops them in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kueue)
 
 # Serialise up.sh/down.sh on one checkout.
 lock_state() {

@@ -5,11 +5,13 @@
 #
 #   etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler -> kwok
 #   + simulated nodes kwok-cpu-<i> (KWOK_CPU_NODES) and kwok-gpu-<i> (KWOK_GPU_NODES)
+#   -> kueue (its CRDs, webhooks and configuration: kueue.sh)
 #
 # State lives in target/cluster/: certs/, etcd/, pids/, logs/<component>.log,
 # kubeconfig (cluster-admin). Everything listens on 127.0.0.1 only.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$CLUSTER_DIR/kueue.sh"
 
 T0=$SECONDS
 START_TIMEOUT=${CLUSTER_START_TIMEOUT:-120}
@@ -58,6 +60,7 @@ healthy() {
     kube-controller-manager) [[ $(curl -ksS --max-time 3 "https://$CLUSTER_HOST:$KCM_PORT/healthz" 2>/dev/null) == ok ]] ;;
     kube-scheduler) [[ $(curl -ksS --max-time 3 "https://$CLUSTER_HOST:$SCHEDULER_PORT/healthz" 2>/dev/null) == ok ]] ;;
     kwok) curl -fsS --max-time 3 "http://$CLUSTER_HOST:$KWOK_PORT/healthz" >/dev/null 2>&1 ;;
+    kueue) curl -fsS --max-time 3 "http://$CLUSTER_HOST:$KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1 ;;
   esac
 }
 
@@ -68,6 +71,7 @@ ports_of() {
     kube-controller-manager) echo "$KCM_PORT" ;;
     kube-scheduler) echo "$SCHEDULER_PORT" ;;
     kwok) echo "$KWOK_PORT" ;;
+    kueue) echo "$KUEUE_WEBHOOK_PORT $KUEUE_HEALTH_PORT" ;;
   esac
 }
 
@@ -163,6 +167,7 @@ cluster_ready() {
     component_pid "$c" >/dev/null && healthy "$c" || return 1
   done
   [[ $(cat "$PIDS_DIR/kwok.stages" 2>/dev/null) == "$(stages_sum)" ]] || return 1
+  kueue_config_current || return 1
   [[ -z $(nodes_not_ready) && -z $(surplus_nodes) ]]
 }
 
@@ -466,6 +471,8 @@ until "${KUBECTL[@]}" get serviceaccount default -n default >/dev/null 2>&1; do
   ((SECONDS < deadline)) || fail_component kube-controller-manager "did not create ServiceAccount default/default within 60s"
   sleep 0.5
 done
+
+start_kueue
 
 if ((${#STARTED[@]})); then
   log "started: ${STARTED[*]}"
