@@ -9,6 +9,7 @@ mod events;
 mod examples;
 mod gitops;
 mod grpc;
+mod kueue;
 mod leader;
 mod modeldeployment;
 mod notebook;

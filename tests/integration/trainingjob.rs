@@ -344,6 +344,8 @@ async fn deadline_ttl_and_rank_zero_success() {
 #[tokio::test]
 async fn queued_job_suspends_resumes_and_scales_down() {
     let j = Job::new("tj-queue").await;
+    // The example's LocalQueue, backed by the real Kueue (tests/integration/kueue.rs).
+    let _queue = crate::kueue::Queue::new(&j.ns, "team-a", 8);
     j.ns.apply(&example("trainingjob-queued.yaml")).unwrap();
     let job = j.phase("bert-queued", JobPhase::Suspended).await;
     assert!(

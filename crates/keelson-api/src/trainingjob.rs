@@ -197,8 +197,10 @@ pub struct Scheduling {
     /// PriorityClass of the pods, e.g. `high`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
-    /// Queue name, e.g. `team-a`: copied to the `kueue.x-k8s.io/queue-name` label of the TrainingJob
-    /// (added once, when the label is missing) and of its pods, so that a queue system finds them.
+    /// Kueue LocalQueue, e.g. `team-a`: the operator creates a Kueue Workload for the job in this
+    /// queue and creates the workers only once Kueue admits it, on the admitted flavor's nodes; an
+    /// eviction suspends the job again without counting a restart. Also copied to the
+    /// `kueue.x-k8s.io/queue-name` label of the TrainingJob and of its pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
 }

@@ -1,8 +1,10 @@
 //! TrainingJob: pure builder, pure status and reconciler.
 
+pub mod admission;
 pub mod build;
 pub mod decide;
 pub mod expectations;
+pub mod kueue;
 pub mod reconcile;
 pub mod status;
 

@@ -35,10 +35,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
+use super::admission;
 use super::build::Children;
 use super::build::{build, LABEL_QUEUE};
 use super::decide::{decide, Decision, DeleteReason, Deletion, Observed};
 use super::expectations::Expectations;
+use super::kueue::{self, Gate, Workload};
 use super::status::{invalid, status};
 use crate::cachedpod::CachedPod;
 use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
@@ -63,6 +65,8 @@ pub struct Ctx {
     pub shared: Arc<Shared>,
     pub pods: ChildStore<CachedPod>,
     pub services: ChildStore<Service>,
+    /// The jobs' Kueue Workloads; `None` when the API server does not serve them.
+    pub workloads: Option<ChildStore<Workload>>,
     /// Whether the child caches have been listed.
     pub synced: Synced,
     expectations: Expectations,
@@ -93,11 +97,23 @@ pub async fn run_with_api(
         p.metadata.annotations = None;
     });
     let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
+    let (workloads, wl_events) = if kueue::served(&client).await {
+        let (store, events) = child_cache::<Workload>(&client, "TrainingJob");
+        (Some(store), events.boxed())
+    } else {
+        (None, futures::stream::pending().boxed())
+    };
     let controller = parent_controller(jobs, concurrency);
     let synced = {
-        let (p, s) = (pods.clone(), services.clone());
+        let (p, s, w) = (pods.clone(), services.clone(), workloads.clone());
         Synced::spawn(async move {
-            tokio::try_join!(p.wait_until_ready(), s.wait_until_ready()).map(|_| ())
+            let w = async {
+                match w {
+                    Some(w) => w.wait_until_ready().await,
+                    None => Ok(()),
+                }
+            };
+            tokio::try_join!(p.wait_until_ready(), s.wait_until_ready(), w).map(|_| ())
         })
     };
     shared.track(synced.clone());
@@ -106,12 +122,14 @@ pub async fn run_with_api(
         shared: shared.clone(),
         pods,
         services,
+        workloads,
         synced,
         expectations: Expectations::new(controller.store()),
     });
     controller
         .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
+        .watches_stream(wl_events, |c| owner_of::<TrainingJob, _>(&c))
         .graceful_shutdown_on(shutdown)
         .run(
             move |o, c| timed(metrics.clone(), "TrainingJob", driver::reconcile(o, c)),
@@ -316,6 +334,8 @@ pub struct Recalled {
 pub struct Done {
     observed: Observed,
     decision: Option<Decision>,
+    /// Kueue holds the job (reason, message): no pods until its Workload is admitted.
+    held: Option<(String, String)>,
 }
 
 fn refused_now(s: &TrainingJobStatus) -> Option<&Condition> {
@@ -388,6 +408,7 @@ impl Kind for Ctx {
         let mut done = Done {
             observed: f.observed.clone(),
             decision: None,
+            held: None,
         };
         let error = converge(self, job, owner, f, children, changes, &mut done)
             .await
@@ -409,7 +430,10 @@ impl Kind for Ctx {
         // No decision was carried out (a write before the pods failed): nothing new to report.
         let mut d = done.decision.clone()?;
         d.refused = failed.and_then(Error::refusal);
-        let st = status(job, &f.prev, &done.observed, &d, &f.now);
+        let mut st = status(job, &f.prev, &done.observed, &d, &f.now);
+        if let Some((reason, message)) = &done.held {
+            kueue::held_status(&mut st, reason, message);
+        }
         // A change held back until it lasted keeps the time it was first seen.
         Some(self.expectations.as_held(job, st))
     }
@@ -515,9 +539,33 @@ async fn converge(
         Outcome::Updated => changes.push(updated),
     }
 
+    let queued = admission::Queued {
+        shared,
+        store: ctx.workloads.as_ref(),
+        job,
+        owner,
+    };
+    let gate = admission::before_pods(
+        &queued,
+        &f.prev,
+        &done.observed.pods,
+        children.pods.first(),
+        &f.now,
+        changes,
+    )
+    .await?;
+    let held_job;
+    let mut decide_job = job;
+    if let Some(Gate::Held { reason, message }) = &gate {
+        held_job = kueue::as_suspended(job);
+        decide_job = &held_job;
+        if !job.spec.suspend.unwrap_or(false) {
+            done.held = Some((reason.clone(), message.clone()));
+        }
+    }
     let decision = done
         .decision
-        .insert(decide(job, &f.prev, &done.observed, &f.now));
+        .insert(decide(decide_job, &f.prev, &done.observed, &f.now));
 
     // Deletions first, then the status that counts them (see the module docs).
     let (deleted, failed) = delete_pods(ctx, job, decision.delete.clone()).await;
@@ -534,16 +582,26 @@ async fn converge(
     if let Some(e) = first_err {
         return Err(e);
     }
+    if decision.phase.is_finished() {
+        let message = decision.outcome.as_ref().map_or("", |o| o.1.as_str());
+        admission::after_finish(&queued, decision.phase, message, &f.now, changes).await?;
+    }
 
     if !decision.create.is_empty() {
         let wanted: HashSet<i32> = decision.create.iter().copied().collect();
-        let to_create: Vec<(i32, Pod)> = children
+        let mut to_create: Vec<(i32, Pod)> = children
             .pods
             .into_iter()
             .zip(0..)
             .filter(|(_, rank)| wanted.contains(rank))
             .map(|(p, rank)| (rank, p))
             .collect();
+        if let Some(Gate::Admitted { flavors }) = &gate {
+            let placed = admission::place(&queued, flavors, &mut to_create, &f.now).await?;
+            if !placed {
+                to_create.clear();
+            }
+        }
         let (created, err) = create_pods(shared, job, to_create).await;
         for p in &created {
             changes.push(Change::created(p.as_ref()));
