@@ -175,6 +175,8 @@ cluster_ready() {
 export REAL_NODE
 # How the apiserver must run: on loopback only, or reachable by pods at REAL_NODE_IP.
 if [[ $REAL_NODE == 1 ]]; then APISERVER_MODE="real-node $REAL_NODE_IP"; else APISERVER_MODE=loopback; fi
+# A changed audit policy is read only by a restarted apiserver.
+APISERVER_MODE+=" audit-policy $(sha256sum "$CLUSTER_DIR/audit-policy.yaml" | cut -c1-12)"
 # (An apiserver started before this file existed runs on loopback.)
 apiserver_mode_ok() { [[ $(cat "$PIDS_DIR/kube-apiserver.mode" 2>/dev/null || echo loopback) == "$APISERVER_MODE" ]]; }
 
@@ -348,7 +350,7 @@ else
   APISERVER_NET_FLAGS=(--advertise-address="$CLUSTER_HOST" --bind-address="$CLUSTER_HOST" --endpoint-reconciler-type=none)
 fi
 if component_pid kube-apiserver >/dev/null && ! apiserver_mode_ok; then
-  log "kube-apiserver runs with other network flags than '$APISERVER_MODE' needs; restarting it"
+  log "kube-apiserver runs with other flags or audit policy than '$APISERVER_MODE' needs; restarting it"
   stop_component kube-apiserver
 fi
 start kube-apiserver \
