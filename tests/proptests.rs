@@ -80,7 +80,7 @@ fn trainingjob_specs_accepted_by_the_schema_build() {
 
 #[test]
 fn modeldeployment_specs_accepted_by_the_schema_build() {
-    use keelson_operator::modeldeployment::{build::build, ModelDeployment};
+    use keelson_operator::modeldeployment::{build::build, rollout, ModelDeployment};
     accepted_objects("ModelDeployment", 768, testgen::modeldeployment(), |obj| {
         let md: ModelDeployment = serde_json::from_value(obj).expect("accepted spec deserializes");
         let owner = Owner::of(&md).expect("owner");
@@ -100,5 +100,22 @@ fn modeldeployment_specs_accepted_by_the_schema_build() {
             .map(|v| (v.name.clone(), 1))
             .collect();
         let _ = build(&md, &owner, "keelson:test", None, &all, "key");
+        // A rollout at each of its ends: just begun, and rolled back.
+        if let Some(r) = rollout::rolling(&md) {
+            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            );
+            let failing = rollout::Signal::Due(rollout::Measurement {
+                requests: 1000,
+                failures: 1000,
+                ..Default::default()
+            });
+            for signal in [rollout::Signal::Off, failing] {
+                let d = rollout::decide(&r, None, true, &signal, &now);
+                let weights = rollout::weights(&md, Some(&d.status));
+                assert_eq!(weights.iter().sum::<i32>(), 100, "{weights:?}");
+                let _ = build(&md, &owner, "keelson:test", Some(&d.status), &all, "key");
+            }
+        }
     });
 }

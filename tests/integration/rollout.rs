@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::serving::config_weights;
 use crate::support::*;
+use keelson_api::conditions;
 use keelson_api::modeldeployment::ModelDeployment;
 use keelson_api::rollout::{RolloutPhase, RolloutStatus};
 
@@ -215,8 +216,26 @@ async fn a_rollout_holds_at_its_step_while_the_router_cannot_be_read() {
         later.metadata.resource_version,
         md.metadata.resource_version
     );
-    let r = later.status.unwrap().rollout.unwrap();
+    let st = later.status.unwrap();
+    let r = st.rollout.as_ref().unwrap();
     assert_eq!((r.step, r.phase), (1, RolloutPhase::Paused));
+    // The rollout keeps Progressing True; the model pods are all Ready.
+    let progressing = conditions::find(&st.conditions, "Progressing").unwrap();
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("True", "RolloutStep"),
+        "{}",
+        progressing.message
+    );
+    assert!(
+        progressing.message.contains("MetricsUnavailable"),
+        "{}",
+        progressing.message
+    );
+    assert_eq!(
+        conditions::find(&st.conditions, "Ready").unwrap().status,
+        "True"
+    );
 }
 
 #[tokio::test]
@@ -244,13 +263,14 @@ async fn a_rollout_without_analysis_walks_its_steps_and_restarts_on_a_new_image(
         (st.step, st.weight, st.reason.as_str()),
         (2, 100, "RolloutComplete")
     );
-    // The timeline: each step entered in order, then the end.
-    let steps: Vec<(i32, i32, RolloutPhase)> = st
+    // The timeline: each step entered in order, then the end (a hold for readiness in between).
+    let mut steps: Vec<(i32, i32, RolloutPhase)> = st
         .history
         .iter()
         .filter(|h| h.phase != RolloutPhase::Paused)
         .map(|h| (h.step, h.weight, h.phase))
         .collect();
+    steps.dedup();
     assert_eq!(
         steps,
         [
@@ -271,6 +291,12 @@ async fn a_rollout_without_analysis_walks_its_steps_and_restarts_on_a_new_image(
         },
     )
     .await;
+    let md = mds.get("fraud").await.unwrap();
+    let progressing = conditions::find(&md.status.unwrap().conditions, "Progressing").cloned();
+    assert_eq!(
+        progressing.map(|c| (c.status, c.reason)),
+        Some(("False".to_string(), "WeightsApplied".to_string()))
+    );
     let events = ns.kubectl(&[
         "get",
         "events",

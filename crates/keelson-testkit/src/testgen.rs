@@ -222,9 +222,12 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
         // Most specs keep readiness checks and the mirror within what the protocol allows, so that
         // the refusals of mismatches do not crowd out the specs that reach the builder.
         prop_oneof![9 => Just(true), 1 => Just(false)],
+        // A rollout on the last variant: none, by pauses, analysed, steps that do not increase,
+        // thresholds out of range, or one on every variant.
+        prop_oneof![4 => Just(0u8), 3 => Just(1u8), 3 => Just(2u8), 1 => Just(3u8), 1 => Just(4u8), 1 => Just(5u8)],
     )
         .prop_map(
-            |(mut vs, router, sticky, mirror, gateway, protocol, coherent)| {
+            |(mut vs, router, sticky, mirror, gateway, protocol, coherent, rollout)| {
                 let grpc = protocol == Some("GRPC");
                 if coherent {
                     for v in vs.iter_mut() {
@@ -252,6 +255,34 @@ pub fn modeldeployment() -> impl Strategy<Value = Value> {
                             v["name"] = json!(format!("v{i}"));
                         }
                     }
+                }
+                let n = vs.len();
+                // The valid rollouts only where they can work, so that they reach the builder.
+                let rollout = match rollout {
+                    1 if coherent && (n < 2 || !["Builtin", "GatewayAPI"].contains(&router)) => 0,
+                    2 if coherent && (n < 2 || router != "Builtin") => 0,
+                    r => r,
+                };
+                for (i, v) in vs.iter_mut().enumerate() {
+                    let step = v["weight"].as_i64().unwrap_or(1).clamp(1, 100);
+                    let steps = if step > 1 {
+                        json!([{"weight": 1, "pauseSeconds": 30}, {"weight": step}])
+                    } else {
+                        json!([{"weight": 1}])
+                    };
+                    v["rollout"] = match (rollout, i + 1 == n) {
+                        (1, true) | (5, _) => json!({"steps": steps}),
+                        (2, true) => json!({
+                            "steps": steps,
+                            "analysis": {"maxErrorRatio": 0.01, "maxLatencyRatio": 2, "windowSeconds": 30, "minRequests": 10}
+                        }),
+                        (3, true) => json!({"steps": [{"weight": step}, {"weight": step}]}),
+                        (4, true) => json!({
+                            "steps": [{"weight": step}],
+                            "analysis": {"maxErrorRatio": 1.5, "maxLatencyRatio": 0.5}
+                        }),
+                        _ => continue,
+                    };
                 }
                 let first = vs[0]["name"].clone();
                 let mut traffic = json!({"router": router});

@@ -22,7 +22,7 @@ use keelson_api::conditions::{self, Cond, READY};
 use keelson_api::modeldeployment::{
     ModelDeployment, ModelDeploymentStatus, Protocol, RouterKind, VariantStatus,
 };
-use keelson_api::rollout::RolloutStatus;
+use keelson_api::rollout::{RolloutPhase, RolloutStatus};
 use keelson_api::router_config::{RouterConfig, ROUTER_CONFIG_KEY};
 
 pub const PROGRESSING: &str = "Progressing";
@@ -419,7 +419,32 @@ pub fn status(md: &ModelDeployment, observed: &Observed, now: &Time) -> ModelDep
             PROGRESSING,
             true,
             "WeightsPending",
-            format!("waiting for {what} to carry the spec's traffic split"),
+            format!("waiting for {what} to carry the traffic split"),
+        )
+    } else if let Some(r) = observed
+        .rollout
+        .as_ref()
+        .filter(|r| matches!(r.phase, RolloutPhase::Progressing | RolloutPhase::Paused))
+    {
+        Cond::new(
+            PROGRESSING,
+            true,
+            "RolloutStep",
+            format!("{}: {}: {}", r.summary, r.reason, r.message),
+        )
+    } else if let Some(r) = observed
+        .rollout
+        .as_ref()
+        .filter(|r| r.phase == RolloutPhase::RolledBack)
+    {
+        Cond::new(
+            PROGRESSING,
+            false,
+            "RolledBack",
+            format!(
+                "{}: {}; a new image (or any change of the variant's pods or rollout) starts it again",
+                r.summary, r.message
+            ),
         )
     } else {
         let (reason, message) = match kind {
