@@ -16,6 +16,10 @@ load_versions() {
   done <"$CLUSTER_DIR/versions.env"
 }
 load_versions
+# Kueue's ports follow the apiserver's (versions.env).
+: "${KUEUE_WEBHOOK_PORT:=$((APISERVER_PORT + 3000))}"
+: "${KUEUE_HEALTH_PORT:=$((APISERVER_PORT + 1638))}"
+export KUEUE_WEBHOOK_PORT KUEUE_HEALTH_PORT
 
 # Where everything for this checkout lives (all git-ignored under target/).
 : "${CLUSTER_STATE:=$REPO_ROOT/target/cluster}"
