@@ -191,13 +191,15 @@ fi
 # The kueue binary, plus what its module source ships: the CRDs
 # (config/components/crd/bases), the admission webhooks of Kueue's own API
 # (the kueue.x-k8s.io entries of config/components/webhook/manifests.yaml)
-# and the names of the CRDs that get a conversion webhook
-# (config/components/crd/patches/webhook_in_<plural>.yaml). up.sh points the
+# and the names of the CRDs whose conversion webhook Kueue's kustomization
+# enables (the patches/webhook_in_<plural>.yaml it lists). up.sh points the
 # webhooks at the local process (kueue.sh).
 KUEUE_CACHE_BIN="$KUEUE_CACHE_DIR/bin"
+# Bumped when what build_kueue writes into config/ changes, so that a cache made before is redone.
+KUEUE_CONFIG_LAYOUT=2
 build_kueue() {
   local dir="$KUEUE_CACHE_DIR/src/kueue" kmod src cfg="$KUEUE_CACHE_DIR/config"
-  [[ -x $KUEUE_CACHE_BIN/kueue && -f $cfg/.complete ]] && return 0
+  [[ -x $KUEUE_CACHE_BIN/kueue ]] && grep -qx "layout $KUEUE_CONFIG_LAYOUT" "$cfg/.complete" 2>/dev/null && return 0
   mkdir -p "$dir" "$KUEUE_CACHE_BIN"
   kmod=$(modfile sigs.k8s.io/kueue "$KUEUE_VERSION")
   src=$(cd "$CACHE_DIR" && go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" |
@@ -231,9 +233,12 @@ build_kueue() {
     m="$cfg/mutating-webhooks.yaml" v="$cfg/validating-webhooks.yaml" "$src/config/components/webhook/manifests.yaml"
   [[ -s $cfg/mutating-webhooks.yaml && -s $cfg/validating-webhooks.yaml ]] ||
     die "found no kueue.x-k8s.io webhooks in $src/config/components/webhook/manifests.yaml"
-  (cd "$src/config/components/crd/patches" && ls webhook_in_*.yaml) |
-    sed 's/^webhook_in_\(.*\)\.yaml$/\1.kueue.x-k8s.io/' >"$cfg/conversion-crds.txt"
-  date -u +%FT%TZ >"$cfg/.complete"
+  # Only the patches the kustomization lists: ResourceFlavor's is there but commented out (its
+  # types have no conversion).
+  sed -n 's#^- path: patches/webhook_in_\(.*\)\.yaml$#\1.kueue.x-k8s.io#p' \
+    "$src/config/components/crd/kustomization.yaml" >"$cfg/conversion-crds.txt"
+  [[ -s $cfg/conversion-crds.txt ]] || die "found no conversion webhook patch in $src/config/components/crd/kustomization.yaml"
+  echo "layout $KUEUE_CONFIG_LAYOUT" >"$cfg/.complete"
 }
 mkdir -p "$KUEUE_CACHE_DIR"
 exec 7>"$KUEUE_CACHE_DIR/.lock"

@@ -2,8 +2,8 @@
 # up; uses up.sh's start, wait_healthy and KUBECTL.
 #
 #   1. Kueue's CRDs from its module source (build.sh copied them into the
-#      cache), with the conversion webhooks that Kueue's own kustomize patches
-#      add, pointed at the local process;
+#      cache), with the conversion webhooks that Kueue's own kustomization
+#      enables, pointed at the local process (the other CRDs convert nothing);
 #   2. a serving certificate for 127.0.0.1 signed by the cluster CA
 #      (certs/kueue/tls.*), and the configuration file (kueue/config.yaml);
 #   3. the kueue process on 127.0.0.1 (webhooks on KUEUE_WEBHOOK_PORT, health
@@ -112,11 +112,17 @@ start_kueue() {
     "${KUBECTL[@]}" apply --server-side --force-conflicts -f "$KUEUE_CFG_DIR/crds" >/dev/null ||
       fail_component kube-apiserver "refused Kueue's CRDs"
     ca=$(base64 -w0 <"$CERTS_DIR/ca.crt")
-    while read -r crd; do
-      patch='{"spec":{"conversion":{"strategy":"Webhook","webhook":{"conversionReviewVersions":["v1"],"clientConfig":{"url":"https://'"$CLUSTER_HOST:$KUEUE_WEBHOOK_PORT"'/convert","caBundle":"'"$ca"'"}}}}}'
+    for file in "$KUEUE_CFG_DIR"/crds/kueue.x-k8s.io_*.yaml; do
+      crd=${file##*/kueue.x-k8s.io_}
+      crd=${crd%.yaml}.kueue.x-k8s.io
+      if grep -qx "$crd" "$KUEUE_CFG_DIR/conversion-crds.txt"; then
+        patch='{"spec":{"conversion":{"strategy":"Webhook","webhook":{"conversionReviewVersions":["v1"],"clientConfig":{"url":"https://'"$CLUSTER_HOST:$KUEUE_WEBHOOK_PORT"'/convert","caBundle":"'"$ca"'"}}}}}'
+      else
+        patch='{"spec":{"conversion":{"strategy":"None","webhook":null}}}'
+      fi
       "${KUBECTL[@]}" patch crd "$crd" --type=merge -p "$patch" >/dev/null ||
-        fail_component kube-apiserver "refused the conversion webhook of $crd"
-    done <"$KUEUE_CFG_DIR/conversion-crds.txt"
+        fail_component kube-apiserver "refused the conversion settings of $crd"
+    done
     "${KUBECTL[@]}" wait --for=condition=Established --timeout=60s -f "$KUEUE_CFG_DIR/crds" >/dev/null ||
       fail_component kube-apiserver "did not establish Kueue's CRDs within 60s"
   fi
