@@ -47,7 +47,17 @@ fn every_example_is_accepted_and_becomes_ready() {
         "bert-queued",
         "fraud",
         "scorer",
+        "ranker",
     ] {
         assert!(all.contains(name), "{all}");
     }
+    // On kwok nodes no router answers: the canary holds at its first step.
+    ns.kubectl(&[
+        "wait",
+        "--for=jsonpath={.status.rollout.reason}=MetricsUnavailable",
+        "--timeout=60s",
+        "modeldeployment/ranker",
+    ]);
+    let ranker = ns.kubectl(&["get", "mdep", "ranker"]);
+    assert!(ranker.contains("canary 1/3 Paused"), "{ranker}");
 }

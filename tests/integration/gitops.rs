@@ -156,7 +156,7 @@ async fn examples_applied_twice_server_side_change_nothing_and_diff_empty() {
             )
         })
         .collect();
-    assert_eq!(want.len(), 8, "{:?}", want.keys());
+    assert_eq!(want.len(), 9, "{:?}", want.keys());
 
     let objs = wait_for(
         "every example settled",
