@@ -280,17 +280,25 @@ pub async fn read(client: &Client, ns: &str, name: &str, at: Timestamp) -> Resul
             "no running router pod {name}-router has an IP to read /metrics from"
         ));
     }
+    read_pods(&running, ROUTER_ADMIN_PORT, at).await
+}
+
+/// Reads `/metrics` at `port` of each `(uid, ip)` in parallel; an error when none answered.
+pub async fn read_pods(
+    pods: &[(String, String)],
+    port: i32,
+    at: Timestamp,
+) -> Result<Sample, String> {
     let reads = join_all(
-        running
-            .iter()
-            .map(|(_, ip)| httpget::get(ip, ROUTER_ADMIN_PORT, "/metrics", &[], READ_TIMEOUT)),
+        pods.iter()
+            .map(|(_, ip)| httpget::get(ip, port, "/metrics", &[], READ_TIMEOUT)),
     )
     .await;
     let mut sample = Sample {
         at,
         pods: BTreeMap::new(),
     };
-    for ((uid, _), body) in running.iter().zip(reads) {
+    for ((uid, _), body) in pods.iter().zip(reads) {
         match body {
             Ok(b) => {
                 sample
@@ -302,9 +310,9 @@ pub async fn read(client: &Client, ns: &str, name: &str, at: Timestamp) -> Resul
     }
     if sample.pods.is_empty() {
         return Err(format!(
-            "no router pod answered GET /metrics on port {ROUTER_ADMIN_PORT} within {}s ({} running)",
+            "no router pod answered GET /metrics on port {port} within {}s ({} running)",
             READ_TIMEOUT.as_secs(),
-            running.len()
+            pods.len()
         ));
     }
     Ok(sample)
@@ -469,6 +477,57 @@ mod tests {
         let chal = &c["chal\"lenger"];
         assert_eq!((chal.responses, chal.failures), (1.0, 0.0));
         assert_eq!(quantile(0.99, &chal.buckets), Some(10.0));
+    }
+
+    /// Serves `body` as `/metrics` on a local port until the test ends.
+    async fn serve(body: String) -> i32 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = i32::from(l.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn reads_the_router_over_http_and_judges_a_window() {
+        let m = Metrics::default();
+        let (canary, stable) = (m.variant("canary"), m.variant("stable"));
+        let port = serve(m.encode()).await;
+        let pod = [("uid-1".to_string(), "127.0.0.1".to_string())];
+        let base = read_pods(&pod, port, at(0)).await.unwrap();
+        assert_eq!(base.pods["uid-1"]["canary"].responses, 0.0);
+        for i in 0..100 {
+            canary.response(if i < 7 { 500 } else { 200 });
+            canary.latency(Duration::from_millis(40));
+            stable.response(200);
+            stable.latency(Duration::from_millis(4));
+        }
+        let port = serve(m.encode()).await;
+        let now = read_pods(&pod, port, at(60)).await.unwrap();
+        let w = measure(&base, &now, "canary");
+        assert_eq!((w.requests, w.failures, w.seconds), (100, 7, 60.0));
+        assert!(w.latency_ratio().unwrap() > 5.0, "{w:?}");
+        // Nothing listens: an error that says so, with no address in it.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = i32::from(closed.local_addr().unwrap().port());
+        drop(closed);
+        let err = read_pods(&pod, dead, at(0)).await.unwrap_err();
+        assert!(
+            err.starts_with("no router pod answered GET /metrics"),
+            "{err}"
+        );
+        assert!(!err.contains("127.0.0.1"), "{err}");
     }
 
     #[test]
