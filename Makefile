@@ -56,8 +56,9 @@ demo-down:
 ## bench: every benchmark; each prints a table and asserts nothing
 bench: bench-router bench-scale bench-idle
 
-## bench-router: direct vs `keelson router` vs nginx split_clients on 127.0.0.1, and instructions per
-## request under callgrind (needs wrk, nginx and valgrind; installed from Debian when missing)
+## bench-router: direct vs `keelson router` vs nginx split_clients vs HAProxy on 127.0.0.1 (GET, a 1 MiB
+## POST, h2c), and instructions per request under callgrind (needs wrk, h2load, nginx, haproxy and
+## valgrind; installed from Debian when missing)
 bench-router:
 	hack/bench/router.sh
 

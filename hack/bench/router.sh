@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # Router benchmark on 127.0.0.1, side by side in one run:
-#   direct  - wrk straight to one variant;
+#   direct  - the load generator straight to one variant;
 #   keelson - `keelson router` (release build) splitting 90/10 over two variants;
-#   nginx   - nginx `split_clients` with the same 90/10 weights and keep-alive upstreams.
-# The proxy under test (keelson or nginx, one worker thread each) is pinned to PROXY_CPU; wrk and
-# the variant stand-ins (one nginx worker answering `return 200`) share LOAD_CPU. Prints a table;
-# asserts nothing (timings are measurements, not tests). The last column is the CPU time the serving
-# process (the variant's nginx worker for direct, the router, the proxy nginx's worker) spent per
-# request, and the kernel's share of it. Every process is stopped on exit.
+#   nginx   - nginx `split_clients` with the same 90/10 weights and keep-alive upstreams;
+#   haproxy - HAProxy `balance random(1)` with server weights 90 and 10 and reused server connections.
+# The proxy under test (keelson, nginx or haproxy, one worker thread each) is pinned to PROXY_CPU; the
+# load generator and the variant stand-ins (one nginx worker answering `return 200`) share LOAD_CPU.
+# Prints tables; asserts nothing (timings are measurements, not tests). Three rows of load: GET with
+# no body (wrk), POST with a 1 MiB body (wrk and a Lua script), and unary gRPC calls over h2c
+# (h2load). The CPU column is the time the serving process (the variant's nginx worker for direct,
+# the router, the proxy nginx's worker, haproxy) spent per request, and the kernel's share of it.
+# Every process is stopped on exit.
 #
 # The VM this runs on changes speed by up to half within seconds, so the targets take turns in short
-# measurements over many rounds, and the keelson/nginx ratio is read per round (the two measured back
-# to back) and summarised by its median.
+# measurements over many rounds (direct first, then the three proxies in an order that rotates each
+# round), and the keelson/nginx and keelson/haproxy ratios are read per round and summarised by their
+# medians.
 #
-# A second table counts the instructions each proxy runs in user space per request, under valgrind's
+# A last table counts the instructions each proxy runs in user space per request, under valgrind's
 # callgrind: a count that does not depend on the VM's speed (the kernel's part is not counted).
 #
+# Machine-readable figures go to target/bench/router.tsv (read by `make bench-plot`).
+#
 # Knobs (environment): DURATION (s per measurement, 3), ROUNDS (9), WARMUP (s, 1), CONNS (wrk connections, 32),
-# PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080), SKIP_BUILD (1: use the existing release binary),
-# KEELSON (the binary to measure; default target/release/keelson), CALLGRIND (0: skip the instruction
-# count), CALLGRIND_DURATION (s of load under callgrind, 5).
+# BODY_CONNS (wrk connections of the 1 MiB row, 8), PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080),
+# SKIP_BUILD (1: use the existing release binary), KEELSON (the binary to measure; default
+# target/release/keelson), CALLGRIND (0: skip the instruction count), CALLGRIND_DURATION (s of load
+# under callgrind, 5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -43,6 +50,10 @@ P_H2_CHALLENGER=$((PORT_BASE + 10))
 P_H2_ROUTER=$((PORT_BASE + 11))
 P_H2_ADMIN=$((PORT_BASE + 12))
 P_H2_NGINX=$((PORT_BASE + 13))
+P_HAPROXY=$((PORT_BASE + 14))
+P_H2_HAPROXY=$((PORT_BASE + 15))
+P_CG_HAPROXY=$((PORT_BASE + 16))
+BODY_CONNS=${BODY_CONNS:-8}
 H2_STREAMS=${H2_STREAMS:-8}
 H2_CONNS=${H2_CONNS:-4}
 
@@ -54,6 +65,8 @@ command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX ]] || missing+=(nginx-light)
 command -v taskset >/dev/null || missing+=(util-linux)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[[ -x $HAPROXY ]] || missing+=(haproxy)
 CALLGRIND=${CALLGRIND:-1}
 CALLGRIND_DURATION=${CALLGRIND_DURATION:-5}
 [[ $CALLGRIND == 0 ]] || command -v valgrind >/dev/null || missing+=(valgrind)
@@ -67,7 +80,10 @@ if ((${#missing[@]})); then
     exit 1
   fi
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+  HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 fi
+mkdir -p target/bench
+TSV=target/bench/router.tsv
 
 work=$(mktemp -d /tmp/keelson-bench.XXXXXX)
 pids=()
@@ -113,6 +129,7 @@ http {
   scgi_temp_path $d/tmp/scgi;
   keepalive_requests 10000000;
   keepalive_timeout 300s;
+  client_max_body_size 2m;
 $2
 }
 CONF
@@ -145,6 +162,7 @@ split_proxy() { # port
       proxy_pass http://\$variant;
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
+      client_body_buffer_size 2m;
     }
   }"
 }
@@ -178,8 +196,45 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" "$KEELSON" router --workers 1 --config "$w
 h2_router_pid=$!
 pids+=($!)
 
+# HAProxy with the same split: weighted random over the two variants (`random(1)`: one draw, so the
+# weights alone decide, as split_clients and the router do), one thread, idle server connections
+# reused by any client connection (`http-reuse always`, as nginx's keepalive pool), no logging. For
+# h2c, an HTTP/2 listener and HTTP/2 server connections (`proto h2`) to the h2c variants.
+haproxy_conf() { # file frontends-and-backends
+  cat >"$1" <<CONF
+global
+  nbthread 1
+  maxconn 8192
+  tune.maxaccept -1
+defaults
+  mode http
+  http-reuse always
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+  timeout http-keep-alive 300s
+$2
+CONF
+}
+haproxy_split() { # name listen-port champion-port challenger-port [proto]
+  local proto=${5:+ proto $5}
+  echo "frontend fe_$1
+  bind 127.0.0.1:$2$proto
+  default_backend be_$1
+backend be_$1
+  balance random(1)
+  server champion 127.0.0.1:$3$proto weight 90
+  server challenger 127.0.0.1:$4$proto weight 10"
+}
+haproxy_conf "$work/haproxy.cfg" "$(haproxy_split h1 "$P_HAPROXY" "$P_CHAMPION" "$P_CHALLENGER")
+$(haproxy_split h2 "$P_H2_HAPROXY" "$P_H2_CHAMPION" "$P_H2_CHALLENGER" h2)"
+taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!
+pids+=($!)
+
 for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN" \
-  "$P_H2_CHAMPION" "$P_H2_CHALLENGER" "$P_H2_NGINX" "$P_H2_ROUTER" "$P_H2_ADMIN"; do wait_port "$p"; done
+  "$P_H2_CHAMPION" "$P_H2_CHALLENGER" "$P_H2_NGINX" "$P_H2_ROUTER" "$P_H2_ADMIN" \
+  "$P_HAPROXY" "$P_H2_HAPROXY"; do wait_port "$p"; done
 
 cat >"$work/report.lua" <<'LUA'
 done = function(summary, latency, requests)
@@ -191,6 +246,13 @@ done = function(summary, latency, requests)
     errors, summary.requests))
 end
 LUA
+# The large-body row: the same report, each request a POST of 1 MiB.
+{
+  echo 'wrk.method = "POST"'
+  echo 'wrk.body = string.rep("x", 1048576)'
+  echo 'wrk.headers["Content-Type"] = "application/octet-stream"'
+  cat "$work/report.lua"
+} >"$work/body.lua"
 
 cpu_ticks() { # pid...: user and system clock ticks used so far, summed over the processes
   local u=0 k=0 f
@@ -201,147 +263,152 @@ cpu_ticks() { # pid...: user and system clock ticks used so far, summed over the
   echo "$u $k"
 }
 
-measure() { # name port pid...: warm-up, then one measured run; prints
-  # "name rps p50 p99 p999 errors requests user0 sys0 user1 sys1" (CPU ticks of the given pids)
-  local name=$1 url="http://127.0.0.1:$2/predict"
-  shift 2
-  timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
-  local out before after
-  before=$(cpu_ticks "$@")
-  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/report.lua" "$url")
-  after=$(cpu_ticks "$@")
+# Every measurement prints one line: "name rps p50 p99 p999 errors requests user0 sys0 user1 sys1"
+# (latencies in ms, CPU ticks of the serving process before and after).
+measure() { # name port lua-script connections pid: warm-up, then one measured wrk run
+  local name=$1 url="http://127.0.0.1:$2/predict" script=$3 conns=$4 out before after
+  timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${WARMUP}s" -s "$script" "$url" >/dev/null
+  before=$(cpu_ticks "$5")
+  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$script" "$url")
+  after=$(cpu_ticks "$5")
   echo "$out" >"$work/wrk-$name.txt"
   echo "$name $(grep '^RESULT' <<<"$out" | cut -d' ' -f2-) $before $after"
 }
 
-log "measuring: $ROUNDS rounds of ${DURATION}s per target, $CONNS connections, proxy on CPU $PROXY_CPU, wrk and variants on CPU $LOAD_CPU"
-# CPU is sampled from the process that does the work: the variants' nginx worker for direct, the
-# router, and the proxy nginx's worker. Each round measures direct, then keelson and nginx back to
-# back, in turn first, so that a slow spell of a shared machine weighs on both of a round's pair.
-worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
-declare -A port=([direct]=$P_CHAMPION [keelson]=$P_ROUTER [nginx]=$P_NGINX)
-declare -A pid=([direct]="$(worker_of upstreams)" [keelson]=$router_pid [nginx]="$(worker_of proxy)")
-results=$(
-  for ((r = 0; r < ROUNDS; r++)); do
-    if ((r % 2)); then order=(direct nginx keelson); else order=(direct keelson nginx); fi
-    for t in "${order[@]}"; do
-      echo "$r $(measure "$t" "${port[$t]}" "${pid[$t]}")"
-    done
-  done
-)
-
-shares=$(curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk -F'[ "]' '
-  /^keelson_router_requests_total/ { n[$2] = $NF; t += $NF }
-  END { for (v in n) printf "%s=%.1f%% ", v, 100 * n[v] / t }')
-
-echo
-echo "Router benchmark, 127.0.0.1, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
-echo "wrk -t1 -c$CONNS, $ROUNDS rounds of ${DURATION}s per target taking turns; keelson --workers 1 and nginx"
-echo "worker_processes 1, each pinned to CPU $PROXY_CPU. Each figure is the median over the rounds; \"vs nginx\""
-echo "is the median of the rounds' keelson/nginx ratios (the two measured back to back)."
-echo
-tck=$(getconf CLK_TCK)
-awk -v tck="$tck" -v rounds="$ROUNDS" '
-  function median(a, n,    i, j, v, s) { # a[1..n], sorted in place
-    for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
-    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-  }
-  function med(t, col,    i, a) { for (i = 1; i <= rounds; i++) a[i] = v[t, col, i]; return median(a, rounds) }
-  {
-    r = $1 + 1; t = $2
-    for (c = 3; c <= 7; c++) v[t, c, r] = $c
-    req[t] += $8; ut[t] += $11 - $9; kt[t] += $12 - $10
-    seen[t] = 1
-    round_rps[r, t] = $3
-  }
-  END {
-    for (r = 1; r <= rounds; r++) ratios[r] = round_rps[r, "keelson"] / round_rps[r, "nginx"]
-    q = median(ratios, rounds)
-    split("direct keelson nginx", order, " ")
-    for (i = 1; i <= 3; i++) {
-      t = order[i]; rps[t] = med(t, 3); p50[t] = med(t, 4); p99[t] = med(t, 5); p999[t] = med(t, 6)
-      err[t] = 0; for (r = 1; r <= rounds; r++) err[t] += v[t, 7, r]
-    }
-    printf "| %-8s | %10s | %7s | %7s | %8s | %12s | %8s | %6s | %13s |\n", "target", "requests/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "vs nginx", "errors", "CPU us/req (kernel)"
-    printf "|----------|-----------:|--------:|--------:|---------:|-------------:|---------:|-------:|--------------------:|\n"
-    for (i = 1; i <= 3; i++) {
-      t = order[i]
-      ticks = ut[t] + kt[t]
-      cpu = (ticks / tck) * 1e6 / req[t]; sys = (ticks > 0) ? 100 * kt[t] / ticks : 0
-      added = (t == "direct") ? "-" : sprintf("%.3f", p99[t] - p99["direct"])
-      ratio = (t == "direct") ? "-" : sprintf("%.2fx", (t == "keelson") ? q : 1)
-      printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %8s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu, sys
-    }
-    printf "\nkeelson/nginx requests/s by round:"
-    for (r = 1; r <= rounds; r++) printf " %.2fx", round_rps[r, "keelson"] / round_rps[r, "nginx"]
-    printf "\n"
-    ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]
-    printf "keelson added p99 %.3f ms vs nginx %.3f ms (target: no more): %s\n", ka, na, (ka <= na) ? "met" : "NOT met"
-    printf "keelson throughput %.2fx nginx, median of the rounds (ratio of the medians %.2fx; target: at least 1.20x): %s\n", q, rps["keelson"] / rps["nginx"], (q >= 1.2) ? "met" : "NOT met"
-  }' <<<"$results"
-echo "keelson split observed: $shares"
-
 # The h2c/gRPC row: h2load sends unary gRPC calls (POST, content-type application/grpc, te:
 # trailers, one framed 5-byte message) over HTTP/2 cleartext, H2_CONNS connections with H2_STREAMS
-# streams each; direct to the champion, through keelson (both variants `protocol: h2c`) and through
-# nginx `grpc_pass` with the same split_clients.
+# streams each; latencies come from its per-request log.
 printf '\0\0\0\0\5hello' >"$work/grpc-body.bin"
-h2measure() { # name port pid: prints "name rps mean_ms failed requests user0 sys0 user1 sys1"
+h2measure() { # name port pid
   local name=$1 url="http://127.0.0.1:$2/keelson.Model/Predict" out before after
   local args=(-c"$H2_CONNS" -m"$H2_STREAMS" -t1 -d "$work/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
   timeout $((WARMUP + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$WARMUP" "$url" >/dev/null
   before=$(cpu_ticks "$3")
-  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$DURATION" "$url")
+  out=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" -D "$DURATION" --log-file="$work/h2log-$name" "$url")
   after=$(cpu_ticks "$3")
   echo "$out" >"$work/h2load-$name.txt"
-  awk -v name="$name" -v cpu="$before $after" '
-    function ms(v) { return (v ~ /us$/) ? v / 1000 : (v ~ /ms$/) ? v + 0 : v * 1000 }
+  local lat
+  lat=$(cut -f3 "$work/h2log-$name" | sort -n | awk '
+    { v[NR] = $1 }
+    function at(q,    i) { i = int(NR * q); if (i < NR * q) i++; if (i < 1) i = 1; return v[i] / 1000 }
+    END { if (NR) printf "%.3f %.3f %.3f", at(0.5), at(0.99), at(0.999); else printf "0 0 0" }')
+  awk -v name="$name" -v lat="$lat" -v cpu="$before $after" '
     /^finished in/ { rps = $4 }
-    /^requests:/ { total = $2; ok = $8; failed = total - ok }
-    /^time for request:/ { mean = ms($6) }
-    END { printf "%s %.0f %.3f %d %d %s\n", name, rps, mean, failed, total, cpu }' <<<"$out"
+    /^requests:/ { total = $2; failed = total - $8 }
+    END { printf "%s %.0f %s %d %d %s\n", name, rps, lat, failed, total, cpu }' <<<"$out"
 }
-log "measuring h2c/gRPC: $ROUNDS rounds of ${DURATION}s per target, h2load $H2_CONNS connections x $H2_STREAMS streams"
-declare -A h2port=([direct]=$P_H2_CHAMPION [keelson]=$P_H2_ROUTER [nginx]=$P_H2_NGINX)
-declare -A h2pid=([direct]="$(worker_of upstreams)" [keelson]=$h2_router_pid [nginx]="$(worker_of proxy)")
-h2results=$(
+
+worker_of() { pgrep -P "$(cat "$work/$1/nginx.pid")" | head -1; }
+# CPU is sampled from the process that does the work: the variants' nginx worker for direct, the
+# router, the proxy nginx's worker and haproxy.
+declare -A port=([direct]=$P_CHAMPION [keelson]=$P_ROUTER [nginx]=$P_NGINX [haproxy]=$P_HAPROXY)
+declare -A pid=([direct]="$(worker_of upstreams)" [keelson]=$router_pid [nginx]="$(worker_of proxy)" [haproxy]=$haproxy_pid)
+declare -A h2port=([direct]=$P_H2_CHAMPION [keelson]=$P_H2_ROUTER [nginx]=$P_H2_NGINX [haproxy]=$P_H2_HAPROXY)
+declare -A h2pid=([direct]="$(worker_of upstreams)" [keelson]=$h2_router_pid [nginx]="$(worker_of proxy)" [haproxy]=$haproxy_pid)
+PROXIES=(keelson nginx haproxy)
+
+measure_row() { # row target
+  case $1 in
+    get) measure "$2" "${port[$2]}" "$work/report.lua" "$CONNS" "${pid[$2]}" ;;
+    body) measure "$2" "${port[$2]}" "$work/body.lua" "$BODY_CONNS" "${pid[$2]}" ;;
+    h2c) h2measure "$2" "${h2port[$2]}" "${h2pid[$2]}" ;;
+  esac
+}
+
+# Each round measures direct, then the three proxies in an order that rotates from round to round,
+# so that a slow spell of a shared machine weighs on every proxy in turn.
+run_rounds() { # row: prints "round name fields..." per round and target
+  local r i t
   for ((r = 0; r < ROUNDS; r++)); do
-    if ((r % 2)); then order=(direct nginx keelson); else order=(direct keelson nginx); fi
-    for t in "${order[@]}"; do echo "$r $(h2measure "$t" "${h2port[$t]}" "${h2pid[$t]}")"; done
+    local order=(direct)
+    for i in 0 1 2; do order+=("${PROXIES[(r + i) % 3]}"); done
+    for t in "${order[@]}"; do echo "$r $(measure_row "$1" "$t")"; done
   done
-)
-echo
-echo "h2c/gRPC unary calls: h2load -c$H2_CONNS -m$H2_STREAMS -t1, same rounds; variants are nginx h2c servers"
-echo "answering 200 with a grpc-status trailer; keelson (protocol h2c) vs nginx grpc_pass. Medians over"
-echo "the rounds; \"vs nginx\" is the median of the rounds' keelson/nginx ratios."
-echo
-awk -v tck="$tck" -v rounds="$ROUNDS" '
-  function median(a, n,    i, j, v) {
-    for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
-    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-  }
-  function med(t, col,    i, a) { for (i = 1; i <= rounds; i++) a[i] = v[t, col, i]; return median(a, rounds) }
-  {
-    r = $1 + 1; t = $2; v[t, 3, r] = $3; v[t, 4, r] = $4; failed[t] += $5; req[t] += $6
-    ut[t] += $9 - $7; kt[t] += $10 - $8; round_rps[r, t] = $3
-  }
-  END {
-    for (r = 1; r <= rounds; r++) ratios[r] = round_rps[r, "keelson"] / round_rps[r, "nginx"]
-    q = median(ratios, rounds)
-    printf "| %-8s | %10s | %12s | %8s | %6s | %19s |\n", "target", "calls/s", "mean ms", "vs nginx", "failed", "CPU us/call (kernel)"
-    printf "|----------|-----------:|-------------:|---------:|-------:|---------------------:|\n"
-    split("direct keelson nginx", order, " ")
-    for (i = 1; i <= 3; i++) {
-      t = order[i]; ticks = ut[t] + kt[t]
-      cpu = (ticks / tck) * 1e6 / req[t]; sys = (ticks > 0) ? 100 * kt[t] / ticks : 0
-      ratio = (t == "direct") ? "-" : sprintf("%.2fx", (t == "keelson") ? q : 1)
-      printf "| %-8s | %10.0f | %12.3f | %8s | %6d | %11.1f (%2.0f%%) |\n", t, med(t, 3), med(t, 4), ratio, failed[t], cpu, sys
+}
+
+tck=$(getconf CLK_TCK)
+printf 'row\ttarget\tfigure\tvalue\n' >"$TSV"
+# Prints one row's table from its rounds and appends its figures to $TSV.
+summarise() { # row unit
+  awk -v tck="$tck" -v rounds="$ROUNDS" -v row="$1" -v unit="$2" -v tsv="$TSV" '
+    function median(a, n,    i, j, v) { # a[1..n], sorted in place
+      for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
-  }' <<<"$h2results"
-h2shares=$(curl -s "http://127.0.0.1:$P_H2_ADMIN/metrics" | awk -F'[ "]' '
-  /^keelson_router_requests_total/ { n[$2] = $NF; t += $NF }
-  END { for (v in n) printf "%s=%.1f%% ", v, 100 * n[v] / t }')
-echo "keelson h2c split observed: $h2shares"
+    function med(t, col,    i, a) { for (i = 1; i <= rounds; i++) a[i] = v[t, col, i]; return median(a, rounds) }
+    function div(a, b) { return (b > 0) ? a / b : 0 }
+    function put(t, figure, value) { printf "%s\t%s\t%s\t%s\n", row, t, figure, value >> tsv }
+    {
+      r = $1 + 1; t = $2
+      for (c = 3; c <= 7; c++) v[t, c, r] = $c
+      req[t] += $8; ut[t] += $11 - $9; kt[t] += $12 - $10
+      round_rps[r, t] = $3
+    }
+    END {
+      n = split("direct keelson nginx haproxy", order, " ")
+      for (i = 1; i <= n; i++) {
+        t = order[i]; rps[t] = med(t, 3); p50[t] = med(t, 4); p99[t] = med(t, 5); p999[t] = med(t, 6)
+        err[t] = 0; for (r = 1; r <= rounds; r++) err[t] += v[t, 7, r]
+        for (r = 1; r <= rounds; r++) ra[r] = div(round_rps[r, "keelson"], round_rps[r, t])
+        q[t] = median(ra, rounds)
+        byround[t] = ""; for (r = 1; r <= rounds; r++) byround[t] = byround[t] sprintf(" %.2fx", div(round_rps[r, "keelson"], round_rps[r, t]))
+      }
+      printf "| %-8s | %10s | %7s | %7s | %8s | %12s | %12s | %6s | %19s |\n", "target", unit "/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms", "keelson/this", "errors", "CPU us/req (kernel)"
+      printf "|----------|-----------:|--------:|--------:|---------:|-------------:|-------------:|-------:|--------------------:|\n"
+      for (i = 1; i <= n; i++) {
+        t = order[i]; ticks = ut[t] + kt[t]
+        cpu = div(ticks / tck * 1e6, req[t]); sys = div(100 * kt[t], ticks)
+        added = (t == "direct") ? "-" : sprintf("%.3f", p99[t] - p99["direct"])
+        ratio = (t == "direct") ? "-" : sprintf("%.2fx", q[t])
+        printf "| %-8s | %10.0f | %7.3f | %7.3f | %8.3f | %12s | %12s | %6d | %11.1f (%2.0f%%) |\n", t, rps[t], p50[t], p99[t], p999[t], added, ratio, err[t], cpu, sys
+        put(t, "rps", sprintf("%.0f", rps[t])); put(t, "p50_ms", p50[t]); put(t, "p99_ms", p99[t]); put(t, "p999_ms", p999[t])
+        put(t, "errors", err[t]); put(t, "cpu_us", sprintf("%.2f", cpu))
+        if (t != "direct") { put(t, "added_p99_ms", sprintf("%.3f", p99[t] - p99["direct"])); put(t, "keelson_ratio", sprintf("%.3f", q[t])) }
+      }
+      printf "\nkeelson/nginx %s/s by round:%s\n", unit, byround["nginx"]
+      printf "keelson/haproxy %s/s by round:%s\n", unit, byround["haproxy"]
+      ka = p99["keelson"] - p99["direct"]; na = p99["nginx"] - p99["direct"]; ha = p99["haproxy"] - p99["direct"]
+      printf "keelson added p99 %.3f ms, nginx %.3f ms, haproxy %.3f ms (target: below both): %s\n", ka, na, ha, (ka <= na && ka <= ha) ? "met" : "NOT met"
+      printf "keelson %s/s %.2fx nginx (target: at least 1.20x): %s; %.2fx haproxy (target: at least 1.00x): %s (medians of the rounds)\n", unit, q["nginx"], (q["nginx"] >= 1.2) ? "met" : "NOT met", q["haproxy"], (q["haproxy"] >= 1.0) ? "met" : "NOT met"
+    }'
+}
+split_shares() { # admin port: the router's observed split
+  curl -s "http://127.0.0.1:$1/metrics" | awk -F'[ "]' '
+    /^keelson_router_requests_total/ { n[$2] = $NF; t += $NF }
+    END { for (v in n) printf "%s=%.1f%% ", v, 100 * n[v] / t }'
+}
+
+log "measuring GET: $ROUNDS rounds of ${DURATION}s per target, $CONNS connections, proxies on CPU $PROXY_CPU, load and variants on CPU $LOAD_CPU"
+results=$(run_rounds get)
+echo
+echo "Router benchmark, 127.0.0.1, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
+echo "$ROUNDS rounds of ${DURATION}s per target taking turns; keelson --workers 1, nginx worker_processes 1 and"
+echo "haproxy nbthread 1, each pinned to CPU $PROXY_CPU. Each figure is the median over the rounds; \"keelson/this\""
+echo "is the median of the rounds' keelson/this requests/s ratios."
+echo
+echo "GET, no body: wrk -t1 -c$CONNS"
+echo
+summarise get requests <<<"$results"
+echo "keelson split observed: $(split_shares "$P_ADMIN")"
+
+log "measuring POST of 1 MiB: $ROUNDS rounds of ${DURATION}s per target, $BODY_CONNS connections"
+results=$(run_rounds body)
+echo
+echo "POST with a 1 MiB body: wrk -t1 -c$BODY_CONNS with a Lua script. keelson and haproxy stream the body; nginx"
+echo "reads it whole first (proxy_request_buffering on, its default) into memory (client_body_buffer_size 2m,"
+echo "instead of a temporary file per request)."
+echo
+summarise body requests <<<"$results"
+
+log "measuring h2c/gRPC: $ROUNDS rounds of ${DURATION}s per target, h2load $H2_CONNS connections x $H2_STREAMS streams"
+results=$(run_rounds h2c)
+echo
+echo "h2c/gRPC unary calls: h2load -c$H2_CONNS -m$H2_STREAMS -t1; variants are nginx h2c servers answering 200 with a"
+echo "grpc-status trailer; keelson (protocol h2c), nginx grpc_pass, haproxy proto h2 on both sides. Latencies"
+echo "from h2load's per-request log."
+echo
+summarise h2c calls <<<"$results"
+echo "keelson h2c split observed: $(split_shares "$P_H2_ADMIN")"
 
 # Instructions per request in user space, under callgrind: each proxy alone, started under valgrind
 # on ports of its own, warmed up, its counters zeroed, then CALLGRIND_DURATION s of the same load.
@@ -355,6 +422,7 @@ if [[ $CALLGRIND != 0 ]]; then
     callgrind_control -d "$3" >/dev/null 2>&1
     for _ in $(seq 100); do (($(ls "$work/cg.$1".* 2>/dev/null | wc -l) > before)) && break; sleep 0.1; done
     n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
+    ((${n:-0} > 0)) || { log "$1: no request went through under callgrind"; echo "$1 0 0"; return; }
     awk -v n="$n" -v name="$1" '/^(summary|totals):/ { printf "%s %d %d\n", name, $2 / n, n; exit }' \
       "$(ls -t "$work/cg.$1".* | head -1)"
   }
@@ -364,7 +432,7 @@ if [[ $CALLGRIND != 0 ]]; then
     --listen "127.0.0.1:$P_CG_ROUTER" --admin-listen "127.0.0.1:$P_CG_ADMIN" >"$work/cg-router.log" 2>&1 &
   cg_router=$!
   pids+=($!)
-  wait_port "$P_CG_ROUTER" 600
+  wait_port "$P_CG_ROUTER" 3000
   counts=$(count keelson "$P_CG_ROUTER" "$cg_router")
   kill "$cg_router"
   d=$(nginx_conf cg-proxy "$(split_proxy "$P_CG_NGINX")" "master_process off;")
@@ -372,18 +440,32 @@ if [[ $CALLGRIND != 0 ]]; then
     "$NGINX" -p "$d" -c "$d/nginx.conf" 2>"$d/stderr" &
   cg_nginx=$!
   pids+=($!)
-  wait_port "$P_CG_NGINX" 600
+  wait_port "$P_CG_NGINX" 3000
   counts+=$'\n'$(count nginx "$P_CG_NGINX" "$cg_nginx")
   kill "$cg_nginx"
+  haproxy_conf "$work/cg-haproxy.cfg" "$(haproxy_split cg "$P_CG_HAPROXY" "$P_CHAMPION" "$P_CHALLENGER")"
+  taskset -c "$PROXY_CPU" valgrind -q --tool=callgrind --callgrind-out-file="$work/cg.haproxy" \
+    "$HAPROXY" -db -f "$work/cg-haproxy.cfg" >"$work/cg-haproxy.log" 2>&1 &
+  cg_haproxy=$!
+  pids+=($!)
+  wait_port "$P_CG_HAPROXY" 3000
+  counts+=$'\n'$(count haproxy "$P_CG_HAPROXY" "$cg_haproxy")
+  kill "$cg_haproxy"
   echo
-  echo "User-space instructions per proxied request (valgrind callgrind, ${CALLGRIND_DURATION}s of wrk -t1 -c$CONNS"
-  echo "through each proxy alone; the same for any speed of the machine; the kernel's part is not counted):"
+  echo "User-space instructions per proxied GET (valgrind callgrind, ${CALLGRIND_DURATION}s of wrk -t1 -c$CONNS through"
+  echo "each proxy alone; the same for any speed of the machine; the kernel's part is not counted):"
   echo
-  awk '{ ir[$1] = $2; n[$1] = $3 }
+  awk -v tsv="$TSV" '{ ir[$1] = $2; n[$1] = $3 }
     END {
-      printf "| %-8s | %20s | %8s | %8s |\n", "proxy", "instructions/request", "vs nginx", "requests"
-      printf "|----------|---------------------:|---------:|---------:|\n"
-      split("keelson nginx", order, " ")
-      for (i = 1; i <= 2; i++) { t = order[i]; printf "| %-8s | %20d | %7.2fx | %8d |\n", t, ir[t], ir[t] / ir["nginx"], n[t] }
+      printf "| %-8s | %20s | %12s | %8s |\n", "proxy", "instructions/request", "keelson/this", "requests"
+      printf "|----------|---------------------:|-------------:|---------:|\n"
+      split("keelson nginx haproxy", order, " ")
+      for (i = 1; i <= 3; i++) {
+        t = order[i]
+        printf "| %-8s | %20d | %11.2fx | %8d |\n", t, ir[t], (ir[t] > 0) ? ir["keelson"] / ir[t] : 0, n[t]
+        printf "instructions\t%s\tper_request\t%d\n", t, ir[t] >> tsv
+      }
     }' <<<"$counts"
 fi
+echo
+echo "figures written to $TSV"
