@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build test test-real test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale bench-idle image clean-demo
+.PHONY: all build test test-real test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale bench-idle bench-plot image clean-demo
 
 all: build
 
@@ -53,8 +53,14 @@ demo:
 demo-down:
 	hack/demo.sh down
 
-## bench: every benchmark; each prints a table and asserts nothing
+## bench: every benchmark; each prints a table and asserts nothing; then the charts (bench-plot)
 bench: bench-router bench-scale bench-idle
+	$(MAKE) bench-plot
+
+## bench-plot: SVG charts in target/bench/ of the figures the last bench-router and bench-scale wrote
+## there (router.tsv, scale.tsv)
+bench-plot:
+	$(CARGO) run -q -p keelson-bench-plot -- target/bench
 
 ## bench-router: direct vs `keelson router` vs nginx split_clients vs HAProxy on 127.0.0.1 (GET, a 1 MiB
 ## POST, h2c), and instructions per request under callgrind (needs wrk, h2load, nginx, haproxy and
@@ -67,7 +73,8 @@ bench-idle: cluster
 	hack/bench/idle.sh
 
 ## bench-scale: N TrainingJobs of 4 GPU workers at once on the local cluster (N=100 and 1,000;
-## BENCH_FULL=1 adds 5,000), against the Kubeflow training-operator built from its Go module
+## BENCH_FULL=1 adds 5,000), against the Kubeflow training-operator built from its Go module and
+## against the bench creating the same children itself (the raw row)
 bench-scale: cluster
 	hack/bench/anchor.sh build
 	$(CARGO) bench --bench scale

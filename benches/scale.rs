@@ -8,15 +8,20 @@
 //! no-op resync (a fresh operator process over the settled jobs); from /proc: the operator's peak RSS
 //! and CPU seconds.
 //!
+//! The `raw` row is the physical limit of the work: the bench creates the children of Keelson's
+//! build itself (`scale/raw.rs`), with many requests at once, and no operator runs.
+//!
 //! Environment: `BENCH_N` (default `100,1000`; `BENCH_FULL=1` adds 5000), `BENCH_TARGETS` (default
-//! `keelson,anchor`), `BENCH_NODE_PODS` (pods and GPUs per simulated bench node, default 100).
+//! `keelson,anchor,raw`), `BENCH_NODE_PODS` (pods and GPUs per simulated bench node, default 100),
+//! `BENCH_RAW_CONCURRENCY` (requests at once in the raw row, default 64). The figures also go to
+//! `target/bench/scale.tsv`, which `make bench-plot` draws.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keelson_testkit as support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +31,15 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use process::Proc;
 use support::*;
+
+#[path = "scale/process.rs"]
+mod process;
+#[path = "scale/raw.rs"]
+mod raw;
+#[path = "scale/report.rs"]
+mod report;
 
 /// One operator under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -131,142 +144,6 @@ impl Target {
             ),
         }
     }
-}
-
-/// A running operator process.
-struct Proc {
-    child: Option<Child>,
-    pid: u32,
-    metrics: String,
-    target: Target,
-}
-
-impl Proc {
-    fn start(target: Target, tag: &str) -> Proc {
-        let dir = root().join("target/bench");
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join(format!("{}-{tag}.log", target.name()));
-        match target {
-            Target::Keelson => {
-                let addr = format!("127.0.0.1:{}", free_port());
-                let child = spawn_operator(
-                    &kubeconfig(),
-                    &log,
-                    &["--health-addr", &addr, "--leader-elect", "false"],
-                    &[],
-                );
-                let pid = child.id();
-                let p = Proc {
-                    child: Some(child),
-                    pid,
-                    metrics: format!("http://{addr}/metrics"),
-                    target,
-                };
-                wait_sync(Duration::from_secs(60), || {
-                    http_get(&addr, "/readyz").is_some_and(|(c, _)| c == 200)
-                });
-                p
-            }
-            Target::Anchor => {
-                let out = Command::new(root().join("hack/bench/anchor.sh"))
-                    .arg("start")
-                    .arg(&log)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "hack/bench/anchor.sh start failed");
-                let pid: u32 = std::fs::read_to_string(dir.join("anchor.pid"))
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
-                let metrics = std::fs::read_to_string(dir.join("anchor.env"))
-                    .unwrap()
-                    .lines()
-                    .find_map(|l| l.strip_prefix("ANCHOR_METRICS_URL=").map(str::to_string))
-                    .expect("ANCHOR_METRICS_URL in target/bench/anchor.env");
-                Proc {
-                    child: None,
-                    pid,
-                    metrics,
-                    target,
-                }
-            }
-        }
-    }
-
-    /// Peak resident set (MiB) and CPU seconds, from /proc.
-    fn usage(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
-        let hwm_kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<f64> = rest
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0.0))
-            .collect();
-        let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
-        (hwm_kb / 1024.0, ticks / clock_ticks())
-    }
-
-    fn reconciles(&self) -> f64 {
-        let (name, label) = self.target.reconciles_metric();
-        get_url(&self.metrics)
-            .map(|(_, body)| {
-                body.lines()
-                    .filter(|l| l.starts_with(name) && l.contains(label))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0.0)
-    }
-
-    fn stop(mut self) {
-        match self.child.take() {
-            Some(mut c) => {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_secs(30) {
-                    if c.try_wait().ok().flatten().is_some() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            None => {
-                let _ = Command::new(root().join("hack/bench/anchor.sh"))
-                    .arg("stop")
-                    .status();
-            }
-        }
-    }
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// A plain HTTP GET of `http://addr/path` on loopback: status and body.
-fn get_url(url: &str) -> Option<(u16, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
-    http_get(addr, &format!("/{path}"))
 }
 
 /// Simulated GPU nodes for the bench: `count` nodes with `per` pods and `per` GPUs each.
@@ -411,8 +288,18 @@ fn owner(meta: &kube::api::ObjectMeta) -> Option<String> {
         .map(|o| o.name.clone())
 }
 
-fn watch_children<K>(client: Client, ns: &str, times: Times, want: usize)
-where
+/// The job a child belongs to: its controller owner's name.
+fn owner_key(meta: &kube::api::ObjectMeta) -> Option<String> {
+    owner(meta)
+}
+
+fn watch_children<K>(
+    client: Client,
+    ns: &str,
+    times: Times,
+    want: usize,
+    job_of: fn(&kube::api::ObjectMeta) -> Option<String>,
+) where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + std::fmt::Debug
@@ -428,7 +315,9 @@ where
             .applied_objects();
         futures::pin_mut!(s);
         while let Ok(Some(o)) = s.try_next().await {
-            let Some(job) = owner(o.meta()) else { continue };
+            let Some(job) = job_of(o.meta()) else {
+                continue;
+            };
             let mut t = times.lock().unwrap();
             let e = t.entry(job).or_default();
             e.children.insert(format!("{kind}/{}", o.name_any()));
@@ -456,6 +345,16 @@ fn watch_jobs(client: Client, ns: &str, target: Target, times: Times) {
     });
 }
 
+/// From the first create to the last job's last child (the deadline for a job that has none).
+fn time_to_all_children(t: &HashMap<String, JobTimes>, ended: Instant) -> f64 {
+    let first = t.values().filter_map(|e| e.created).min();
+    let last = t.values().map(|e| e.all_children.unwrap_or(ended)).max();
+    match (first, last) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64() * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
 fn percentiles(mut v: Vec<f64>) -> [f64; 3] {
     if v.is_empty() {
         return [f64::NAN; 3];
@@ -466,12 +365,16 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 3] {
 }
 
 /// One row of figures for one target and N.
-/// Reads one figure out of a row.
-type Figure = dyn Fn(&Figures) -> f64;
-
 #[derive(Clone, Debug, Default)]
-struct Figures {
+pub struct Figures {
     children_ms: [f64; 3],
+    /// Each job's create → children, ms.
+    children_samples: Vec<f64>,
+    /// From the first create to the last job with all its children, ms.
+    all_children_ms: f64,
+    /// The raw row: children created by the bench, no operator.
+    raw: bool,
+    raw_concurrency: usize,
     running_ms: [f64; 3],
     writes: BTreeMap<String, f64>,
     children_created: f64,
@@ -515,8 +418,8 @@ async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
     let op = Proc::start(target, &format!("{n}"));
     let times: Times = Arc::default();
     let want = target.children();
-    watch_children::<Pod>(client.clone(), &ns, times.clone(), want);
-    watch_children::<Service>(client.clone(), &ns, times.clone(), want);
+    watch_children::<Pod>(client.clone(), &ns, times.clone(), want, owner_key);
+    watch_children::<Service>(client.clone(), &ns, times.clone(), want, owner_key);
     watch_jobs(client.clone(), &ns, target, times.clone());
     tokio::time::sleep(Duration::from_secs(2)).await; // the watches have listed the empty namespace
     let before = apiserver_writes();
@@ -593,11 +496,12 @@ async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
             Some(b?.saturating_duration_since(a?).as_secs_f64() * 1000.0)
         };
         // A job not there at the deadline counts as the time waited (a lower bound), not as absent.
-        f.children_ms = percentiles(
-            t.values()
-                .filter_map(|e| ms(e.created, e.all_children.or(Some(ended))))
-                .collect(),
-        );
+        f.children_samples = t
+            .values()
+            .filter_map(|e| ms(e.created, e.all_children.or(Some(ended))))
+            .collect();
+        f.children_ms = percentiles(f.children_samples.clone());
+        f.all_children_ms = time_to_all_children(&t, ended);
         f.running_ms = percentiles(
             t.values()
                 .filter_map(|e| ms(e.created, e.running.or(Some(ended))))
@@ -644,117 +548,6 @@ async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
     f
 }
 
-fn fmt_ms(v: [f64; 3]) -> String {
-    format!("{:.0} / {:.0} / {:.0}", v[0], v[1], v[2])
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 && a.is_finite() && b.is_finite() {
-        format!("{:.2}", a / b)
-    } else {
-        "-".into()
-    }
-}
-
-fn print_table(n: usize, rows: &[(Target, Figures)]) {
-    let get = |t: Target| rows.iter().find(|(x, _)| *x == t).map(|(_, f)| f.clone());
-    let (k, a) = (get(Target::Keelson), get(Target::Anchor));
-    println!("\nN = {n} jobs of 4 ranks ({} pods)", n * 4);
-    println!("| figure | keelson | anchor | keelson/anchor |");
-    println!("|---|---:|---:|---:|");
-    let row = |name: &str, f: &dyn Fn(&Figures) -> String, v: &dyn Fn(&Figures) -> f64| {
-        let ks = k.as_ref().map(f).unwrap_or_else(|| "-".into());
-        let as_ = a.as_ref().map(f).unwrap_or_else(|| "-".into());
-        let r = match (&k, &a) {
-            (Some(k), Some(a)) => ratio(v(k), v(a)),
-            _ => "-".into(),
-        };
-        println!("| {name} | {ks} | {as_} | {r} |");
-    };
-    row(
-        "create → children, p50/p99/max ms",
-        &|f| fmt_ms(f.children_ms),
-        &|f| f.children_ms[1],
-    );
-    row(
-        "create → Running, p50/p99/max ms",
-        &|f| fmt_ms(f.running_ms),
-        &|f| f.running_ms[1],
-    );
-    row(
-        "children per job",
-        &|f| format!("{:.0}", f.children_created / n as f64),
-        &|f| f.children_created,
-    );
-    row(
-        "API writes per child",
-        &|f| format!("{:.2}", f.writes_per_child()),
-        &|f| f.writes_per_child(),
-    );
-    row(
-        "API writes per job",
-        &|f| format!("{:.2}", f.writes_total() / n as f64),
-        &|f| f.writes_total(),
-    );
-    row(
-        "writes in a forced no-op resync",
-        &|f| format!("{:.0}", f.resync_writes),
-        &|f| f.resync_writes,
-    );
-    row("peak RSS MiB", &|f| format!("{:.1}", f.rss_mib), &|f| {
-        f.rss_mib
-    });
-    row("CPU seconds", &|f| format!("{:.1}", f.cpu_s), &|f| f.cpu_s);
-    row(
-        "jobs not complete at the deadline",
-        &|f| f.incomplete.to_string(),
-        &|f| f.incomplete as f64,
-    );
-    for (t, f) in rows {
-        println!(
-            "\n{} writes per job by verb and resource: {}",
-            t.name(),
-            f.writes
-                .iter()
-                .map(|(k, v)| format!("{k} {:.2}", v / n as f64))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        if !f.resync_breakdown.is_empty() {
-            println!(
-                "{} writes in the no-op resync: {}",
-                t.name(),
-                f.resync_breakdown
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-}
-
-fn print_growth(lo: usize, hi: usize, all: &BTreeMap<(usize, &'static str), Figures>) {
-    println!("\nGrowth from N={lo} to N={hi} (×{}; linear is ×{} in totals, ×1 in per-child and latency figures)", hi / lo, hi / lo);
-    println!("| figure | keelson | anchor |");
-    println!("|---|---:|---:|");
-    let g = |t: &str, f: &Figure| match (all.get(&(lo, t)), all.get(&(hi, t))) {
-        (Some(a), Some(b)) => ratio(f(b), f(a)),
-        _ => "-".into(),
-    };
-    let rows: [(&str, &Figure); 6] = [
-        ("create → children p99", &|f| f.children_ms[1]),
-        ("create → Running p99", &|f| f.running_ms[1]),
-        ("API writes per child", &|f| f.writes_per_child()),
-        ("API writes total", &|f| f.writes_total()),
-        ("peak RSS", &|f| f.rss_mib),
-        ("CPU seconds", &|f| f.cpu_s),
-    ];
-    for (name, f) in rows {
-        println!("| {name} | {} | {} |", g("keelson", f), g("anchor", f));
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     cluster();
@@ -766,16 +559,18 @@ async fn main() {
     if std::env::var("BENCH_FULL").is_ok_and(|v| v == "1") && !ns.contains(&5000) {
         ns.push(5000);
     }
-    let targets: Vec<Target> = std::env::var("BENCH_TARGETS")
-        .unwrap_or_else(|_| "keelson,anchor".into())
+    // `None` stands for the raw row.
+    let targets: Vec<Option<Target>> = std::env::var("BENCH_TARGETS")
+        .unwrap_or_else(|_| "keelson,anchor,raw".into())
         .split(',')
         .filter_map(|s| match s.trim() {
-            "keelson" => Some(Target::Keelson),
-            "anchor" => Some(Target::Anchor),
+            "keelson" => Some(Some(Target::Keelson)),
+            "anchor" => Some(Some(Target::Anchor)),
+            "raw" => Some(None),
             _ => None,
         })
         .collect();
-    if targets.contains(&Target::Anchor) {
+    if targets.contains(&Some(Target::Anchor)) {
         let ok = Command::new(root().join("hack/bench/anchor.sh"))
             .arg("crds")
             .status()
@@ -814,20 +609,27 @@ async fn main() {
         }
     }
     let client = client().await;
-    let mut all = BTreeMap::new();
+    let mut all = report::All::new();
+    let tsv = root().join("target/bench/scale.tsv");
     for &n in &ns {
         let mut rows = Vec::new();
         for &t in &targets {
-            eprintln!("[bench] {} N={n}", t.name());
-            let f = run_one(&client, t, n).await;
-            all.insert((n, t.name()), f.clone());
-            rows.push((t, f));
+            let name = t.map_or("raw", Target::name);
+            eprintln!("[bench] {name} N={n}");
+            let f = match t {
+                Some(t) => run_one(&client, t, n).await,
+                None => raw::run(&client, n).await,
+            };
+            all.insert((n, name), f.clone());
+            rows.push((name, f));
+            std::fs::write(&tsv, report::tsv(&all)).unwrap();
         }
-        print_table(n, &rows);
+        report::print_table(n, &rows);
     }
     for w in ns.windows(2) {
-        print_growth(w[0], w[1], &all);
+        report::print_growth(w[0], w[1], &all);
     }
+    println!("\nfigures written to {}", tsv.display());
     // The bench's nodes go, so that later tests schedule on the cluster's own.
     kubectl_ok(
         &[
