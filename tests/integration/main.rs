@@ -16,3 +16,4 @@ mod notebook;
 mod rollout;
 mod serving;
 mod trainingjob;
+mod trainingjob_shape;

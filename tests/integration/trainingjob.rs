@@ -12,15 +12,15 @@ use crate::support::*;
 use keelson_api::conditions;
 use keelson_api::trainingjob::{JobPhase, TrainingJob};
 
-struct Job {
-    ns: Ns,
-    api: Api<TrainingJob>,
-    pods: Api<Pod>,
+pub(crate) struct Job {
+    pub(crate) ns: Ns,
+    pub(crate) api: Api<TrainingJob>,
+    pub(crate) pods: Api<Pod>,
     client: kube::Client,
 }
 
 impl Job {
-    async fn new(prefix: &str) -> Job {
+    pub(crate) async fn new(prefix: &str) -> Job {
         operator();
         let ns = Ns::new(prefix);
         let client = client().await;
@@ -32,7 +32,7 @@ impl Job {
         }
     }
 
-    async fn phase(&self, name: &str, phase: JobPhase) -> TrainingJob {
+    pub(crate) async fn phase(&self, name: &str, phase: JobPhase) -> TrainingJob {
         wait_for(&format!("{name} {phase:?}"), TIMEOUT, || async {
             let j = self.api.get(name).await.ok()?;
             let st = j.status.as_ref()?;
@@ -42,7 +42,7 @@ impl Job {
         .await
     }
 
-    async fn pods_of(&self, name: &str) -> BTreeMap<String, Pod> {
+    pub(crate) async fn pods_of(&self, name: &str) -> BTreeMap<String, Pod> {
         let lp = ListParams::default().labels(&format!(
             "keelson.dev/owner-name={name},keelson.dev/owner-kind=TrainingJob"
         ));
@@ -56,7 +56,7 @@ impl Job {
             .collect()
     }
 
-    async fn running_pods(&self, name: &str, n: usize) -> BTreeMap<String, Pod> {
+    pub(crate) async fn running_pods(&self, name: &str, n: usize) -> BTreeMap<String, Pod> {
         wait_for(&format!("{n} running pods of {name}"), TIMEOUT, || async {
             let pods = self.pods_of(name).await;
             let live: BTreeMap<_, _> = pods
@@ -71,11 +71,11 @@ impl Job {
         .await
     }
 
-    fn yaml(&self, name: &str, extra: &str) -> String {
+    pub(crate) fn yaml(&self, name: &str, extra: &str) -> String {
         format!("apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: trainer:1\n{extra}")
     }
 
-    async fn merge(&self, name: &str, spec: serde_json::Value) {
+    pub(crate) async fn merge(&self, name: &str, spec: serde_json::Value) {
         self.api
             .patch(
                 name,

@@ -251,7 +251,8 @@ pub struct TrainingJobStatus {
     /// Ready workers over total, e.g. `3/4` (the WORKERS column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_ready: Option<String>,
-    /// GPUs of the whole job: workers x gpus.count (the GPUS column).
+    /// GPUs the job's pods ask for (the GPUS column): the sum over the worker pods that exist and
+    /// have not finished, each with the count it was created with. 0 while the job is suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<i32>,
     /// Worker restarts so far: each failed worker pod that was re-created counts one (counted

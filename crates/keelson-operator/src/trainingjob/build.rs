@@ -189,6 +189,7 @@ pub fn build(job: &TrainingJob, owner: &Owner) -> Result<Children, BuildError> {
             let name = pod_name(&owner.name, rank);
             let mut pod_labels: BTreeMap<String, String> = labels.clone();
             pod_labels.insert(LABEL_RANK.into(), rank.to_string());
+            super::shape::stamp(job, &mut pod_labels);
             if let Some(q) = &scheduling.queue {
                 pod_labels.insert(LABEL_QUEUE.into(), q.clone());
             }

@@ -30,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::build::rank_of;
+use super::shape;
 use crate::error::BuildError;
 use crate::podstatus;
 use keelson_api::conditions::{self};
@@ -68,6 +69,8 @@ pub enum DeleteReason {
     /// The pod's rank is not below `spec.workers` (the job was scaled down), or its name is not one
     /// the builder makes.
     Orphan,
+    /// The pod was built from an older spec (see [`super::shape`]).
+    Stale,
 }
 
 /// One pod to delete.
@@ -137,6 +140,11 @@ pub(super) struct View<'a> {
     pub(super) orphans: Vec<&'a Arc<Pod>>,
     /// Every own pod that is not leaving (what suspend and cleanup act on).
     pub(super) own: Vec<&'a Arc<Pod>>,
+    /// Own pods, not leaving, built from an older spec: their rank counts as leaving.
+    pub(super) stale: Vec<&'a Arc<Pod>>,
+    /// A pod of another shape than the spec's exists (own or not, leaving or not): no pod is
+    /// created until it is gone, so that the group never mixes two shapes.
+    pub(super) mixed: bool,
 }
 
 pub(super) fn view<'a>(job: &TrainingJob, observed: &'a Observed) -> View<'a> {
@@ -147,7 +155,10 @@ pub(super) fn view<'a>(job: &TrainingJob, observed: &'a Observed) -> View<'a> {
         slots: vec![Slot::Missing; workers],
         orphans: Vec::new(),
         own: Vec::new(),
+        stale: Vec::new(),
+        mixed: false,
     };
+    let current = shape::spec_hash(&job.spec);
     let mut pods: Vec<&Arc<Pod>> = observed.pods.iter().collect();
     pods.sort_by_key(|p| p.name_any());
     for p in pods {
@@ -155,6 +166,8 @@ pub(super) fn view<'a>(job: &TrainingJob, observed: &'a Observed) -> View<'a> {
             .and_then(|r| usize::try_from(r).ok())
             .filter(|r| *r < workers);
         let own = is_controlled_by(&p.metadata, &uid);
+        let stale = shape::is_stale(p, &current);
+        v.mixed |= stale;
         let leaving = !own
             || podstatus::terminating(p)
             || p.uid().is_some_and(|u| observed.deleted.contains(&u));
@@ -165,6 +178,13 @@ pub(super) fn view<'a>(job: &TrainingJob, observed: &'a Observed) -> View<'a> {
             continue;
         }
         v.own.push(p);
+        if stale {
+            v.stale.push(p);
+            if let Some(r) = slot {
+                v.slots[r] = Slot::Leaving;
+            }
+            continue;
+        }
         match slot {
             Some(r) => {
                 v.slots[r] = match podstatus::phase(p) {
@@ -451,12 +471,24 @@ pub fn decide(
         ));
     }
 
+    for p in &v.stale {
+        d.delete.push(deletion(
+            p,
+            DeleteReason::Stale,
+            format!(
+                "deleted pod {}: it was built from an earlier spec; every rank is re-created from the current one",
+                p.name_any()
+            ),
+        ));
+    }
+
     d.create = v
         .slots
         .iter()
         .enumerate()
         .filter(|(_, s)| matches!(s, Slot::Missing))
         .filter_map(|(r, _)| i32::try_from(r).ok())
+        .filter(|_| !v.mixed)
         .collect();
 
     let all_running = v.slots.iter().all(|s| match s {

@@ -6,6 +6,7 @@ pub mod decide;
 pub mod expectations;
 pub mod kueue;
 pub mod reconcile;
+pub mod shape;
 pub mod status;
 
 pub use keelson_api::trainingjob::*;

@@ -16,6 +16,7 @@ use keelson_api::trainingjob::{
 };
 
 use super::decide::*;
+use super::shape;
 
 /// The Ready condition of a job that is neither finished nor suspended.
 fn ready_while_active(d: &Decision, v: &View, restarting: &HashSet<String>) -> Cond {
@@ -152,12 +153,6 @@ fn backoff_limit(job: &TrainingJob) -> i32 {
         .unwrap_or(DEFAULT_BACKOFF_LIMIT)
 }
 
-fn gpus(job: &TrainingJob) -> i32 {
-    job.spec
-        .workers
-        .saturating_mul(job.spec.workload.gpu_count())
-}
-
 /// The status a TrainingJob should show after `d` was carried out. For an unchanged world it is equal
 /// to `prev`, so no status write happens.
 pub fn status(
@@ -180,14 +175,17 @@ pub fn status(
         DeleteReason::Restart,
         DeleteReason::Cleanup,
         DeleteReason::Suspend,
+        DeleteReason::Stale,
     ]);
     let stays = |p: &Pod| !p.uid().is_some_and(|u| going.contains(&u));
 
     let mut counts = WorkerCounts::default();
+    let mut gpus = 0i32;
     for s in &v.slots {
         match s {
             Slot::Live(p) if stays(p) => {
                 counts.active += 1;
+                gpus = gpus.saturating_add(shape::gpus_of(job, p));
                 if is_running(p) && podstatus::is_ready(p) {
                     counts.ready += 1;
                 }
@@ -252,7 +250,7 @@ pub fn status(
         phase: Some(d.phase),
         workers_ready: Some(format!("{}/{}", counts.ready, job.spec.workers)),
         workers: Some(counts),
-        gpus: Some(gpus(job)),
+        gpus: Some(gpus),
         restarts: d.restarts,
         start_time: d.start_time.clone(),
         completion_time: d.completion_time.clone(),
@@ -283,7 +281,6 @@ pub fn invalid(
     let generation = job.metadata.generation;
     TrainingJobStatus {
         phase: Some(phase),
-        gpus: Some(gpus(job)),
         observed_generation: generation,
         conditions: conditions::merge(&prev.conditions, &conds, generation, now),
         ..prev.clone()

@@ -727,7 +727,8 @@ fn counts_and_printer_columns() {
     let c = s.workers.unwrap();
     assert_eq!((c.active, c.ready, c.succeeded, c.failed), (3, 1, 1, 0));
     assert_eq!(s.workers_ready.as_deref(), Some("1/4"));
-    assert_eq!(s.gpus, Some(32));
+    // The three pods that have not finished, with the spec's count (they carry no GPU label).
+    assert_eq!(s.gpus, Some(24));
     // CPU-only
     let (_, s) = step(&tj(|_| {}), &was(JobPhase::Pending), &obs(vec![]), &now());
     assert_eq!(s.gpus, Some(0));
@@ -831,3 +832,6 @@ fn a_refused_pod_is_in_created_and_ready_until_the_job_finishes() {
     assert_eq!(cond(&s, CREATED).status, "True");
     assert_ne!(cond(&s, READY).reason, crate::error::CHILD_REFUSED);
 }
+
+#[path = "shape_tests.rs"]
+mod shape_tests;
