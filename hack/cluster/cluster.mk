@@ -25,8 +25,8 @@ cluster-pv:
 cluster-smoke:
 	$(CLUSTER_HACK)/smoke.sh
 
-# Real node (docs/real-node.md): `REAL_NODE=1 make cluster` adds it (opt-in,
-# in CI too); `make cluster-down` takes it down and restores the host.
+# Real node (docs/real-node.md): `REAL_NODE=1 make cluster` adds it (opt-in;
+# on in CI, where .ci/run sets REAL_NODE=1); `make cluster-down` takes it down and restores the host.
 #   make cluster-smoke-real  check it with real containers and traffic
 #   make image               release `keelson` binary -> target/images/keelson.tar (+ import)
 #   make images              pause + stand-in workload images (+ import)

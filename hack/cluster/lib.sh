@@ -104,7 +104,7 @@ KWOK_STAGES="$CLUSTER_DIR/kwok/stages.yaml"
 stages_sum() { sha256sum "$KWOK_STAGES" | cut -d' ' -f1; }
 
 # --- real node (node-up.sh, node-down.sh, docs/real-node.md) -----------------
-# On when REAL_NODE=1 (opt-in, also in CI).
+# On when REAL_NODE=1 (opt-in; .ci/run sets it in CI).
 : "${REAL_NODE:=0}"
 NODE_BINARIES=(kubelet kube-proxy crictl coredns kube-router)
 # crictl and CoreDNS are cached beside the control plane, keyed by their versions.
