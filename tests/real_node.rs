@@ -33,9 +33,10 @@
 //!   under steady load fails no request and moves the split to 30/70 without restarting a pod. The
 //!   router container runs as containerd shows it: non-root, no capability, read-only root, seccomp,
 //!   no service-account token.
-//! - ModelDeployment progressive rollouts under load ([`rollout`]): a healthy canary promoted step by
-//!   step, a failing one rolled back, both judged by the operator's reads of the real router's
-//!   `/metrics`.
+//! - ModelDeployment changes under a steady load ([`under_load`]): a weight edit, an image replaced,
+//!   an HPA scaling the champion, a revision promoted by a progressive rollout and one rolled back
+//!   by the analysis of the real router's `/metrics`; no request fails, and the results are printed
+//!   as a table.
 //!
 //! Without a real node every test fails with what to run. `KEEP_NAMESPACES=1` keeps the namespaces.
 
@@ -1382,9 +1383,13 @@ spec:
 struct Tally {
     start: Instant,
     by_variant: Mutex<BTreeMap<String, u64>>,
-    /// Non-2xx answers and transport errors, with the first few for the message.
+    /// Non-2xx answers and transport errors, with the first few for the message; the model
+    /// server's own injected 500s (`FAILURE_RATE`) are counted apart, in `injected`.
     failures: AtomicU64,
     first_failures: Mutex<Vec<String>>,
+    injected: AtomicU64,
+    /// Time to each answer, in microseconds, where the caller measures it.
+    latencies_us: Mutex<Vec<u32>>,
     /// The variant of each answer in order, for the share of the latest ones.
     recent: Mutex<Vec<bool>>,
 }
@@ -1396,6 +1401,8 @@ impl Default for Tally {
             by_variant: Mutex::default(),
             failures: AtomicU64::default(),
             first_failures: Mutex::default(),
+            injected: AtomicU64::default(),
+            latencies_us: Mutex::default(),
             recent: Mutex::default(),
         }
     }
@@ -1409,6 +1416,9 @@ impl Tally {
                 self.recent.lock().unwrap().push(v == challenger);
                 *self.by_variant.lock().unwrap().entry(v).or_default() += 1;
             }
+            Ok(r) if r.status == 500 && r.body.contains("injected failure") => {
+                self.injected.fetch_add(1, Relaxed);
+            }
             other => {
                 self.failures.fetch_add(1, Relaxed);
                 let mut f = self.first_failures.lock().unwrap();
@@ -1418,6 +1428,19 @@ impl Tally {
                 }
             }
         }
+    }
+
+    fn latency(&self, d: Duration) {
+        let us = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        self.latencies_us.lock().unwrap().push(us);
+    }
+
+    /// The 99th percentile of the measured latencies (zero when none was measured).
+    fn p99(&self) -> Duration {
+        let mut l = self.latencies_us.lock().unwrap().clone();
+        l.sort_unstable();
+        let i = (l.len() * 99).div_ceil(100).saturating_sub(1);
+        Duration::from_micros(l.get(i).copied().unwrap_or(0).into())
     }
 
     fn share(&self, variant: &str) -> f64 {
@@ -1881,5 +1904,5 @@ async fn notebook_network_policy_is_enforced_on_the_real_node() {
     );
 }
 
-#[path = "real_node/rollout.rs"]
-mod rollout;
+#[path = "real_node/under_load.rs"]
+mod under_load;
