@@ -144,8 +144,8 @@ impl Route {
             seed.push(0);
         }
         let sticky_seed = (
-            crate::proxy::sticky_hash((0x6b65_656c, 1), &seed),
-            crate::proxy::sticky_hash((0x6b65_656c, 2), &seed),
+            crate::split::sticky_hash((0x6b65_656c, 1), &seed),
+            crate::split::sticky_hash((0x6b65_656c, 2), &seed),
         );
         Ok(Route {
             variants,

@@ -21,14 +21,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
-use super::pool::{ReqBody, UpstreamError};
-
-/// Locks `m`, whether or not another task panicked while holding it (the slots stay consistent).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use super::upstream::{connect, lock, Hosts, ReqBody, UpstreamError};
 
 /// Limits of the HTTP/2 upstream pools.
 #[derive(Clone, Copy, Debug)]
@@ -43,39 +37,33 @@ pub struct H2Limits {
 
 /// Every HTTP/2 upstream address's pool.
 pub struct H2Pools {
-    hosts: Mutex<Vec<Arc<H2Pool>>>,
+    hosts: Hosts<H2Pool>,
     limits: H2Limits,
 }
 
 impl H2Pools {
     pub fn new(limits: H2Limits) -> H2Pools {
         H2Pools {
-            hosts: Mutex::new(Vec::new()),
+            hosts: Hosts::new(),
             limits,
         }
     }
 
     /// The pool of `authority`, made on first use.
     pub fn host(&self, authority: &Authority) -> Arc<H2Pool> {
-        let mut hosts = lock(&self.hosts);
-        if let Some(h) = hosts.iter().find(|h| h.authority == *authority) {
-            return h.clone();
-        }
-        let h = Arc::new(H2Pool {
+        self.hosts.get(authority, || H2Pool {
             authority: authority.clone(),
             slots: Mutex::new(vec![None; self.limits.conns_per_host.max(1)]),
             next: AtomicUsize::new(0),
             limits: self.limits,
-        });
-        hosts.push(h.clone());
-        h
+        })
     }
 
     /// Forgets the pools of the addresses for which `named` is false. Their connections close
     /// once the requests in flight on them (which hold the pool) have finished: an upstream that
     /// leaves the config is drained, not reset.
     pub fn sweep(&self, named: impl Fn(&Authority) -> bool) {
-        lock(&self.hosts).retain(|h| named(&h.authority));
+        self.hosts.retain(named, |_| {});
     }
 }
 
@@ -137,17 +125,7 @@ impl H2Pool {
     /// Opens a connection for `slot`. Two requests that find the slot empty at once may both
     /// connect; the last one stays in the slot and the other closes after its request.
     async fn connect(&self, slot: usize) -> Result<SendRequest<ReqBody>, UpstreamError> {
-        let stream = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::ConnectTimeout(self.limits.connect_timeout)),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = connect(&self.authority, self.limits.connect_timeout).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())

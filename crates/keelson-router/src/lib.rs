@@ -7,20 +7,26 @@
 //!
 //! - [`config`]: the file format, checked and compiled into a [`config::Route`];
 //! - [`split`]: the weighted random split and the sticky (rendezvous-hash) choice;
-//! - [`proxy`]: forwarding one request, mirroring, error responses; [`pool`]: upstream connections,
-//!   and [`h1`]: the HTTP/1.1 messages on them; [`h2c`]: HTTP/2 upstreams (gRPC);
+//! - [`proxy`]: forwarding one request and mirroring; [`rewrite`]: the request head checks and
+//!   rewrites; [`reply`]: the router's own responses;
+//! - [`pool`]: the HTTP/1.1 upstream pools, [`conn`]: one connection of theirs, and [`h1`]: the
+//!   HTTP/1.1 messages on it; [`h2c`]: HTTP/2 upstreams (gRPC); [`upstream`]: what both share;
 //! - [`server`]: the data and admin listeners; [`reload`]: the config file watch;
 //! - [`metrics`]: per-variant counters and latency histograms.
 
 pub mod config;
+pub mod conn;
 pub mod h1;
 pub mod h2c;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod reply;
+pub mod rewrite;
 pub mod server;
 pub mod split;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,8 +132,8 @@ impl RouterOptions {
             h2_conns_per_host: self.h2_upstream_conns.max(1),
             sticky_key: self.sticky_key.as_deref().map(|k| {
                 (
-                    proxy::sticky_hash((1, 0), k.as_bytes()),
-                    proxy::sticky_hash((2, 0), k.as_bytes()),
+                    split::sticky_hash((1, 0), k.as_bytes()),
+                    split::sticky_hash((2, 0), k.as_bytes()),
                 )
             }),
             ..Limits::default()

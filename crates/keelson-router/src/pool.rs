@@ -26,67 +26,18 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::uri::Authority;
-use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
 
-use super::h1::{self, Decoded, Decoder, ProtocolError, RequestFraming, ResponseHead};
-
-/// Locks `m`. A poisoned lock only means that another task panicked while holding it; a pool's
-/// data stays consistent between statements, so it is used as it is.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A request body sent upstream: the client's, streamed, or one read whole (for a mirrored request).
-pub type ReqBody = Either<Incoming, Full<Bytes>>;
-
-/// Why a request got no response from its upstream, or its response body broke off.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
-    #[error("connect: no connection within {0:?}")]
-    ConnectTimeout(Duration),
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    #[error("upstream connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the upstream closed the connection before the end of the response")]
-    Closed,
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error("reading the request body: {0}")]
-    RequestBody(Box<dyn std::error::Error + Send + Sync>),
-    #[error("the client sent no request body bytes within {0:?}")]
-    RequestBodyTimeout(Duration),
-    #[error("no response body bytes within {0:?}")]
-    ReadTimeout(Duration),
-    #[error("{0} connections to the upstream are busy")]
-    Busy(usize),
-    #[error("HTTP/2 upstream: {0}")]
-    H2(hyper::Error),
-}
-
-impl UpstreamError {
-    /// Whether the client caused it (its request body broke off or stalled): not the variant's
-    /// failure.
-    pub fn is_client_error(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::RequestBody(_) | UpstreamError::RequestBodyTimeout(_)
-        )
-    }
-}
+use super::conn::Conn;
+use super::h1::{Decoded, Decoder, ResponseHead};
+use super::upstream::{connect, lock, Hosts, ReqBody, UpstreamError};
 
 /// Limits of the pools.
 #[derive(Clone, Copy, Debug)]
@@ -107,45 +58,36 @@ pub struct PoolLimits {
 
 /// Every upstream address's pool.
 pub struct Pools {
-    hosts: Mutex<Vec<Arc<HostPool>>>,
+    hosts: Hosts<HostPool>,
     limits: PoolLimits,
 }
 
 impl Pools {
     pub fn new(limits: PoolLimits) -> Pools {
         Pools {
-            hosts: Mutex::new(Vec::new()),
+            hosts: Hosts::new(),
             limits,
         }
     }
 
-    /// The pool of `authority`, made on first use. A config names a handful of variants, so the
-    /// list is short and scanned.
+    /// The pool of `authority`, made on first use.
     pub fn host(&self, authority: &Authority) -> Arc<HostPool> {
-        let mut hosts = lock(&self.hosts);
-        if let Some(h) = hosts.iter().find(|h| h.authority == *authority) {
-            return h.clone();
-        }
-        let h = Arc::new(HostPool {
+        self.hosts.get(authority, || HostPool {
             authority: authority.clone(),
             idle: Mutex::new(Vec::new()),
             limits: self.limits,
             conns: Arc::new(Semaphore::new(self.limits.max_conns_per_host)),
             returned: Notify::new(),
-        });
-        hosts.push(h.clone());
-        h
+        })
     }
 
     /// Closes the idle connections that have idled past the timeout or that their upstream closed,
     /// and forgets the pools of the addresses for which `named` is false (requests routed before
     /// still hold theirs).
     pub fn sweep(&self, now: Instant, named: impl Fn(&Authority) -> bool) {
-        let mut hosts = lock(&self.hosts);
-        hosts.retain(|h| named(&h.authority));
-        for h in hosts.iter() {
+        self.hosts.retain(named, |h| {
             lock(&h.idle).retain_mut(|c| c.fresh(now, self.limits.idle_timeout));
-        }
+        });
     }
 }
 
@@ -180,306 +122,6 @@ impl Idle {
     fn fresh(&mut self, now: Instant, timeout: Duration) -> bool {
         now.saturating_duration_since(self.since) < timeout && self.conn.usable()
     }
-}
-
-/// Bytes read from a connection at a time, at first: enough for a usual response whole.
-const READ_BUF: usize = 8 * 1024;
-/// Bytes read at a time at most: reads that fill their room double it up to this, for large bodies.
-const MAX_READ_BUF: usize = 256 * 1024;
-/// Request body bytes gathered before they are written.
-const WRITE_BATCH: usize = 16 * 1024;
-
-/// One upstream connection.
-struct Conn {
-    stream: TcpStream,
-    /// Bytes read and not yet taken: a response head, then its body.
-    buf: BytesMut,
-    /// The request head, and the small body pieces written with it.
-    out: Vec<u8>,
-    /// The request timeout's timer: made at the first wait, moved when it fires.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes to make room for when the buffer runs low.
-    read_size: usize,
-    /// The pool's permit for this connection, given back when it closes.
-    permit: OwnedSemaphorePermit,
-}
-
-/// A failed exchange, and whether the request may go again over a new connection: the upstream
-/// closed the connection and no byte of a response came back.
-struct Failed {
-    error: UpstreamError,
-    closed_before_response: bool,
-}
-
-impl From<UpstreamError> for Failed {
-    fn from(error: UpstreamError) -> Failed {
-        Failed {
-            error,
-            closed_before_response: false,
-        }
-    }
-}
-
-/// An I/O error on a connection before any response byte; one that says the upstream closed it
-/// may be retried.
-fn io_failed(e: std::io::Error) -> Failed {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    Failed {
-        closed_before_response: matches!(
-            e.kind(),
-            BrokenPipe | ConnectionAborted | ConnectionReset
-        ),
-        error: UpstreamError::Io(e),
-    }
-}
-
-impl Conn {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit) -> Box<Conn> {
-        Box::new(Conn {
-            stream,
-            buf: BytesMut::with_capacity(READ_BUF),
-            out: Vec::with_capacity(1024),
-            timer: None,
-            read_size: READ_BUF,
-            permit,
-        })
-    }
-
-    /// Whether an idle connection can carry a request: its socket has not turned readable (the
-    /// upstream closed it, or sent something unasked). A readiness left from the last response is
-    /// checked with one read.
-    fn usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                self.buf.reserve(1);
-                matches!(self.stream.try_read_buf(&mut self.buf),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
-        }
-    }
-
-    /// Reads what has arrived into `buf`; `Ok(0)` at the end of the stream.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        // A read goes into the same buffer while a quarter of the read size is left in it.
-        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
-            // Reuses the same allocation when the bytes taken from it are no longer held.
-            self.buf.reserve(self.read_size);
-        }
-        let room = self.buf.capacity() - self.buf.len();
-        let read = std::pin::pin!(self.stream.read_buf(&mut self.buf)).poll(cx);
-        if matches!(read, Poll::Ready(Ok(n)) if n == room) {
-            self.read_size = (self.read_size * 2).min(MAX_READ_BUF);
-        }
-        read
-    }
-
-    /// Sends `req` and reads its response head, all within `timeout` of `started`; each wait for
-    /// the request body fails after `body_timeout`.
-    async fn exchange(
-        &mut self,
-        req: &mut Request<ReqBody>,
-        started: Instant,
-        timeout: Duration,
-        body_timeout: Duration,
-    ) -> Result<ResponseHead, Failed> {
-        self.out.clear();
-        let body = req.body();
-        let (empty, exact) = (body.is_end_stream(), body.size_hint().exact());
-        let framing = h1::encode_request(req, empty, exact, &mut self.out);
-        let deadline = Deadline {
-            at: tokio::time::Instant::from_std(started + timeout),
-            timeout,
-            body_timeout,
-        };
-        self.write_request(req.body_mut(), framing, deadline)
-            .await?;
-        let head_request = req.method() == Method::HEAD;
-        let mut received = false;
-        std::future::poll_fn(|cx| loop {
-            match h1::parse_response(&mut self.buf, head_request) {
-                Ok(Some(head)) => return Poll::Ready(Ok(head)),
-                Ok(None) => {}
-                Err(e) => return Poll::Ready(Err(Failed::from(UpstreamError::from(e)))),
-            }
-            match self.poll_read(cx) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(Failed {
-                        error: UpstreamError::Closed,
-                        closed_before_response: !received,
-                    }))
-                }
-                Poll::Ready(Ok(_)) => received = true,
-                Poll::Ready(Err(e)) if !received => return Poll::Ready(Err(io_failed(e))),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::from(UpstreamError::Io(e)))),
-                Poll::Pending => return deadline.poll(&mut self.timer, cx).map(Err),
-            }
-        })
-        .await
-    }
-
-    /// Writes the request head in `out` and the body after it. Body pieces that are ready go out
-    /// with the head in one write; when the body has to be waited for, what is gathered goes first.
-    ///
-    /// The whole request body is written before the response is read: a response that the upstream
-    /// sends before it has read the body is read after.
-    async fn write_request(
-        &mut self,
-        body: &mut ReqBody,
-        framing: RequestFraming,
-        deadline: Deadline,
-    ) -> Result<(), Failed> {
-        if framing != RequestFraming::Empty {
-            let chunked = framing == RequestFraming::Chunked;
-            loop {
-                let ready = std::future::poll_fn(|cx| {
-                    Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
-                        Poll::Ready(frame) => Some(frame),
-                        Poll::Pending => None,
-                    })
-                })
-                .await;
-                let frame = match ready {
-                    Some(frame) => frame,
-                    None => {
-                        self.flush_out(deadline).await?;
-                        let mut next = body.frame();
-                        // Waiting for the client: past the body timeout or the request deadline,
-                        // the client's fault. Only a wait reads the clock and moves the timer.
-                        let (at, timeout) = deadline.body_wait();
-                        std::future::poll_fn(|cx| match Pin::new(&mut next).poll(cx) {
-                            Poll::Ready(frame) => Poll::Ready(Ok(frame)),
-                            Poll::Pending => poll_timer_at(&mut self.timer, at, cx).map(|()| {
-                                Err(Failed::from(UpstreamError::RequestBodyTimeout(timeout)))
-                            }),
-                        })
-                        .await?
-                    }
-                };
-                let data = match frame {
-                    None => break,
-                    Some(Err(e)) => return Err(Failed::from(UpstreamError::RequestBody(e))),
-                    // Trailers are not forwarded.
-                    Some(Ok(f)) => match f.into_data() {
-                        Ok(data) => data,
-                        Err(_) => continue,
-                    },
-                };
-                if data.len() >= WRITE_BATCH {
-                    // Large pieces are written as they are, not copied.
-                    if chunked {
-                        h1::encode_chunk_size(data.len(), &mut self.out);
-                    }
-                    self.flush_out(deadline).await?;
-                    write_all(&mut self.stream, &mut self.timer, &data, deadline).await?;
-                    if chunked {
-                        self.out.extend_from_slice(b"\r\n");
-                    }
-                    continue;
-                }
-                if chunked {
-                    h1::encode_chunk(&data, &mut self.out);
-                } else {
-                    self.out.extend_from_slice(&data);
-                }
-                if self.out.len() >= WRITE_BATCH {
-                    self.flush_out(deadline).await?;
-                }
-            }
-            if chunked {
-                self.out.extend_from_slice(h1::LAST_CHUNK);
-            }
-        }
-        self.flush_out(deadline).await
-    }
-
-    async fn flush_out(&mut self, deadline: Deadline) -> Result<(), Failed> {
-        if !self.out.is_empty() {
-            write_all(&mut self.stream, &mut self.timer, &self.out, deadline).await?;
-            self.out.clear();
-        }
-        Ok(())
-    }
-}
-
-/// Writes all of `bytes`, failing at the deadline.
-async fn write_all(
-    stream: &mut TcpStream,
-    timer: &mut Option<Pin<Box<Sleep>>>,
-    bytes: &[u8],
-    deadline: Deadline,
-) -> Result<(), Failed> {
-    let mut written = 0;
-    std::future::poll_fn(|cx| {
-        while written < bytes.len() {
-            match Pin::new(&mut *stream).poll_write(cx, &bytes[written..]) {
-                Poll::Ready(Ok(0)) => {
-                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                    return Poll::Ready(Err(io_failed(e)));
-                }
-                Poll::Ready(Ok(n)) => written += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_failed(e))),
-                Poll::Pending => return deadline.poll(timer, cx).map(Err),
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
-    .await
-}
-
-/// When a request must have its response head, and how long a wait for its body may last.
-#[derive(Clone, Copy)]
-struct Deadline {
-    at: tokio::time::Instant,
-    timeout: Duration,
-    body_timeout: Duration,
-}
-
-impl Deadline {
-    /// When a wait for the client's request body that starts now fails, and the timeout that
-    /// failure reports: the body timeout from now, or the request deadline when that comes first.
-    fn body_wait(&self) -> (tokio::time::Instant, Duration) {
-        let idle = tokio::time::Instant::now() + self.body_timeout;
-        if idle < self.at {
-            (idle, self.body_timeout)
-        } else {
-            (self.at, self.timeout)
-        }
-    }
-
-    /// Ready, with the timeout's failure, once the connection's timer has passed the deadline.
-    /// The timer is made at the connection's first wait and only moved on when it fires (or
-    /// brought forward by a wait for the request body, see [`poll_timer_at`]): a request arms no
-    /// timer of its own.
-    fn poll(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<Failed> {
-        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
-        loop {
-            if t.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // Fired: this request's deadline, or an earlier request's.
-            if t.deadline() >= self.at {
-                return Poll::Ready(Failed::from(UpstreamError::Timeout(self.timeout)));
-            }
-            t.as_mut().reset(self.at);
-        }
-    }
-}
-
-/// Ready once the connection's timer, set to `at` (moved there if it was set elsewhere), fires.
-/// `at` is never past the request deadline, so [`Deadline::poll`] finds the timer before it.
-fn poll_timer_at(
-    timer: &mut Option<Pin<Box<Sleep>>>,
-    at: tokio::time::Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-    if t.deadline() != at {
-        t.as_mut().reset(at);
-    }
-    t.as_mut().poll(cx)
 }
 
 impl HostPool {
@@ -589,17 +231,7 @@ impl HostPool {
     }
 
     async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Box<Conn>, UpstreamError> {
-        let stream = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::ConnectTimeout(self.limits.connect_timeout)),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = connect(&self.authority, self.limits.connect_timeout).await?;
         Ok(Conn::new(stream, permit))
     }
 

@@ -1,10 +1,13 @@
 //! Tests of the upstream pool: reuse, freshness, retries of idempotent requests, timeouts and framing errors.
 
 use super::*;
-use http_body_util::BodyExt;
+use http::Method;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 
 fn limits() -> PoolLimits {
     PoolLimits {

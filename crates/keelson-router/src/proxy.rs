@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
 use tokio::sync::Semaphore;
@@ -26,15 +25,16 @@ use tokio::sync::Semaphore;
 use super::config::{MirrorTarget, Route, RouterProtocol, Upstream};
 use super::h2c::{grpc_timeout, H2Limits, H2Pool, H2Pools};
 use super::metrics::MirrorOutcome;
-use super::pool::{HostPool, PoolLimits, Pools, ReqBody, UpstreamBody, UpstreamError};
-use super::split::fast_random;
-
-/// A response body: the upstream's, streamed (from an HTTP/1.1 or an HTTP/2 upstream), or one made
-/// by the router.
-pub type Body = Either<Either<UpstreamBody, Incoming>, Full<Bytes>>;
-
-/// The header that marks a mirror copy, so that a model server can tell shadow traffic apart.
-pub const MIRROR_HEADER: &str = "x-keelson-mirror";
+use super::pool::{HostPool, PoolLimits, Pools};
+use super::reply::{
+    client_error, grpc_error, is_grpc, text, Body, GRPC_DEADLINE_EXCEEDED, GRPC_TIMEOUT,
+    GRPC_UNAVAILABLE,
+};
+use super::rewrite::{
+    check_request, join_cookies, strip_hop_by_hop, to_h2_upstream, to_upstream, MIRROR_HEADER,
+};
+use super::split::{fast_random, sticky_hash};
+use super::upstream::{ReqBody, UpstreamError};
 
 /// Limits of the request path.
 #[derive(Clone, Debug)]
@@ -402,61 +402,6 @@ fn sampled(percent: u32) -> bool {
     percent >= 100 || fast_random() % 100 < u64::from(percent)
 }
 
-/// What no variant should see, refused as nginx does with a `400` and this reason: a second
-/// `Host`, an HTTP/1.1 request without one, `CONNECT` (the router tunnels nothing), and the sticky
-/// header more than once (which value would choose?). Duplicates are looked for only when the
-/// request has some name twice.
-fn check_request<B>(req: &Request<B>, sticky: Option<&HeaderName>) -> Option<&'static str> {
-    let h = req.headers();
-    if req.method() == http::Method::CONNECT {
-        return Some("keelson router: CONNECT is not supported\n");
-    }
-    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
-        return Some("keelson router: an HTTP/1.1 request needs a Host header\n");
-    }
-    if h.len() != h.keys_len() {
-        let twice = |name: &HeaderName| h.get_all(name).iter().nth(1).is_some();
-        if twice(&header::HOST) {
-            return Some("keelson router: more than one Host header\n");
-        }
-        if sticky.is_some_and(twice) {
-            return Some("keelson router: the sticky header more than once\n");
-        }
-    }
-    None
-}
-
-/// Joins an HTTP/2 request's `cookie` fields into one, as RFC 9113 §8.2.3 asks before a request
-/// goes on over HTTP/1.1.
-fn join_cookies(h: &mut HeaderMap) {
-    let mut all = h.get_all(header::COOKIE).iter();
-    let Some(first) = all.next() else {
-        return;
-    };
-    let mut joined = first.as_bytes().to_vec();
-    let mut more = false;
-    for c in all {
-        joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(c.as_bytes());
-        more = true;
-    }
-    if more {
-        if let Ok(v) = HeaderValue::from_bytes(&joined) {
-            h.insert(header::COOKIE, v);
-        }
-    }
-}
-
-/// The sticky hash of a header value: SipHash-2-4 under `key`, so that a client cannot work out
-/// which values land on which variant without the key.
-#[allow(deprecated)] // `SipHasher` is deprecated for `HashMap`s only; it is SipHash-2-4 with a key.
-pub fn sticky_hash(key: (u64, u64), value: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::hash::SipHasher::new_with_keys(key.0, key.1);
-    h.write(value);
-    h.finish()
-}
-
 /// Reads a request body of `len` bytes whole (a mirrored request's), within the request timeout
 /// and with no wait for a piece of it longer than the body timeout. One timer, moved at each wait.
 async fn read_body(mut body: Incoming, len: u64, limits: &Limits) -> Result<Bytes, UpstreamError> {
@@ -502,325 +447,9 @@ async fn read_body(mut body: Incoming, len: u64, limits: &Limits) -> Result<Byte
     }
 }
 
-/// The response to a client's own mistake with its request body: `400`, or `408` when it stalled.
-fn client_error(e: &UpstreamError) -> Response<Body> {
-    match e {
-        UpstreamError::RequestBodyTimeout(_) => text(
-            StatusCode::REQUEST_TIMEOUT,
-            "keelson router: the request body did not arrive in time\n",
-        ),
-        _ => text(
-            StatusCode::BAD_REQUEST,
-            "keelson router: could not read the request body\n",
-        ),
-    }
-}
-
-/// The header of a gRPC call's deadline.
-const GRPC_TIMEOUT: &str = "grpc-timeout";
-/// gRPC status codes of the router's own answers.
-const GRPC_DEADLINE_EXCEEDED: u8 = 4;
-const GRPC_UNAVAILABLE: u8 = 14;
-
-/// Whether a request is a gRPC call: its `content-type` is `application/grpc` or
-/// `application/grpc+<codec>`.
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16
-            && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';'))
-    })
-}
-
-/// A gRPC error made by the router: a trailers-only response (`200`, with `grpc-status` and
-/// `grpc-message` in its only header block), as gRPC servers send it.
-fn grpc_error(code: u8, message: &'static str) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
-    // Percent-encoding leaves these messages (printable ASCII without `%`) as they are.
-    h.insert("grpc-message", HeaderValue::from_static(message));
-    r
-}
-
-/// Readies a request for an HTTP/2 upstream: the target in absolute form (HTTP/2 sends its
-/// scheme and authority as `:scheme` and `:authority`), the authority being the client's (its
-/// `:authority`, absolute-form target or `Host`), else the variant's; `Host` itself is left out.
-fn to_h2_upstream<B>(up: &Upstream, req: &mut Request<B>) {
-    let host = req.headers_mut().remove(header::HOST);
-    let authority = req
-        .uri()
-        .authority()
-        .cloned()
-        .or_else(|| host.and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok()))
-        .unwrap_or_else(|| up.authority.clone());
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(
-        req.uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    *req.version_mut() = Version::HTTP_2;
-}
-
-/// Readies a request's target for the variant's connection: the URI in origin form (its path and
-/// query), and the `Host`: the target's authority when it has one (HTTP/2's `:authority`, or an
-/// absolute-form target, which RFC 9112 §3.2.2 puts before any `Host` header), else the client's
-/// `Host`, else (HTTP/1.0) the variant's.
-fn to_upstream<B>(up: &Upstream, req: &mut Request<B>) {
-    if let Some(a) = req.uri().authority() {
-        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    } else if !req.headers().contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
-    let uri = req.uri();
-    if uri.scheme().is_some() || uri.authority().is_some() {
-        let origin = Uri::from(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = origin;
-    }
-}
-
-/// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including those that
-/// `Connection` names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: one scan of the few names present
-    // counts them, and only what is there is removed.
-    let (mut found, mut connection) = (0, false);
-    for name in h.keys() {
-        if is_hop_by_hop(name) {
-            found += 1;
-            connection |= name == header::CONNECTION;
-        }
-    }
-    if found == 0 {
-        return;
-    }
-    if connection {
-        found -= 1;
-        // Headers that `Connection` names. `keep-alive` and `close` are the usual values: the first
-        // goes with the standard names below, the second names no header.
-        let mut named: Vec<HeaderName> = Vec::new();
-        for c in h.get_all(header::CONNECTION) {
-            let v = c.as_bytes();
-            if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
-                continue;
-            }
-            // Token by token on the bytes: a value that is not ASCII still names its headers.
-            named.extend(
-                v.split(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|n| {
-                        !n.is_empty()
-                            && !n.eq_ignore_ascii_case(b"keep-alive")
-                            && !n.eq_ignore_ascii_case(b"close")
-                    })
-                    .filter_map(|n| HeaderName::from_bytes(n).ok())
-                    // `Host` is end to end: a client must not make the router send its own.
-                    .filter(|n| n != header::HOST),
-            );
-        }
-        h.remove(header::CONNECTION);
-        for name in named {
-            h.remove(name);
-        }
-    }
-    if found == 0 {
-        return;
-    }
-    let rest: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    for name in rest {
-        h.remove(name);
-    }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // Runs over every header of every message: the standard names compare as enum values, the two
-    // others only when the length matches.
-    if name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-    {
-        return true;
-    }
-    let s = name.as_str();
-    match s.len() {
-        10 => s == "keep-alive",
-        16 => s == "proxy-connection" || s == MIRROR_HEADER,
-        _ => false,
-    }
-}
-
-/// A short plain-text response made by the router.
-pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-private"),
-            ("keep-alive", "timeout=5"),
-            ("x-private", "1"),
-            ("transfer-encoding", "chunked"),
-            ("te", "trailers"),
-            ("upgrade", "h2c"),
-            ("x-user-id", "42"),
-            ("content-length", "3"),
-        ] {
-            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["content-length", "x-user-id"]);
-        // Several `Connection` values, in any case; `close` names nothing.
-        let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        h.append(header::CONNECTION, HeaderValue::from_static("close, X-A"));
-        h.insert("x-a", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-b", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
-        // A header that `Connection` names is removed even when nothing else is hop-by-hop.
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-a"));
-        h.insert("x-a", HeaderValue::from_static("1"));
-        h.insert("x-b", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
-    }
-
-    #[test]
-    fn the_upstream_target_is_origin_form_with_a_host() {
-        let up = Upstream {
-            name: "a".into(),
-            weight: 1,
-            authority: "10.0.0.1:8080".parse().unwrap(),
-            protocol: RouterProtocol::Http1,
-            metrics: crate::metrics::Metrics::default().variant("a"),
-            pool: Default::default(),
-            h2: Default::default(),
-        };
-        let target = |uri: &str, host: Option<&str>| {
-            let mut req = Request::new(());
-            *req.uri_mut() = uri.parse().unwrap();
-            if let Some(host) = host {
-                let v = HeaderValue::from_str(host).unwrap();
-                req.headers_mut().insert(header::HOST, v);
-            }
-            to_upstream(&up, &mut req);
-            (
-                req.uri().to_string(),
-                req.headers()[header::HOST].to_str().unwrap().to_string(),
-            )
-        };
-        // HTTP/1.1: origin form and the client's Host, both kept.
-        assert_eq!(
-            target("/v1/models/fraud:predict?x=1", Some("fraud.example")),
-            (
-                "/v1/models/fraud:predict?x=1".into(),
-                "fraud.example".into()
-            )
-        );
-        // HTTP/2 (or absolute form): the authority becomes the Host.
-        assert_eq!(
-            target("http://public.example/p?q", None),
-            ("/p?q".into(), "public.example".into())
-        );
-        // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
-        assert_eq!(
-            target("http://public.example/p", Some("other")),
-            ("/p".into(), "public.example".into())
-        );
-        // No authority anywhere: the variant's.
-        assert_eq!(target("/p", None), ("/p".into(), "10.0.0.1:8080".into()));
-    }
-
-    #[test]
-    fn what_a_client_must_not_control_is_removed_or_refused() {
-        // A non-ASCII Connection value still names its headers; Host cannot be named away; a
-        // client's mirror mark goes.
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_bytes(b"x-secret, caf\xe9, host").unwrap(),
-        );
-        h.insert("x-secret", HeaderValue::from_static("s"));
-        h.insert(header::HOST, HeaderValue::from_static("public.example"));
-        h.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["host"]);
-        // Requests refused with a 400.
-        let req = |raw: &[(&str, &str)], version| {
-            let mut r = Request::get("/").version(version);
-            for (k, v) in raw {
-                r = r.header(*k, *v);
-            }
-            r.body(()).unwrap()
-        };
-        let sticky = HeaderName::from_static("x-user");
-        let check = |r: &Request<()>| check_request(r, Some(&sticky));
-        assert!(check(&req(&[("host", "a")], Version::HTTP_11)).is_none());
-        assert!(check(&req(&[("host", "a"), ("host", "b")], Version::HTTP_11)).is_some());
-        assert!(check(&req(&[], Version::HTTP_11)).is_some());
-        assert!(check(&req(&[], Version::HTTP_10)).is_none());
-        assert!(check(&req(&[("x-user", "1"), ("x-user", "2")], Version::HTTP_2)).is_some());
-        assert!(check(&req(&[("x-other", "1"), ("x-other", "2")], Version::HTTP_2)).is_none());
-        let connect = Request::connect("internal:22")
-            .header("host", "internal:22")
-            .body(())
-            .unwrap();
-        assert!(check(&connect).is_some());
-        // HTTP/2 cookies become one field.
-        let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
-        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        join_cookies(&mut h);
-        assert_eq!(
-            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
-            ["a=1; b=2"]
-        );
-        // The sticky hash depends on its key.
-        assert_ne!(sticky_hash((1, 2), b"u1"), sticky_hash((1, 3), b"u1"));
-        assert_eq!(sticky_hash((1, 2), b"u1"), sticky_hash((1, 2), b"u1"));
-    }
 
     #[test]
     fn sampling_follows_the_percentage() {

@@ -35,7 +35,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::metrics::Metrics;
-use super::proxy::{text, Body, Proxy};
+use super::proxy::Proxy;
+use super::reply::{text, Body};
 
 /// Limits of the client side.
 #[derive(Clone, Copy, Debug)]

@@ -59,7 +59,7 @@ impl Split {
         self.sticky_hash(fnv1a(key))
     }
 
-    /// The variant for a sticky key's hash (the router uses a keyed hash, [`crate::proxy::sticky_hash`]).
+    /// The variant for a sticky key's hash (the router uses a keyed hash, [`sticky_hash`]).
     pub fn sticky_hash(&self, k: u64) -> usize {
         let mut best = 0;
         let mut best_score = f64::NEG_INFINITY;
@@ -108,6 +108,16 @@ pub fn fast_random() -> u64 {
         let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
         ((t >> 64) as u64) ^ (t as u64)
     })
+}
+
+/// The sticky hash of a header value: SipHash-2-4 under `key`, so that a client cannot work out
+/// which values land on which variant without the key.
+#[allow(deprecated)] // `SipHasher` is deprecated for `HashMap`s only; it is SipHash-2-4 with a key.
+pub fn sticky_hash(key: (u64, u64), value: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::SipHasher::new_with_keys(key.0, key.1);
+    h.write(value);
+    h.finish()
 }
 
 #[cfg(test)]
