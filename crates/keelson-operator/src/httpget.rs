@@ -78,3 +78,24 @@ async fn fetch(
     }
     Ok(body)
 }
+
+/// A local HTTP/1.1 server for the tests of the operator's readers: answers the first request of
+/// each connection with `reply(request)` (the whole message as text), until the test ends. Returns
+/// its port.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn test_server(reply: impl Fn(&str) -> String + Send + 'static) -> i32 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = i32::from(l.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            let answer = reply(&String::from_utf8_lossy(&buf[..n]));
+            s.write_all(answer.as_bytes()).await.unwrap();
+        }
+    });
+    port
+}

@@ -481,22 +481,13 @@ mod tests {
 
     /// Serves `body` as `/metrics` on a local port until the test ends.
     async fn serve(body: String) -> i32 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = i32::from(l.local_addr().unwrap().port());
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await.unwrap();
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                s.write_all(reply.as_bytes()).await.unwrap();
-            }
-        });
-        port
+        crate::httpget::test_server(move |_| {
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await
     }
 
     #[tokio::test]

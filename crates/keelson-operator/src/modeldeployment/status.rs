@@ -13,9 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::gate::{gate, ready_pods, shares, Gate, GateState};
 use super::names::{protocol, replicas, router_kind, url, variant_name};
 use super::rollout::weights as rollout_weights;
-use super::traffic::{
-    grpc_route_spec, grpc_route_weights, route_spec, route_weights, router_config, router_name,
-};
+use super::routes::{grpc_route_spec, grpc_route_weights, route_spec, route_weights};
+use super::traffic::{router_config, router_name};
 use crate::error::BuildError;
 use crate::runtime::apply::subset;
 use keelson_api::conditions::{self, Cond, READY};

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use gateway_api::httproutes::{
-    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteSpec,
+    HttpRoute, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteSpec,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -22,6 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::gateway::http_parent_refs;
 use keelson_api::meta::Owner;
 use keelson_api::notebook::{Notebook, Scheme};
 
@@ -162,19 +163,7 @@ fn dedup(peers: Vec<NetworkPolicyPeer>) -> Vec<NetworkPolicyPeer> {
 /// Service. The notebook server still asks for its token.
 pub fn route(nb: &Notebook, owner: &Owner, port: i32) -> Option<HttpRoute> {
     let gw = nb.spec.access.as_ref()?.gateway.as_ref()?;
-    let parent_refs = gw
-        .attachment
-        .parent_refs
-        .iter()
-        .map(|p| HttpRouteParentRefs {
-            group: p.group.clone(),
-            kind: p.kind.clone(),
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            section_name: p.section_name.clone(),
-            port: None,
-        })
-        .collect();
+    let parent_refs = http_parent_refs(&gw.attachment.parent_refs);
     let mut route = HttpRoute::new(
         &owner.name,
         HttpRouteSpec {

@@ -215,27 +215,18 @@ mod tests {
 
     #[tokio::test]
     async fn reads_a_server_with_the_token_and_reports_refusals_without_it() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = i32::from(l.local_addr().unwrap().port());
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).await.unwrap();
-                let req = String::from_utf8_lossy(&buf[..n]).to_lowercase();
-                let reply = if req.contains("authorization: token s3cret") {
-                    let body = r#"{"started":"x","last_activity":"2026-01-01T10:00:00.000000Z","kernels":2,"connections":1}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n".to_string()
-                };
-                s.write_all(reply.as_bytes()).await.unwrap();
+        let port = crate::httpget::test_server(|req| {
+            if req.to_lowercase().contains("authorization: token s3cret") {
+                let body = r#"{"started":"x","last_activity":"2026-01-01T10:00:00.000000Z","kernels":2,"connections":1}"#;
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n".to_string()
             }
-        });
+        })
+        .await;
         let st = read_status("127.0.0.1", port, "s3cret").await.unwrap();
         assert_eq!((st.kernels, st.connections), (2, 1));
         let err = read_status("127.0.0.1", port, "wrong").await.unwrap_err();

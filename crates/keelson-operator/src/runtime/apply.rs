@@ -4,6 +4,7 @@
 use prometheus_client::metrics::counter::Counter;
 use std::fmt::Debug;
 
+use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -47,29 +48,13 @@ pub enum Outcome {
     Updated,
 }
 
-/// A trait alias for the objects Keelson writes.
-pub trait Object:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + Clone
-    + Debug
-    + Serialize
-    + DeserializeOwned
-    + Send
-    + Sync
-    + 'static
-{
-}
-impl<K> Object for K where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Debug
-        + Serialize
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static
-{
-}
+/// A trait alias for the objects Keelson writes: namespaced, with no dynamic type, and [`Data`].
+pub trait Object: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Data {}
+impl<K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Data> Object for K {}
+
+/// What an [`Object`] is besides a resource: cloned, printed, (de)serialized and shared by tasks.
+pub trait Data: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static> Data for T {}
 
 /// 64-bit FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
 pub fn fnv64(bytes: &[u8]) -> u64 {
