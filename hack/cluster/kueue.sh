@@ -46,6 +46,15 @@ internalCertManagement:
 featureGates:
   # The visibility API server would listen on every address (port 8082).
   VisibilityOnDemand: false
+# All-or-nothing by timeout (docs/kueue.md): an admitted Workload whose pods are not all ready
+# within the timeout is evicted (PodsReadyTimeout) and queued again after a backoff. The operator
+# sets PodsReady on its TrainingJobs' Workloads as Kueue's jobframework does. No blockAdmission:
+# ClusterQueues of concurrent tests must not wait for each other. No recoveryTimeout: a worker
+# lost after the start is restarted against runPolicy.backoffLimit.
+waitForPodsReady:
+  timeout: 60s
+  blockAdmission: false
+  recoveryTimeout: 0s
 integrations:
   frameworks:
   - batch/job

@@ -402,3 +402,95 @@ async fn a_missing_queue_or_a_job_that_never_fits_is_a_condition_not_a_loop() {
     );
     drop(q);
 }
+
+/// The `waitForPodsReady.timeout` of the cluster's Kueue (target/cluster/kueue/config.yaml), when on.
+fn pods_ready_timeout() -> Option<Duration> {
+    let text = std::fs::read_to_string(root().join("target/cluster/kueue/config.yaml")).ok()?;
+    let v: serde_json::Value = serde_yaml::from_str(&text).ok()?;
+    let t = v["waitForPodsReady"]["timeout"].as_str()?;
+    t.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
+}
+
+#[tokio::test]
+async fn kueue_evicts_a_job_whose_pods_never_get_ready_and_sees_a_healthy_one_ready() {
+    let Some(timeout) = pods_ready_timeout() else {
+        eprintln!("the cluster's Kueue runs without waitForPodsReady: not checked");
+        return;
+    };
+    let e = Env::new("tj-kueue-ready").await;
+    let q = Queue::new(&e.ns, "team", 8);
+
+    // A healthy job: once its worker is ready, its Workload says PodsReady=True, as Kueue's own
+    // integrations do.
+    e.job("healthy", 1, "team", "", "");
+    let healthy = e
+        .until("healthy", JobPhase::Running, "Running", "WorkersRunning")
+        .await;
+    let wl = wait_for("healthy's Workload PodsReady", TIMEOUT, || async {
+        let wl = e.workload(&healthy).await;
+        let c = conditions::find(&wl.status.as_ref()?.conditions, "PodsReady")?;
+        (c.status == "True").then_some(wl)
+    })
+    .await;
+    let wconds = &wl.status.as_ref().unwrap().conditions;
+    show("healthy's Workload", wconds);
+    let c = cond(wconds, "PodsReady");
+    assert_eq!(
+        (c.reason.as_str(), c.message.as_str()),
+        (
+            "Started",
+            "All pods reached readiness and the workload is running"
+        )
+    );
+    exit_pod(&e.ns.name, "healthy-worker-0", 0);
+    e.until(
+        "healthy",
+        JobPhase::Succeeded,
+        "Succeeded",
+        "AllWorkersSucceeded",
+    )
+    .await;
+
+    // A job whose worker is never scheduled (no scheduler serves its name): admitted, never
+    // ready, evicted by Kueue after the timeout. The job is Suspended with Kueue's reason, its
+    // pod deleted, no restart counted.
+    e.job("stuck", 1, "team", "", ", schedulerName: nobody");
+    let stuck = wait_for("stuck admitted, its pod created", TIMEOUT, || async {
+        let j = e.jobs.get("stuck").await.ok()?;
+        (!e.live_pods("stuck").await.is_empty()).then_some(j)
+    })
+    .await;
+    let wl = e.workload(&stuck).await;
+    let c = cond(&wl.status.as_ref().unwrap().conditions, "PodsReady");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "WaitForStart")
+    );
+    let stuck = wait_for(
+        "stuck Suspended (PodsReadyTimeout)",
+        timeout + TIMEOUT,
+        || async {
+            let j = e.jobs.get("stuck").await.ok()?;
+            let st = j.status.as_ref()?;
+            let c = conditions::find(&st.conditions, "Suspended")?;
+            (st.phase == Some(JobPhase::Suspended) && c.reason == "PodsReadyTimeout")
+                .then_some(j.clone())
+        },
+    )
+    .await;
+    let st = stuck.status.as_ref().unwrap();
+    show("stuck, evicted", &st.conditions);
+    assert_eq!(st.restarts, 0, "an eviction is not a restart");
+    let msg = &cond(&st.conditions, "Suspended").message;
+    assert!(msg.contains("PodsReady"), "{msg}");
+    let wl = e.workload(&stuck).await;
+    let wconds = &wl.status.as_ref().unwrap().conditions;
+    show("stuck's Workload, evicted", wconds);
+    assert_eq!(cond(wconds, "Evicted").reason, "PodsReadyTimeout");
+    wait_for("stuck's pod gone", TIMEOUT, || async {
+        e.live_pods("stuck").await.is_empty().then_some(())
+    })
+    .await;
+    eprintln!("[kueue] waitForPodsReady timeout {timeout:?}");
+    drop(q);
+}

@@ -7,6 +7,7 @@ mod argocd;
 mod crds;
 mod events;
 mod examples;
+mod gang;
 mod gitops;
 mod grpc;
 mod kueue;

@@ -56,6 +56,22 @@ pub fn frozen_while_running(field: &str) -> Rule {
     .reason(Reason::FieldValueForbidden)
 }
 
+/// Largest `scheduling.gang.minAvailable` (the largest number of workers).
+pub const MAX_GANG: i32 = MAX_WORKERS;
+
+/// The rule that keeps `scheduling.gang.minAvailable` within the job's workers: a group that needs
+/// more pods than the job has could never be placed.
+pub fn gang_fits_workers() -> Rule {
+    Rule::new(
+        "!has(self.scheduling) || !has(self.scheduling.gang) || self.scheduling.gang.minAvailable <= self.workers",
+    )
+    .message(
+        "spec.scheduling.gang.minAvailable must not exceed spec.workers: the group needs that many of the job's pods placed together",
+    )
+    .field_path(".scheduling.gang.minAvailable")
+    .reason(Reason::FieldValueInvalid)
+}
+
 /// A distributed training job: `workers` pods `<name>-worker-<rank>` behind the headless Service
 /// `<name>`, with the rendezvous environment of the chosen framework injected.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -91,6 +107,7 @@ pub fn frozen_while_running(field: &str) -> Rule {
 #[x_kube(validation = frozen_while_running("nodeSelector"))]
 #[x_kube(validation = frozen_while_running("tolerations"))]
 #[x_kube(validation = frozen_while_running("template"))]
+#[x_kube(validation = gang_fits_workers())]
 pub struct TrainingJobSpec {
     /// PyTorch, TensorFlow, JAX or Generic: which rendezvous environment is injected. Default Generic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +220,27 @@ pub struct Scheduling {
     /// `kueue.x-k8s.io/queue-name` label of the TrainingJob and of its pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// All-or-nothing placement: the operator writes a PodGroup for `schedulerName` (Volcano's
+    /// `scheduling.volcano.sh/v1beta1` for `volcano`, the scheduler-plugins coscheduling
+    /// `scheduling.x-k8s.io/v1alpha1` otherwise) before it creates any worker, and the pods join it.
+    /// Absent: pods are placed one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<Gang>,
+}
+
+/// All-or-nothing placement of a job's workers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Gang {
+    /// Workers that must be placed together before any of them starts (the PodGroup's
+    /// `minMember`), from 1 to `spec.workers`.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_available: i32,
+    /// Seconds the coscheduling plugin waits for the whole group before it gives the placed pods
+    /// back (the PodGroup's `scheduleTimeoutSeconds`). Volcano has no such field and ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub schedule_timeout_seconds: Option<i32>,
 }
 
 /// Phase of a TrainingJob.

@@ -8,7 +8,6 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
-use kube::core::Status;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 
@@ -28,12 +27,7 @@ use crate::secret::Once;
 use keelson_api::meta::{is_controlled_by, Owner};
 use keelson_api::modeldeployment::{ModelDeployment, Protocol, RouterKind};
 
-/// Whether a 404 from a request for `name` means that the resource type is not served (its CRD is
-/// missing) rather than that the object does not exist. The API server names the object in the
-/// details of an object's NotFound; a missing type gets a bare 404.
-pub fn type_missing(s: &Status, name: &str) -> bool {
-    s.code == 404 && s.details.as_ref().is_none_or(|d| d.name != name)
-}
+pub use crate::runtime::apply::type_missing;
 
 /// Brings the children to `children` and returns what the cluster holds afterwards.
 pub(crate) async fn converge(

@@ -118,6 +118,13 @@ fn quantity_eq(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether a 404 from a request for `name` means that the resource type is not served (its CRD is
+/// missing) rather than that the object does not exist. The API server names the object in the
+/// details of an object's NotFound; a missing type gets a bare 404.
+pub fn type_missing(s: &kube::core::Status, name: &str) -> bool {
+    s.code == 404 && s.details.as_ref().is_none_or(|d| d.name != name)
+}
+
 fn api_for<K: Object>(client: &Client, obj: &K) -> Result<Api<K>> {
     let ns = obj
         .namespace()

@@ -132,12 +132,19 @@ pub async fn before_pods(
     }
 
     if let Some(have) = wl.as_deref() {
+        let mut patch = None;
         if kueue::active_pods(pods) == 0 {
-            if let Some(patch) = kueue::clear_reservation(have, now) {
-                shared.writes.status.inc();
-                kueue::patch_workload_status(&shared.client, have, &patch).await?;
-                changes.push(Change::updated(have));
-            }
+            patch = kueue::clear_reservation(have, now);
+        }
+        // One status write per reconcile: the next one (woken by the Workload's watch) reads
+        // the resourceVersion this one made.
+        if patch.is_none() {
+            patch = kueue::pods_ready(have, kueue::all_pods_ready(pods, job.spec.workers), now);
+        }
+        if let Some(patch) = patch {
+            shared.writes.status.inc();
+            kueue::patch_workload_status(&shared.client, have, &patch).await?;
+            changes.push(Change::updated(have));
         }
     }
     Ok(Some(kueue::gate(queue, wl.as_deref())))

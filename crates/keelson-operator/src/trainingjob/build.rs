@@ -211,6 +211,7 @@ pub fn build(job: &TrainingJob, owner: &Owner) -> Result<Children, BuildError> {
             let mut meta = owner.child_meta(&name);
             meta.labels = tmeta.labels;
             meta.annotations = tmeta.annotations;
+            super::gang::mark(job, &owner.name, &mut meta);
             let mut pod_spec: PodSpec = template.spec.unwrap_or_default();
             // The operator owns restarts: it counts them against backoffLimit and applies
             // restartPolicy ExitCode, so the kubelet never restarts a worker in place.
@@ -588,6 +589,7 @@ mod tests {
                     scheduler_name: Some("volcano".into()),
                     priority_class_name: Some("high".into()),
                     queue: Some("team-a".into()),
+                    gang: None,
                 }),
                 queue: Some("team-a"),
                 scheduler: Some("volcano"),

@@ -59,6 +59,7 @@ const QUOTA_RESERVED: &str = "QuotaReserved";
 const EVICTED: &str = "Evicted";
 const FINISHED: &str = "Finished";
 const REQUEUED: &str = "Requeued";
+const PODS_READY: &str = "PodsReady";
 
 /// A Kueue Workload: the fields Keelson writes and reads. Unknown fields are ignored on read.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -442,6 +443,76 @@ fn set_condition(
             last_transition_time: now.clone(),
         }),
     }
+}
+
+/// Whether every worker of the job is running and ready, or has succeeded: Kueue's `PodsReady`
+/// of a job (for a batch Job: ready + succeeded >= parallelism).
+pub fn all_pods_ready(pods: &[Arc<Pod>], workers: i32) -> bool {
+    let ready = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(
+            |p| match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some("Succeeded") => true,
+                Some("Running") => crate::podstatus::is_ready(p),
+                _ => false,
+            },
+        )
+        .count();
+    workers > 0 && i32::try_from(ready).unwrap_or(i32::MAX) >= workers
+}
+
+/// The status merge patch that sets the Workload's `PodsReady` condition as Kueue's jobframework
+/// does for its own integrations (what `waitForPodsReady` times out on), or `None` when it is
+/// already so (or the Workload was never admitted): False `WaitForStart` until every pod of the
+/// admitted Workload is ready; True
+/// `Started` (`Recovered` after a recovery) once they are; False `WaitForRecovery` when a pod is
+/// lost after that.
+pub fn pods_ready(wl: &Workload, ready: bool, now: &Time) -> Option<Value> {
+    const NOT_READY: &str = "Not all pods are ready or succeeded";
+    const RECOVERY: &str = "At least one pod has failed, waiting for recovery";
+    const READY: &str = "All pods reached readiness and the workload is running";
+    let have = cond(wl, PODS_READY);
+    if have.is_none() && !is_true(wl, ADMITTED) {
+        // Kueue counts the timeout from the admission: nothing to say before it.
+        return None;
+    }
+    let (status, reason, message) = if !is_true(wl, ADMITTED) {
+        (false, "WaitForStart", NOT_READY)
+    } else if ready {
+        let recovered =
+            have.is_some_and(|c| matches!(c.reason.as_str(), "WaitForRecovery" | "Recovered"));
+        (true, if recovered { "Recovered" } else { "Started" }, READY)
+    } else {
+        match have {
+            Some(c) if c.status == "True" || c.reason == "WaitForRecovery" => {
+                (false, "WaitForRecovery", RECOVERY)
+            }
+            _ => (false, "WaitForStart", NOT_READY),
+        }
+    };
+    let want = if status { "True" } else { "False" };
+    if have.is_some_and(|c| c.status == want && c.reason == reason && c.message == message) {
+        return None;
+    }
+    let mut conds = wl
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    set_condition(
+        &mut conds,
+        PODS_READY,
+        status,
+        reason,
+        message,
+        wl.metadata.generation,
+        now,
+    );
+    Some(json!({
+        "metadata": {"resourceVersion": wl.resource_version()},
+        "status": {"conditions": conds},
+    }))
 }
 
 /// Puts the queue's reason and message on a held job's Suspended and Ready conditions (the status

@@ -450,3 +450,126 @@ fn only_pods_still_running_keep_an_evicted_workload_reserved() {
     assert_eq!(active_pods(&[Arc::new(gone), Arc::new(leaving)]), 0);
     assert_eq!(active_pods(&[Arc::new(gpu_pod("1"))]), 1);
 }
+
+fn worker(phase: &str, ready: bool) -> Arc<Pod> {
+    Arc::new(Pod {
+        status: Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some(phase.into()),
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Pod::default()
+    })
+}
+
+#[test]
+fn pods_ready_counts_ready_and_succeeded_workers() {
+    assert!(all_pods_ready(
+        &[worker("Running", true), worker("Succeeded", false)],
+        2
+    ));
+    assert!(!all_pods_ready(
+        &[worker("Running", true), worker("Running", false)],
+        2
+    ));
+    assert!(!all_pods_ready(&[worker("Running", true)], 2));
+    assert!(!all_pods_ready(&[worker("Pending", true)], 1));
+    assert!(!all_pods_ready(&[], 0));
+}
+
+#[test]
+fn the_pods_ready_condition_follows_kueues_jobframework() {
+    let admitted = || {
+        condition(
+            "Admitted",
+            "True",
+            "Admitted",
+            "admitted",
+            at(1_799_999_000),
+        )
+    };
+    let have =
+        |status: &str, reason: &str| condition("PodsReady", status, reason, "m", at(1_799_999_500));
+    let read = |patch: Option<Value>| -> Option<(String, String, String)> {
+        let conds: Vec<Condition> =
+            serde_json::from_value(patch?["status"]["conditions"].clone()).unwrap();
+        let c = conds.iter().find(|c| c.type_ == "PodsReady").unwrap();
+        Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let not_ready = "Not all pods are ready or succeeded";
+    type Case<'a> = (
+        &'a str,
+        Vec<Condition>,
+        bool,
+        Option<(&'a str, &'a str, &'a str)>,
+    );
+    let cases: Vec<Case> = vec![
+        ("never admitted: nothing to say", vec![], false, None),
+        (
+            "admitted, pods starting",
+            vec![admitted()],
+            false,
+            Some(("False", "WaitForStart", not_ready)),
+        ),
+        (
+            "admitted, every pod ready",
+            vec![admitted(), have("False", "WaitForStart")],
+            true,
+            Some((
+                "True",
+                "Started",
+                "All pods reached readiness and the workload is running",
+            )),
+        ),
+        (
+            "a pod lost after the start",
+            vec![admitted(), have("True", "Started")],
+            false,
+            Some((
+                "False",
+                "WaitForRecovery",
+                "At least one pod has failed, waiting for recovery",
+            )),
+        ),
+        (
+            "recovered",
+            vec![admitted(), have("False", "WaitForRecovery")],
+            true,
+            Some((
+                "True",
+                "Recovered",
+                "All pods reached readiness and the workload is running",
+            )),
+        ),
+        (
+            "evicted: admission gone",
+            vec![
+                condition("Admitted", "False", "NoReservation", "", now()),
+                have("True", "Started"),
+            ],
+            false,
+            Some(("False", "WaitForStart", not_ready)),
+        ),
+    ];
+    for (what, conds, ready, want) in cases {
+        let wl = workload(conds, true);
+        let got = read(pods_ready(&wl, ready, &now()));
+        let want = want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+        assert_eq!(got, want, "{what}");
+    }
+    // Already so: no write.
+    let wl = workload(
+        vec![
+            admitted(),
+            condition("PodsReady", "False", "WaitForStart", not_ready, now()),
+        ],
+        true,
+    );
+    assert_eq!(pods_ready(&wl, false, &now()), None);
+    let patch = pods_ready(&workload(vec![admitted()], true), false, &now()).unwrap();
+    assert_eq!(patch["metadata"]["resourceVersion"], "42");
+}

@@ -4,6 +4,7 @@ pub mod admission;
 pub mod build;
 pub mod decide;
 pub mod expectations;
+pub mod gang;
 pub mod kueue;
 pub mod reconcile;
 pub mod shape;

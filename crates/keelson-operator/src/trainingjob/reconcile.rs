@@ -6,7 +6,9 @@
 //! 1. The `kueue.x-k8s.io/queue-name` label on the TrainingJob itself (once, when `scheduling.queue`
 //!    is set and the label is missing), by server-side apply of metadata only, after the build: a
 //!    spec that cannot run writes nothing but its status.
-//! 2. The headless Service, by server-side apply when it differs from the cache.
+//! 2. The headless Service, by server-side apply when it differs from the cache; then the Kueue
+//!    Workload, and the PodGroup of a gang job ([`super::gang`]): no pod is created until the
+//!    group is stored.
 //! 3. Pod deletions (restarts, cleanup, suspend, orphans), each with a uid precondition.
 //! 4. Pod creations (`create_once`: a pod is never updated, so a spec edit never re-creates a
 //!    running worker).
@@ -40,6 +42,7 @@ use super::build::Children;
 use super::build::{build, LABEL_QUEUE};
 use super::decide::{decide, Decision, DeleteReason, Deletion, Observed};
 use super::expectations::Expectations;
+use super::gang::{self, Read};
 use super::kueue::{self, Gate, Workload};
 use super::status::{invalid, status};
 use crate::cachedpod::CachedPod;
@@ -336,6 +339,10 @@ pub struct Done {
     decision: Option<Decision>,
     /// Kueue holds the job (reason, message): no pods until its Workload is admitted.
     held: Option<(String, String)>,
+    /// The GangScheduled condition of a gang job whose group was read in this reconcile.
+    gang: Option<conditions::Cond>,
+    /// The job waits for its gang scheduler's PodGroup type to be installed: no pods.
+    gang_missing: bool,
 }
 
 fn refused_now(s: &TrainingJobStatus) -> Option<&Condition> {
@@ -409,6 +416,8 @@ impl Kind for Ctx {
             observed: f.observed.clone(),
             decision: None,
             held: None,
+            gang: None,
+            gang_missing: false,
         };
         let error = converge(self, job, owner, f, children, changes, &mut done)
             .await
@@ -433,6 +442,17 @@ impl Kind for Ctx {
         let mut st = status(job, &f.prev, &done.observed, &d, &f.now);
         if let Some((reason, message)) = &done.held {
             kueue::held_status(&mut st, reason, message);
+        }
+        if gang::gang_of(job).is_some() {
+            let fresh = done.gang.clone();
+            gang::status(
+                &mut st,
+                &f.prev,
+                fresh,
+                done.gang_missing,
+                job.metadata.generation,
+                &f.now,
+            );
         }
         // A change held back until it lasted keeps the time it was first seen.
         Some(self.expectations.as_held(job, st))
@@ -460,6 +480,9 @@ impl Kind for Ctx {
         if let (Some(c), None) = (refused_now(new), prev.and_then(refused_now)) {
             notes.push(Note::warning(c.reason.clone(), c.message.clone()));
         }
+        if let (Some(c), None) = (gang_missing(new), prev.and_then(gang_missing)) {
+            notes.push(Note::warning(c.reason.clone(), c.message.clone()));
+        }
         (notes, moved)
     }
 
@@ -485,7 +508,15 @@ impl Kind for Ctx {
     }
 
     fn next(&self, _job: &TrainingJob, done: &Done) -> Next {
+        if done.gang_missing {
+            return Next::Requeue(gang::MISSING_RECHECK);
+        }
+        let gang_waits = done.gang.as_ref().is_some_and(|c| !c.status);
         match &done.decision {
+            Some(d) if gang_waits && !d.delete_job => Next::Requeue(
+                d.requeue_after
+                    .map_or(gang::PENDING_RECHECK, |r| r.min(gang::PENDING_RECHECK)),
+            ),
             Some(d) if d.delete_job => Next::DeleteParent(Box::new(Note::normal(
                 "TTLExpired",
                 "runPolicy.ttlSecondsAfterFinished has passed since the job finished: deleting it",
@@ -554,15 +585,31 @@ async fn converge(
         changes,
     )
     .await?;
-    let held_job;
-    let mut decide_job = job;
+    let mut hold = false;
     if let Some(Gate::Held { reason, message }) = &gate {
-        held_job = kueue::as_suspended(job);
-        decide_job = &held_job;
+        hold = true;
         if !job.spec.suspend.unwrap_or(false) {
             done.held = Some((reason.clone(), message.clone()));
         }
     }
+    let group = match (gang::gang_of(job), children.pods.first()) {
+        (Some(g), Some(worker))
+            if !hold
+                && !job.spec.suspend.unwrap_or(false)
+                && !f.prev.phase.is_some_and(JobPhase::is_finished) =>
+        {
+            let read = gang::before_pods(shared, job, owner, g, worker, changes).await?;
+            // All-or-nothing was asked for: without its group, a job that has no pods gets none.
+            if read == Read::TypeMissing && kueue::active_pods(&done.observed.pods) == 0 {
+                hold = true;
+                done.gang_missing = true;
+            }
+            Some((g, read))
+        }
+        _ => None,
+    };
+    let held_job = hold.then(|| kueue::as_suspended(job));
+    let decide_job = held_job.as_ref().unwrap_or(job);
     let decision = done
         .decision
         .insert(decide(decide_job, &f.prev, &done.observed, &f.now));
@@ -602,6 +649,9 @@ async fn converge(
                 to_create.clear();
             }
         }
+        if matches!(group, Some((_, Read::TypeMissing))) {
+            to_create.clear();
+        }
         let (created, err) = create_pods(shared, job, to_create).await;
         for p in &created {
             changes.push(Change::created(p.as_ref()));
@@ -618,119 +668,18 @@ async fn converge(
             return Err(e);
         }
     }
+    if let Some((g, read)) = &group {
+        done.gang = Some(gang::condition(job, g, read, &done.observed.pods));
+    }
     Ok(())
+}
+
+fn gang_missing(s: &TrainingJobStatus) -> Option<&Condition> {
+    conditions::find(&s.conditions, gang::GANG_SCHEDULED)
+        .filter(|c| c.reason == "GangSchedulerMissing")
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use kube::runtime::events::EventType;
-
-    #[test]
-    fn each_deleted_pod_is_its_own_event_series() {
-        let pod = |name: &str, uid: &str| {
-            let mut p = Pod::default();
-            p.metadata.name = Some(name.into());
-            p.metadata.namespace = Some("team-a".into());
-            p.metadata.uid = Some(uid.into());
-            Arc::new(p)
-        };
-        let del = |p: Arc<Pod>, reason| Deletion {
-            pod: p,
-            reason,
-            message: "worker failed with exit code 137".into(),
-        };
-        let (a, b) = (
-            deletion_note(&del(pod("j-worker-0", "u0"), DeleteReason::Restart)),
-            deletion_note(&del(pod("j-worker-1", "u1"), DeleteReason::Restart)),
-        );
-        assert_eq!(
-            (a.reason.as_str(), a.type_),
-            ("WorkerFailed", EventType::Warning)
-        );
-        let related = a.related.as_ref().expect("about the pod");
-        assert_eq!(
-            (
-                related.kind.as_deref(),
-                related.name.as_deref(),
-                related.uid.as_deref()
-            ),
-            (Some("Pod"), Some("j-worker-0"), Some("u0"))
-        );
-        // Same type, reason and action: only the related pod keeps them apart.
-        assert_eq!((&a.reason, &a.action), (&b.reason, &b.action));
-        assert_ne!(a.related, b.related);
-        // A second attempt of the same rank is a new pod: a new series too.
-        let again = deletion_note(&del(pod("j-worker-0", "u2"), DeleteReason::Restart));
-        assert_ne!(a.related, again.related);
-        let cleanup = deletion_note(&del(pod("j-worker-0", "u0"), DeleteReason::Cleanup));
-        assert_eq!(cleanup.reason, "PodDeleted");
-        assert!(cleanup.related.is_some());
-    }
-
-    #[test]
-    fn a_job_that_starts_gets_no_phase_event_but_restarts_and_outcomes_do() {
-        use JobPhase::*;
-        assert!(ordinary_course(None, Some(Pending)));
-        assert!(ordinary_course(Some(Pending), Some(Running)));
-        assert!(ordinary_course(None, Some(Running)));
-        assert!(ordinary_course(Some(Suspended), Some(Pending)));
-        assert!(!ordinary_course(Some(Restarting), Some(Running)));
-        assert!(!ordinary_course(Some(Running), Some(Restarting)));
-        assert!(!ordinary_course(Some(Pending), Some(Suspended)));
-        assert!(!ordinary_course(Some(Running), Some(Succeeded)));
-        assert!(!ordinary_course(Some(Running), Some(Failed)));
-    }
-
-    #[test]
-    fn only_a_change_within_the_phase_may_wait() {
-        let pending = TrainingJobStatus {
-            phase: Some(JobPhase::Pending),
-            observed_generation: Some(1),
-            workers_ready: Some("0/4".into()),
-            ..TrainingJobStatus::default()
-        };
-        let progress = TrainingJobStatus {
-            workers_ready: Some("2/4".into()),
-            ..pending.clone()
-        };
-        assert!(within_phase(&pending, &progress));
-        let running = TrainingJobStatus {
-            phase: Some(JobPhase::Running),
-            ..progress.clone()
-        };
-        assert!(!within_phase(&pending, &running));
-        let edited = TrainingJobStatus {
-            observed_generation: Some(2),
-            ..progress.clone()
-        };
-        assert!(
-            !within_phase(&pending, &edited),
-            "observedGeneration is written at once"
-        );
-        let restarted = TrainingJobStatus {
-            restarts: 1,
-            ..progress.clone()
-        };
-        assert!(!within_phase(&pending, &restarted));
-        // A first status is never held.
-        assert!(!within_phase(&TrainingJobStatus::default(), &pending));
-    }
-
-    #[test]
-    fn one_created_event_names_every_pod_within_the_note_limit() {
-        let few: Vec<String> = (0..4).map(|r| format!("j-worker-{r} (rank {r})")).collect();
-        assert_eq!(
-            created_note(&few),
-            "created pods j-worker-0 (rank 0), j-worker-1 (rank 1), j-worker-2 (rank 2), j-worker-3 (rank 3)"
-        );
-        assert_eq!(created_note(&few[..1]), "created pod j-worker-0 (rank 0)");
-        let many: Vec<String> = (0..500)
-            .map(|r| format!("a-long-job-name-worker-{r} (rank {r})"))
-            .collect();
-        let note = created_note(&many);
-        assert!(note.len() <= 1024, "{}", note.len());
-        assert!(note.ends_with(" more"), "{note}");
-    }
-}
+#[path = "reconcile_tests.rs"]
+mod tests;
