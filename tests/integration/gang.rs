@@ -464,3 +464,121 @@ async fn gang_min_available_above_the_workers_is_refused_naming_the_field() {
         .and_then(|s| s.gang)
         .is_none());
 }
+
+/// The scheduler-plugins kube-scheduler built by hack/scheduler-plugins/build.sh, when it is.
+fn scheduler_plugins_bin() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("SCHEDULER_PLUGINS_BIN") {
+        return Some(p.into());
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .ok()?;
+    let p = cache.join("keelson/scheduler-plugins-v0.34.1-devel/bin/kube-scheduler");
+    p.exists().then_some(p)
+}
+
+/// A scheduler-plugins kube-scheduler with one profile, `scheduler-plugins-scheduler`, that runs
+/// the Coscheduling plugin; stopped when dropped.
+struct Coscheduler(std::process::Child);
+
+impl Coscheduler {
+    fn start(bin: &std::path::Path) -> Coscheduler {
+        let dir = root().join("target/cluster");
+        let config = dir.join("scheduler-plugins.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+leaderElection: {{leaderElect: false}}
+clientConnection: {{kubeconfig: {}}}
+profiles:
+  - schedulerName: scheduler-plugins-scheduler
+    plugins:
+      multiPoint: {{enabled: [{{name: Coscheduling}}]}}
+      queueSort: {{enabled: [{{name: Coscheduling}}], disabled: [{{name: '*'}}]}}
+    pluginConfig:
+      - name: Coscheduling
+        args: {{permitWaitingTimeSeconds: 10}}
+",
+                kubeconfig().display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("logs/scheduler-plugins.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg(format!("--config={}", config.display()))
+            .arg("--secure-port=0")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Coscheduler(child)
+    }
+}
+
+impl Drop for Coscheduler {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// With the real coscheduling scheduler (opt-in: hack/scheduler-plugins/build.sh builds it): a
+/// group that fits is placed whole; a group of which only part fits gets no node at all.
+#[tokio::test]
+async fn gang_with_the_real_coscheduling_scheduler_places_all_or_nothing() {
+    let Some(bin) = scheduler_plugins_bin() else {
+        eprintln!(
+            "no scheduler-plugins kube-scheduler (hack/scheduler-plugins/build.sh): not checked"
+        );
+        return;
+    };
+    let _lock = lock();
+    let _crd = Crd::install(COSCHEDULING_CRD);
+    let _scheduler = Coscheduler::start(&bin);
+    let e = Env::new("tj-gang-real").await;
+    // 17 CPUs a worker: one per CPU node (32 each); the GPU nodes are tainted.
+    let job = |name: &str, workers: u32| {
+        format!(
+            "apiVersion: keelson.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: trainer:1\n  workers: {workers}\n  resources: {{requests: {{cpu: \"17\"}}}}\n  scheduling: {{schedulerName: scheduler-plugins-scheduler, gang: {{minAvailable: {workers}, scheduleTimeoutSeconds: 10}}}}\n"
+        )
+    };
+    let bound = |pods: &[Pod]| {
+        pods.iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .count()
+    };
+
+    e.ns.apply(&job("two", 2)).unwrap();
+    let two = e.gang("two", "True", "GroupPlaced").await;
+    e.show("two, placed by the coscheduling scheduler", &two);
+    assert_eq!(bound(&e.live_pods("two").await), 2);
+    e.jobs.delete("two", &Default::default()).await.unwrap();
+    wait_for("two's pods gone", TIMEOUT, || async {
+        e.live_pods("two").await.is_empty().then_some(())
+    })
+    .await;
+
+    // Three workers, two CPU nodes: two would fit one by one, the group does not.
+    e.ns.apply(&job("three", 3)).unwrap();
+    let three = e.gang("three", "False", "Unschedulable").await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let pods = e.live_pods("three").await;
+    assert_eq!(pods.len(), 3);
+    assert_eq!(
+        bound(&pods),
+        0,
+        "no worker of a group that does not fit is bound"
+    );
+    e.show("three, refused whole by the coscheduling scheduler", &three);
+    let now = e.jobs.get("three").await.unwrap();
+    let c = conditions::find(&now.status.as_ref().unwrap().conditions, GANG_SCHEDULED).unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Unschedulable"),
+        "{}",
+        c.message
+    );
+}
