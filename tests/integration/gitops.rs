@@ -276,7 +276,10 @@ async fn kstatus_becomes(ns: &Ns, what: &str, want: Status) -> Value {
         Duration::from_secs(90),
         || async {
             let o = get(ns, what);
-            (kstatus::compute(&o).status == want).then_some(o)
+            // An object the operator has not seen yet has no status, which kstatus reads as
+            // Current: wait for the operator's first status too.
+            let seen = o.pointer("/status/observedGeneration").is_some();
+            (seen && kstatus::compute(&o).status == want).then_some(o)
         },
     )
     .await
