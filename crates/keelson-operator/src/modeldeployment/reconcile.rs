@@ -31,7 +31,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -49,8 +48,7 @@ use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
 use super::traffic::{router_key_name, ROUTER_KEY_BYTES};
 use crate::error::{BuildError, Error};
 use crate::runtime::controller::{
-    cached, child_cache, child_cache_trimmed, error_policy, owner_of, parent_controller, timed,
-    Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, owner_of, parent_controller, Shared, Synced, RESYNC,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use crate::secret::{self, Once};
@@ -118,7 +116,6 @@ pub async fn run(
         })
     };
     shared.track(synced.clone());
-    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         deployments,
@@ -130,20 +127,13 @@ pub async fn run(
         router_image: router_image(std::env::var(ROUTER_IMAGE_ENV).ok()),
         windows: Windows::default(),
     });
-    parent_controller(Api::<ModelDeployment>::all(client), concurrency)
+    let controller = parent_controller(Api::<ModelDeployment>::all(client), concurrency)
         .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
         .watches_stream(hpa_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .watches_stream(secret_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            move |o, c| timed(metrics.clone(), "ModelDeployment", driver::reconcile(o, c)),
-            |md, err, ctx| error_policy(md.as_ref(), err, &ctx.shared),
-            ctx,
-        )
-        .for_each(|r| shared.finished(r))
-        .await;
+        .watches_stream(secret_events, |c| owner_of::<ModelDeployment, _>(&c));
+    driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 
 impl Kind for Ctx {

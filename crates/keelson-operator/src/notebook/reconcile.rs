@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -34,8 +33,7 @@ use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, applied_hash, stamp, Outcome};
 use crate::runtime::controller::RESYNC;
 use crate::runtime::controller::{
-    cached, child_cache, error_policy, owner_of, parent_controller, timed, ChildStore, Shared,
-    Synced,
+    cached, child_cache, owner_of, parent_controller, ChildStore, Shared, Synced,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use crate::secret::{self, Once};
@@ -124,7 +122,6 @@ pub async fn run(
         })
     };
     shared.track(synced.clone());
-    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
@@ -135,20 +132,13 @@ pub async fn run(
         synced,
         opts,
     });
-    parent_controller(Api::<Notebook>::all(client), concurrency)
+    let controller = parent_controller(Api::<Notebook>::all(client), concurrency)
         .watches_stream(pod_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(secret_events, |c| owner_of::<Notebook, _>(&c))
         .watches_stream(pvc_events, |c| owner_of::<Notebook, _>(&c))
-        .watches_stream(netpol_events, |c| owner_of::<Notebook, _>(&c))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            move |o, c| timed(metrics.clone(), "Notebook", driver::reconcile(o, c)),
-            |nb, err, ctx| error_policy(nb.as_ref(), err, &ctx.shared),
-            ctx,
-        )
-        .for_each(|r| shared.finished(r))
-        .await;
+        .watches_stream(netpol_events, |c| owner_of::<Notebook, _>(&c));
+    driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 
 impl Kind for Ctx {

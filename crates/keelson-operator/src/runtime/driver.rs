@@ -19,17 +19,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::Controller;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use tracing::Instrument;
 
 use super::apply::{self, Object};
-use super::controller::{key, Shared, Synced, RESYNC};
+use super::controller::{error_policy, key, timed, Shared, Synced, RESYNC};
 use crate::error::{BuildError, Error, Result};
 use keelson_api::meta::Owner;
 
@@ -336,6 +338,28 @@ async fn write_status<K: Kind>(
     }
     kind.written(parent, &status);
     Ok(true)
+}
+
+/// Runs a kind's `controller` until `shutdown` resolves: each reconcile is [`reconcile`], timed in the
+/// metrics, a failure is backed off by [`error_policy`], and every result is counted by
+/// [`Shared::finished`].
+pub async fn run_controller<K: Kind>(
+    controller: Controller<K::Parent>,
+    kind: Arc<K>,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let metrics = shared.metrics.clone();
+    let policy = shared.clone();
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |parent, kind| timed(metrics.clone(), K::KIND, reconcile(parent, kind)),
+            move |parent, err, _| error_policy(parent.as_ref(), err, &policy),
+            kind,
+        )
+        .for_each(|r| shared.finished(r))
+        .await;
 }
 
 /// One reconcile of one parent of kind `K`, in a span naming it.

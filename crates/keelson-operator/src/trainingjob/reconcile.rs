@@ -49,8 +49,8 @@ use crate::cachedpod::CachedPod;
 use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, child_cache_trimmed, children_of, error_policy, owner_of,
-    parent_controller, timed, ChildStore, Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, children_of, owner_of, parent_controller, ChildStore,
+    Shared, Synced, RESYNC,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
@@ -120,7 +120,6 @@ pub async fn run_with_api(
         })
     };
     shared.track(synced.clone());
-    let metrics = shared.metrics.clone();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         pods,
@@ -129,18 +128,11 @@ pub async fn run_with_api(
         synced,
         expectations: Expectations::new(controller.store()),
     });
-    controller
+    let controller = controller
         .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
         .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
-        .watches_stream(wl_events, |c| owner_of::<TrainingJob, _>(&c))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            move |o, c| timed(metrics.clone(), "TrainingJob", driver::reconcile(o, c)),
-            |job, err, ctx| error_policy(job.as_ref(), err, &ctx.shared),
-            ctx,
-        )
-        .for_each(|r| shared.finished(r))
-        .await;
+        .watches_stream(wl_events, |c| owner_of::<TrainingJob, _>(&c));
+    driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 
 fn now() -> Time {
