@@ -33,7 +33,7 @@ test-real:
 	REAL_NODE=1 $(CLUSTER_HACK)/up.sh
 	$(CURDIR)/hack/images/build.sh pause workloads keelson
 	$(CLUSTER_HACK)/node-smoke.sh
-	$(CARGO) test --no-fail-fast --test real_node --test operator_pod -- --test-threads=1
+	$(CARGO) test --no-fail-fast --test real_node --test operator_pod -- --test-threads=1 --nocapture
 
 ## test-gang-scheduler: build the scheduler-plugins scheduler (its Coscheduling plugin; cached, about
 ## 16 min cold) and check all-or-nothing placement with it on the local cluster
