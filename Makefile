@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECTL := $(CURDIR)/target/cluster/bin/kubectl --kubeconfig $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build test test-real test-gang-scheduler test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale bench-idle bench-plot image clean-demo
+.PHONY: all build test test-real test-idempotence unit integration crds lint fmt demo demo-down bench bench-router bench-scale bench-idle bench-plot image clean-demo
 
 all: build
 
@@ -34,12 +34,6 @@ test-real:
 	$(CURDIR)/hack/images/build.sh pause workloads keelson
 	$(CLUSTER_HACK)/node-smoke.sh
 	$(CARGO) test --no-fail-fast --test real_node --test operator_pod -- --test-threads=1 --nocapture
-
-## test-gang-scheduler: build the scheduler-plugins scheduler (its Coscheduling plugin; cached, about
-## 16 min cold) and check all-or-nothing placement with it on the local cluster
-test-gang-scheduler: cluster
-	$(CURDIR)/hack/scheduler-plugins/build.sh
-	$(CARGO) test --test integration gang_with_the_real_coscheduling_scheduler -- --ignored
 
 ## test-idempotence: a forced resync of settled resources makes zero writes, read from the API
 ## server's counters (also part of `make test`, where cargo runs it before the other cluster tests).

@@ -53,7 +53,6 @@ use serde_json::Value;
 
 use keelson_api::trainingjob::TrainingJob;
 
-const NODE: &str = "keelson-node-0";
 const IMAGE: &str = "keelson.dev/keelson:dev";
 const KUSTOMIZE_NS: &str = "keelson-system";
 const HELM_NS: &str = "keelson-helm";
@@ -133,54 +132,17 @@ fn kubectl_in(args: &[&str], stdin: &str) -> String {
 
 /// Fails (never skips) unless keelson-node-0 is Ready and has the operator's image.
 fn require_real_node() {
-    support::cluster();
-    let (ok, out) = kubectl(&["get", "node", NODE, "-o", "json"]);
-    assert!(
-        ok,
-        "no real node {NODE} in the local cluster ({out}): this test runs the operator as a pod on it. \
-         Start it with `REAL_NODE=1 make cluster`, then `make image`"
-    );
-    let node: Value = serde_json::from_str(&out).expect("node JSON");
-    let ready = node["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True");
-    assert!(
-        ready,
-        "the real node {NODE} is not Ready: `REAL_NODE=1 make cluster` repairs it"
-    );
-    let has_image = node["status"]["images"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|i| i["names"].as_array().into_iter().flatten())
-        .any(|n| n == IMAGE);
-    assert!(
-        has_image,
-        "the real node has no image {IMAGE}: build and import it with `make image`"
-    );
+    support::real_node(&[IMAGE]);
 }
 
 /// Polls `f` until it returns Some; on timeout, panics with `what` and the operator's state in `ns`.
-async fn wait<T, F, Fut>(what: &str, ns: &str, timeout: Duration, mut f: F) -> T
+async fn wait<T, F, Fut>(what: &str, ns: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                operator_state(ns)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let poll = Duration::from_millis(100);
+    support::wait_explained(what, timeout, poll, || operator_state(ns), f).await
 }
 
 /// `kubectl describe` and the logs of the operator pods in `ns`, for a failure message.
@@ -299,7 +261,7 @@ fn assert_runs_hardened(pod: &Pod) {
     let spec = pod.spec.as_ref().expect("pod spec");
     assert_eq!(
         spec.node_name.as_deref(),
-        Some(NODE),
+        Some(support::REAL_NODE),
         "{ns}/{name} is not on the real node"
     );
     let c = &spec.containers[0];

@@ -162,24 +162,13 @@ fn dump(ns: &Ns) -> String {
 }
 
 /// Polls `f` every 500 ms until it returns `Some`; after `timeout`, panics with `what` and [`dump`].
-async fn wait<T, F, Fut>(ns: &Ns, what: &str, timeout: Duration, mut f: F) -> T
+async fn wait<T, F, Fut>(ns: &Ns, what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                dump(ns)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let poll = Duration::from_millis(500);
+    support::wait_explained(what, timeout, poll, || dump(ns), f).await
 }
 
 fn logs(ns: &Ns, pod: &str) -> String {

@@ -10,6 +10,9 @@
 #   kwok                     sigs.k8s.io/kwok/cmd/kwok
 #   kueue                    sigs.k8s.io/kueue/cmd/kueue, with its CRDs and webhook
 #                            manifests (cached in .../keelson/kueue-<v>/)
+#   scheduler-plugins        sigs.k8s.io/scheduler-plugins/cmd/scheduler, a kube-scheduler with
+#                            the Coscheduling plugin, for the gang test (cached in
+#                            .../keelson/scheduler-plugins-<v>-k8s-<v>/)
 #
 # With the real node on (REAL_NODE=1; docs/real-node.md), also:
 #
@@ -251,6 +254,45 @@ build_kueue
 exec 7>&-
 [[ -x $KUEUE_CACHE_BIN/kueue ]] || die "missing kueue (expected $KUEUE_CACHE_BIN/kueue)"
 ln -sfn "$KUEUE_CACHE_BIN/kueue" "$BIN_DIR/kueue"
+
+# --- scheduler-plugins -------------------------------------------------------------
+# The kube-scheduler of sigs.k8s.io/scheduler-plugins, for its Coscheduling plugin:
+# tests/integration/gang.rs runs it beside the cluster's own scheduler. Its go.mod
+# replaces the Kubernetes staging modules, which `go install module@version`
+# refuses, so it is built in a copy of its module directory. There the replaces of
+# k8s.io/kubernetes and its staging modules move to KUBE_VERSION, the control
+# plane's own: the Go build cache then already holds those packages, and the build
+# takes minutes instead of about 16 (2 cores, cold).
+COSCHEDULER_CACHE_BIN="$COSCHEDULER_CACHE_DIR/bin"
+build_coscheduler() {
+  [[ -x $COSCHEDULER_CACHE_BIN/kube-scheduler ]] && return 0
+  local src="$COSCHEDULER_CACHE_DIR/src/scheduler-plugins" mod
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  mkdir -p "$COSCHEDULER_CACHE_BIN" "${src%/*}"
+  mod=$(cd "$COSCHEDULER_CACHE_DIR" && go mod download -json "sigs.k8s.io/scheduler-plugins@$SCHEDULER_PLUGINS_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  [[ -d $mod ]] || die "cannot download sigs.k8s.io/scheduler-plugins@$SCHEDULER_PLUGINS_VERSION"
+  rm -rf "$src"
+  cp -r "$mod" "$src"
+  chmod -R u+w "$src"
+  sed -i -E "s#^([[:space:]]*(replace )?k8s\.io/kubernetes => k8s\.io/kubernetes) v1\.$minor\.[0-9]+\$#\1 $KUBE_VERSION#;
+    s#^([[:space:]]*(replace )?k8s\.io/[A-Za-z0-9._-]+ => k8s\.io/[A-Za-z0-9._-]+) v0\.$minor\.[0-9]+\$#\1 v0.${KUBE_VERSION#v1.}#" \
+    "$src/go.mod"
+  grep -q "k8s.io/kubernetes => k8s.io/kubernetes $KUBE_VERSION\$" "$src/go.mod" ||
+    die "sigs.k8s.io/scheduler-plugins@$SCHEDULER_PLUGINS_VERSION does not build against Kubernetes 1.$minor"
+  log "building scheduler-plugins $SCHEDULER_PLUGINS_VERSION against $KUBE_VERSION..."
+  CACHE_BIN=$COSCHEDULER_CACHE_BIN CACHE_DIR=$COSCHEDULER_CACHE_DIR gobuild kube-scheduler "$src" "$LDFLAGS_BASE" ./cmd/scheduler
+  rm -rf "$src"
+}
+mkdir -p "$COSCHEDULER_CACHE_DIR"
+exec 7>"$COSCHEDULER_CACHE_DIR/.lock"
+if ! flock -n 7; then
+  log "another build holds $COSCHEDULER_CACHE_DIR/.lock; waiting for it..."
+  flock 7
+fi
+build_coscheduler
+exec 7>&-
+ln -sfn "$COSCHEDULER_CACHE_BIN/kube-scheduler" "$BIN_DIR/scheduler-plugins"
 
 # --- real node -----------------------------------------------------------------
 # Built only when the real node is on; kubelet and kube-proxy share the

@@ -35,6 +35,8 @@ ALL_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 # Kueue in its own cache directory: its binary, and the CRDs and webhook
 # manifests taken from its module source (build.sh).
 KUEUE_CACHE_DIR="$CACHE_ROOT/kueue-${KUEUE_VERSION}"
+# The scheduler-plugins scheduler, built against KUBE_VERSION (build.sh).
+COSCHEDULER_CACHE_DIR="$CACHE_ROOT/scheduler-plugins-${SCHEDULER_PLUGINS_VERSION}-k8s-${KUBE_VERSION}"
 
 # An unexpected failure names the script line instead of exiting silently.
 set -o errtrace

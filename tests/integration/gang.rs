@@ -465,17 +465,9 @@ async fn gang_min_available_above_the_workers_is_refused_naming_the_field() {
         .is_none());
 }
 
-/// The scheduler-plugins kube-scheduler built by hack/scheduler-plugins/build.sh.
-fn scheduler_plugins_bin() -> Option<std::path::PathBuf> {
-    if let Ok(p) = std::env::var("SCHEDULER_PLUGINS_BIN") {
-        return Some(p.into());
-    }
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|_| std::env::var("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
-        .ok()?;
-    let p = cache.join("keelson/scheduler-plugins-v0.34.1-devel/bin/kube-scheduler");
-    p.exists().then_some(p)
+/// The scheduler-plugins kube-scheduler that `make cluster` builds (hack/cluster/build.sh).
+fn scheduler_plugins_bin() -> std::path::PathBuf {
+    root().join("target/cluster/bin/scheduler-plugins")
 }
 
 /// A scheduler-plugins kube-scheduler with one profile, `scheduler-plugins-scheduler`, that runs
@@ -526,13 +518,14 @@ impl Drop for Coscheduler {
 }
 
 /// With the real coscheduling scheduler: a group that fits is placed whole; a group of which only
-/// part fits gets no node at all. Run by `make test-gang-scheduler`, which builds the scheduler
-/// first (about 16 min cold on 2 cores, so `make test` leaves it out).
+/// part fits gets no node at all.
 #[tokio::test]
-#[ignore = "needs the scheduler-plugins scheduler: make test-gang-scheduler"]
 async fn gang_with_the_real_coscheduling_scheduler_places_all_or_nothing() {
-    let bin = scheduler_plugins_bin().expect(
-        "no scheduler-plugins kube-scheduler: run hack/scheduler-plugins/build.sh (make test-gang-scheduler does)",
+    let bin = scheduler_plugins_bin();
+    assert!(
+        bin.exists(),
+        "no scheduler-plugins kube-scheduler at {}: `make cluster` builds it",
+        bin.display()
     );
     let _lock = lock();
     let _crd = Crd::install(COSCHEDULING_CRD);

@@ -7,7 +7,23 @@ pub const POLL: Duration = Duration::from_millis(250);
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Polls `f` every [`POLL`] until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    wait_explained(what, timeout, POLL, String::new, f).await
+}
+
+/// Polls `f` every `poll` until it returns `Some`; after `timeout`, panics with `what` and what
+/// `explain` says (for example the state of the objects the test waited on).
+pub async fn wait_explained<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    poll: Duration,
+    explain: impl FnOnce() -> String,
+    mut f: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -17,11 +33,13 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
+        if start.elapsed() >= timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                explain()
+            );
+        }
+        tokio::time::sleep(poll).await;
     }
 }
 

@@ -85,48 +85,52 @@ pub struct WorkloadSpec {
     pub active: Option<bool>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodSet {
-    pub name: String,
-    pub count: i32,
-    pub template: PodTemplateSpec,
+/// The Workload's nested wire types: camelCase JSON, compared by value.
+macro_rules! wire_types {
+    ($($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* })*) => {
+        $(
+            $(#[$meta])*
+            #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+            #[serde(rename_all = "camelCase")]
+            pub struct $name { $($body)* }
+        )*
+    };
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PriorityClassRef {
-    pub group: String,
-    pub kind: String,
-    pub name: String,
-}
+wire_types! {
+    pub struct PodSet {
+        pub name: String,
+        pub count: i32,
+        pub template: PodTemplateSpec,
+    }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkloadStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admission: Option<Admission>,
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accumulated_past_execution_time_seconds: Option<i32>,
-}
+    pub struct PriorityClassRef {
+        pub group: String,
+        pub kind: String,
+        pub name: String,
+    }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Admission {
-    pub cluster_queue: String,
-    #[serde(default)]
-    pub pod_set_assignments: Vec<PodSetAssignment>,
-}
+    pub struct WorkloadStatus {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub admission: Option<Admission>,
+        #[serde(default)]
+        pub conditions: Vec<Condition>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub accumulated_past_execution_time_seconds: Option<i32>,
+    }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodSetAssignment {
-    pub name: String,
-    /// Resource name -> ResourceFlavor name.
-    #[serde(default)]
-    pub flavors: BTreeMap<String, String>,
+    pub struct Admission {
+        pub cluster_queue: String,
+        #[serde(default)]
+        pub pod_set_assignments: Vec<PodSetAssignment>,
+    }
+
+    pub struct PodSetAssignment {
+        pub name: String,
+        /// Resource name -> ResourceFlavor name.
+        #[serde(default)]
+        pub flavors: BTreeMap<String, String>,
+    }
 }
 
 /// Where a queued job stands, read from its Workload.

@@ -108,6 +108,44 @@ fn step(
     (d, s)
 }
 
+/// What one row of the decision table expects: the phase, Ready's status and reason, and (empty
+/// or 0 unless set) the ranks created, the pods deleted to restart, the pods cleaned up and the
+/// restart count.
+struct Expect {
+    phase: JobPhase,
+    ready: (bool, &'static str),
+    create: Vec<i32>,
+    restart: Vec<String>,
+    cleanup: Vec<String>,
+    restarts: i32,
+}
+
+fn expect(phase: JobPhase, ready: bool, reason: &'static str) -> Expect {
+    Expect {
+        phase,
+        ready: (ready, reason),
+        create: vec![],
+        restart: vec![],
+        cleanup: vec![],
+        restarts: 0,
+    }
+}
+
+impl Expect {
+    fn create(self, create: Vec<i32>) -> Self {
+        Self { create, ..self }
+    }
+    fn restart(self, restart: Vec<String>) -> Self {
+        Self { restart, ..self }
+    }
+    fn cleanup(self, cleanup: Vec<String>) -> Self {
+        Self { cleanup, ..self }
+    }
+    fn restarts(self, restarts: i32) -> Self {
+        Self { restarts, ..self }
+    }
+}
+
 #[test]
 fn decision_table() {
     struct Case {
@@ -115,13 +153,7 @@ fn decision_table() {
         job: TrainingJob,
         prev: TrainingJobStatus,
         pods: Vec<Pod>,
-        phase: JobPhase,
-        create: Vec<i32>,
-        restart: Vec<String>,
-        cleanup: Vec<String>,
-        restarts: i32,
-        /// Reason of Ready.
-        ready: (bool, &'static str),
+        expect: Expect,
     }
     let mut failed1 = all_running();
     failed1[1] = finished(&w(1), 1);
@@ -150,228 +182,148 @@ fn decision_table() {
             job: tj(|_| {}),
             prev: TrainingJobStatus::default(),
             pods: vec![],
-            phase: JobPhase::Pending,
-            create: vec![0, 1, 2],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (false, "PodsCreating"),
+            expect: expect(JobPhase::Pending, false, "PodsCreating").create(vec![0, 1, 2]),
         },
         Case {
             name: "some ranks exist: only the missing are created",
             job: tj(|_| {}),
             prev: was(JobPhase::Pending),
             pods: vec![pending(&w(0)), pending(&w(2))],
-            phase: JobPhase::Pending,
-            create: vec![1],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (false, "PodsCreating"),
+            expect: expect(JobPhase::Pending, false, "PodsCreating").create(vec![1]),
         },
         Case {
             name: "unschedulable worker",
             job: tj(|_| {}),
             prev: was(JobPhase::Pending),
             pods: unsched,
-            phase: JobPhase::Pending,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (false, "Unschedulable"),
+            expect: expect(JobPhase::Pending, false, "Unschedulable"),
         },
         Case {
             name: "image pull back-off",
             job: tj(|_| {}),
             prev: was(JobPhase::Pending),
             pods: pull,
-            phase: JobPhase::Pending,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (false, "ImagePullBackOff"),
+            expect: expect(JobPhase::Pending, false, "ImagePullBackOff"),
         },
         Case {
             name: "running, not ready yet",
             job: tj(|_| {}),
             prev: was(JobPhase::Pending),
             pods: (0..3).map(|r| running(&w(r), r != 1)).collect(),
-            phase: JobPhase::Running,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (false, "WorkersStarting"),
+            expect: expect(JobPhase::Running, false, "WorkersStarting"),
         },
         Case {
             name: "all running and ready",
             job: tj(|_| {}),
             prev: was(JobPhase::Pending),
             pods: all_running(),
-            phase: JobPhase::Running,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (true, "WorkersReady"),
+            expect: expect(JobPhase::Running, true, "WorkersReady"),
         },
         Case {
             name: "AllWorkers: finished ranks count as ready while others run",
             job: tj(|_| {}),
             prev: was(JobPhase::Running),
             pods: some_done.clone(),
-            phase: JobPhase::Running,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (true, "WorkersReady"),
+            expect: expect(JobPhase::Running, true, "WorkersReady"),
         },
         Case {
             name: "AllWorkers: every rank exited 0",
             job: tj(|_| {}),
             prev: was(JobPhase::Running),
             pods: (0..3).map(|r| finished(&w(r), 0)).collect(),
-            phase: JobPhase::Succeeded,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 0,
-            ready: (true, "JobSucceeded"),
+            expect: expect(JobPhase::Succeeded, true, "JobSucceeded"),
         },
         Case {
             name: "RankZero: rank 0 exited 0, the running ranks are cleaned up",
             job: tj(|s| s.success_policy = Some(SuccessPolicy::RankZero)),
             prev: was(JobPhase::Running),
             pods: some_done,
-            phase: JobPhase::Succeeded,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(2)],
-            restarts: 0,
-            ready: (true, "JobSucceeded"),
+            expect: expect(JobPhase::Succeeded, true, "JobSucceeded").cleanup(vec![w(2)]),
         },
         Case {
             name: "OnFailure: a failed rank is restarted",
             job: tj(|_| {}),
             prev: restarts(1),
             pods: failed1.clone(),
-            phase: JobPhase::Restarting,
-            create: vec![],
-            restart: vec![w(1)],
-            cleanup: vec![],
-            restarts: 2,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting")
+                .restart(vec![w(1)])
+                .restarts(2),
         },
         Case {
             name: "OnFailure: past backoffLimit the job fails",
             job: tj(|_| {}),
             prev: restarts(3),
             pods: failed1.clone(),
-            phase: JobPhase::Failed,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(0), w(2)],
-            restarts: 3,
-            ready: (false, "BackoffLimitExceeded"),
+            expect: expect(JobPhase::Failed, false, "BackoffLimitExceeded")
+                .cleanup(vec![w(0), w(2)])
+                .restarts(3),
         },
         Case {
             name: "each failed pod counts: 2 + 2 > 3",
             job: tj(|_| {}),
             prev: restarts(2),
             pods: two_failed.clone(),
-            phase: JobPhase::Failed,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(1)],
-            restarts: 2,
-            ready: (false, "BackoffLimitExceeded"),
+            expect: expect(JobPhase::Failed, false, "BackoffLimitExceeded")
+                .cleanup(vec![w(1)])
+                .restarts(2),
         },
         Case {
             name: "backoffLimit 5 leaves room for both",
             job: tj(policy(|p| p.backoff_limit = Some(5))),
             prev: restarts(2),
             pods: two_failed,
-            phase: JobPhase::Restarting,
-            create: vec![],
-            restart: vec![w(0), w(2)],
-            cleanup: vec![],
-            restarts: 4,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting")
+                .restart(vec![w(0), w(2)])
+                .restarts(4),
         },
         Case {
             name: "backoffLimit 0: the first failure fails the job",
             job: tj(policy(|p| p.backoff_limit = Some(0))),
             prev: restarts(0),
             pods: oom.clone(),
-            phase: JobPhase::Failed,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(0), w(1)],
-            restarts: 0,
-            ready: (false, "BackoffLimitExceeded"),
+            expect: expect(JobPhase::Failed, false, "BackoffLimitExceeded")
+                .cleanup(vec![w(0), w(1)]),
         },
         Case {
             name: "Never: the first failure fails the job",
             job: tj(policy(|p| p.restart_policy = Some(RestartPolicy::Never))),
             prev: restarts(0),
             pods: oom.clone(),
-            phase: JobPhase::Failed,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(0), w(1)],
-            restarts: 0,
-            ready: (false, "WorkerFailed"),
+            expect: expect(JobPhase::Failed, false, "WorkerFailed").cleanup(vec![w(0), w(1)]),
         },
         Case {
             name: "ExitCode: 1-127 fails fast",
             job: tj(policy(|p| p.restart_policy = Some(RestartPolicy::ExitCode))),
             prev: restarts(0),
             pods: failed1,
-            phase: JobPhase::Failed,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![w(0), w(2)],
-            restarts: 0,
-            ready: (false, "ExitCode"),
+            expect: expect(JobPhase::Failed, false, "ExitCode").cleanup(vec![w(0), w(2)]),
         },
         Case {
             name: "ExitCode: 137 (OOM kill, SIGKILL) is retried",
             job: tj(policy(|p| p.restart_policy = Some(RestartPolicy::ExitCode))),
             prev: restarts(0),
             pods: oom,
-            phase: JobPhase::Restarting,
-            create: vec![],
-            restart: vec![w(2)],
-            cleanup: vec![],
-            restarts: 1,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting")
+                .restart(vec![w(2)])
+                .restarts(1),
         },
         Case {
             name: "ExitCode: an eviction (no exit code) is retried",
             job: tj(policy(|p| p.restart_policy = Some(RestartPolicy::ExitCode))),
             prev: restarts(0),
             pods: evict,
-            phase: JobPhase::Restarting,
-            create: vec![],
-            restart: vec![w(0)],
-            cleanup: vec![],
-            restarts: 1,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting")
+                .restart(vec![w(0)])
+                .restarts(1),
         },
         Case {
             name: "a pod deleted under a running job is re-created without counting",
             job: tj(|_| {}),
             prev: restarts(1),
             pods: vec![running(&w(0), true), running(&w(2), true)],
-            phase: JobPhase::Restarting,
-            create: vec![1],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 1,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting")
+                .create(vec![1])
+                .restarts(1),
         },
         Case {
             name: "restarting until every rank runs again",
@@ -381,12 +333,7 @@ fn decision_table() {
                 ..was(JobPhase::Restarting)
             },
             pods: vec![running(&w(0), true), pending(&w(1)), running(&w(2), true)],
-            phase: JobPhase::Restarting,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 1,
-            ready: (false, "Restarting"),
+            expect: expect(JobPhase::Restarting, false, "Restarting").restarts(1),
         },
         Case {
             name: "back to running",
@@ -396,48 +343,50 @@ fn decision_table() {
                 ..was(JobPhase::Restarting)
             },
             pods: all_running(),
-            phase: JobPhase::Running,
-            create: vec![],
-            restart: vec![],
-            cleanup: vec![],
-            restarts: 1,
-            ready: (true, "WorkersReady"),
+            expect: expect(JobPhase::Running, true, "WorkersReady").restarts(1),
         },
     ];
-    for c in cases {
-        let o = obs(c.pods);
-        let (d, s) = step(&c.job, &c.prev, &o, &now());
-        assert_eq!(d.phase, c.phase, "{}", c.name);
-        assert_eq!(d.create, c.create, "{}", c.name);
-        assert_eq!(deleted(&d, DeleteReason::Restart), c.restart, "{}", c.name);
-        assert_eq!(deleted(&d, DeleteReason::Cleanup), c.cleanup, "{}", c.name);
-        assert_eq!(d.restarts, c.restarts, "{}", c.name);
-        assert!(!d.delete_job, "{}", c.name);
-        assert_eq!(s.phase, Some(c.phase), "{}", c.name);
-        assert_eq!(s.restarts, c.restarts, "{}", c.name);
+    for Case {
+        name,
+        job,
+        prev,
+        pods,
+        expect: e,
+    } in cases
+    {
+        let o = obs(pods);
+        let (d, s) = step(&job, &prev, &o, &now());
+        assert_eq!(d.phase, e.phase, "{}", name);
+        assert_eq!(d.create, e.create, "{}", name);
+        assert_eq!(deleted(&d, DeleteReason::Restart), e.restart, "{}", name);
+        assert_eq!(deleted(&d, DeleteReason::Cleanup), e.cleanup, "{}", name);
+        assert_eq!(d.restarts, e.restarts, "{}", name);
+        assert!(!d.delete_job, "{}", name);
+        assert_eq!(s.phase, Some(e.phase), "{}", name);
+        assert_eq!(s.restarts, e.restarts, "{}", name);
         let ready = cond(&s, READY);
         assert_eq!(
             (ready.status == "True", ready.reason.as_str()),
-            c.ready,
+            e.ready,
             "{}: {}",
-            c.name,
+            name,
             ready.message
         );
         // Every condition is there, True exactly when the phase says so.
         for (t, on) in [
             (CREATED, true),
-            (RUNNING, c.phase == JobPhase::Running),
-            (RESTARTING, c.phase == JobPhase::Restarting),
-            (SUCCEEDED, c.phase == JobPhase::Succeeded),
-            (FAILED, c.phase == JobPhase::Failed),
+            (RUNNING, e.phase == JobPhase::Running),
+            (RESTARTING, e.phase == JobPhase::Restarting),
+            (SUCCEEDED, e.phase == JobPhase::Succeeded),
+            (FAILED, e.phase == JobPhase::Failed),
             (SUSPENDED, false),
         ] {
             let x = cond(&s, t);
-            assert_eq!(x.status == "True", on, "{}: {t}", c.name);
+            assert_eq!(x.status == "True", on, "{}: {t}", name);
             assert!(
                 !x.reason.is_empty() && x.reason.chars().all(|ch| ch.is_ascii_alphanumeric()),
                 "{}: {t} reason {:?}",
-                c.name,
+                name,
                 x.reason
             );
             assert_eq!(x.observed_generation, Some(2));
@@ -445,11 +394,11 @@ fn decision_table() {
         assert_eq!(s.observed_generation, Some(2));
         assert_eq!(
             s.completion_time.is_some(),
-            c.phase.is_finished(),
+            e.phase.is_finished(),
             "{}",
-            c.name
+            name
         );
-        assert!(s.start_time.is_some(), "{}", c.name);
+        assert!(s.start_time.is_some(), "{}", name);
     }
 }
 
