@@ -111,10 +111,10 @@ wire_types! {
     }
 
     pub struct WorkloadStatus {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub admission: Option<Admission>,
         #[serde(default)]
         pub conditions: Vec<Condition>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub admission: Option<Admission>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub accumulated_past_execution_time_seconds: Option<i32>,
     }
@@ -146,6 +146,14 @@ fn cond<'a>(wl: &'a Workload, type_: &str) -> Option<&'a Condition> {
     wl.status
         .as_ref()
         .and_then(|s| conditions::find(&s.conditions, type_))
+}
+
+/// A copy of the Workload's conditions, to edit into a status patch.
+fn conditions_of(wl: &Workload) -> Vec<Condition> {
+    wl.status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
 }
 
 fn is_true(wl: &Workload, type_: &str) -> bool {
@@ -389,11 +397,7 @@ pub fn finish(wl: &Workload, reason: &str, message: &str, now: &Time) -> Option<
     if is_finished(wl) {
         return None;
     }
-    let mut conds = wl
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let mut conds = conditions_of(wl);
     let message = if message.is_empty() {
         format!("the TrainingJob finished: {reason}")
     } else {
@@ -499,11 +503,7 @@ pub fn pods_ready(wl: &Workload, ready: bool, now: &Time) -> Option<Value> {
     if have.is_some_and(|c| c.status == want && c.reason == reason && c.message == message) {
         return None;
     }
-    let mut conds = wl
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let mut conds = conditions_of(wl);
     set_condition(
         &mut conds,
         PODS_READY,
