@@ -11,7 +11,8 @@
 //! The `raw` row is the physical limit of the work: the bench creates the children of Keelson's
 //! build itself (`scale/raw.rs`), with many requests at once, and no operator runs.
 //!
-//! Environment: `BENCH_N` (default `100,1000`; `BENCH_FULL=1` adds 5000), `BENCH_TARGETS` (default
+//! Environment: `BENCH_N` (default `100,1000`; `BENCH_FULL=1` adds 5000), `BENCH_ANCHOR_MAX` (the
+//! largest N the anchor runs at, default 1000), `BENCH_TARGETS` (default
 //! `keelson,anchor,raw`), `BENCH_NODE_PODS` (pods and GPUs per simulated bench node, default 100),
 //! `BENCH_RAW_CONCURRENCY` (requests at once in the raw row, default 64). The figures also go to
 //! `target/bench/scale.tsv`, which `make bench-plot` draws.
@@ -608,6 +609,10 @@ async fn main() {
             delete_namespace(ns);
         }
     }
+    let anchor_max: usize = std::env::var("BENCH_ANCHOR_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let client = client().await;
     let mut all = report::All::new();
     let tsv = root().join("target/bench/scale.tsv");
@@ -615,6 +620,12 @@ async fn main() {
         let mut rows = Vec::new();
         for &t in &targets {
             let name = t.map_or("raw", Target::name);
+            if t == Some(Target::Anchor) && n > anchor_max {
+                println!(
+                    "\nthe anchor is not run at N = {n}: it runs up to BENCH_ANCHOR_MAX = {anchor_max}"
+                );
+                continue;
+            }
             eprintln!("[bench] {name} N={n}");
             let f = match t {
                 Some(t) => run_one(&client, t, n).await,
