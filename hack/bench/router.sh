@@ -235,6 +235,25 @@ pids+=($!)
 for p in "$P_CHAMPION" "$P_CHALLENGER" "$P_NGINX" "$P_ROUTER" "$P_ADMIN" \
   "$P_H2_CHAMPION" "$P_H2_CHALLENGER" "$P_H2_NGINX" "$P_H2_ROUTER" "$P_H2_ADMIN" \
   "$P_HAPROXY" "$P_H2_HAPROXY"; do wait_port "$p"; done
+# A port that answers may belong to another process: every process started here must run. nginx
+# writes its pid file once it has bound its ports (it retries a busy port for 2 s, then exits);
+# the router and haproxy exit at once, and stay zombies until reaped.
+for name in upstreams proxy; do
+  for _ in $(seq 100); do [[ -s $work/$name/nginx.pid ]] && break; sleep 0.1; done
+  if [[ ! -s $work/$name/nginx.pid ]]; then
+    log "nginx ($name) did not start: is another program listening on 127.0.0.1:$P_CHAMPION-$P_CG_HAPROXY? (PORT_BASE moves the ports)"
+    tail -n 3 "$work/$name/stderr" >&2 || true
+    exit 1
+  fi
+done
+sleep 0.5
+for p in "${pids[@]}"; do
+  state=$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null || true)
+  [[ -n $state && $state != Z ]] && continue
+  log "a process of the bench (pid $p) has exited: is another program listening on 127.0.0.1:$P_CHAMPION-$P_CG_HAPROXY? (PORT_BASE moves the ports)"
+  tail -n 3 "$work"/*/stderr "$work"/*.log >&2 2>/dev/null || true
+  exit 1
+done
 
 cat >"$work/report.lua" <<'LUA'
 done = function(summary, latency, requests)

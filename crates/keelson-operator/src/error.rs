@@ -37,6 +37,7 @@ impl Error {
     /// reconcile is still retried with backoff: the cluster may change as well as the spec.
     pub fn refusal(&self) -> Option<BuildError> {
         match self {
+            _ if self.namespace_terminating() => None,
             Error::Kube(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
                 Some(BuildError::new(
                     CHILD_REFUSED,
@@ -50,7 +51,23 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The API server refused a create because the namespace is being deleted (403 with the cause
+    /// `NamespaceTerminating`). Nothing is wrong with the spec and a retry cannot succeed: the
+    /// namespace's deletion removes the parent too.
+    pub fn namespace_terminating(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => s
+                .details
+                .as_ref()
+                .is_some_and(|d| d.causes.iter().any(|c| c.reason == NAMESPACE_TERMINATING)),
+            _ => false,
+        }
+    }
 }
+
+/// The cause the API server gives for a create refused in a namespace that is being deleted.
+const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
 
 /// Reason of the conditions set when the API server refuses a child (see [`Error::refusal`]).
 pub const CHILD_REFUSED: &str = "ChildRefused";
@@ -87,5 +104,33 @@ mod tests {
             assert!(api(code, "try again").refusal().is_none(), "{code}");
         }
         assert!(Error::MissingMeta("x".into()).refusal().is_none());
+    }
+
+    #[test]
+    fn a_create_in_a_terminating_namespace_is_neither_a_refusal_nor_a_failure_to_report() {
+        // As the API server answers a create in a namespace being deleted.
+        let e = Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code: 403,
+            reason: "Forbidden".into(),
+            message: "services \"m-champion\" is forbidden: unable to create new content in namespace t because it is being terminated".into(),
+            details: Some(kube::core::response::StatusDetails {
+                name: "m-champion".into(),
+                group: String::new(),
+                kind: "services".into(),
+                uid: String::new(),
+                retry_after_seconds: 0,
+                causes: vec![kube::core::response::StatusCause {
+                    reason: "NamespaceTerminating".into(),
+                    message: "namespace t is being terminated".into(),
+                    field: "metadata.namespace".into(),
+                }],
+            }),
+            ..kube::core::Status::default()
+        })));
+        assert!(e.namespace_terminating());
+        assert!(e.refusal().is_none());
+        let forbidden = api(403, "forbidden");
+        assert!(!forbidden.namespace_terminating());
+        assert!(!api(500, "x").namespace_terminating());
     }
 }

@@ -264,11 +264,13 @@ impl Kind for Ctx {
                 }
             }
             Err(e) => {
-                driver::record(
-                    &self.shared,
-                    md,
-                    Note::warning("ReconcileFailed", e.to_string()),
-                );
+                if !e.namespace_terminating() {
+                    driver::record(
+                        &self.shared,
+                        md,
+                        Note::warning("ReconcileFailed", e.to_string()),
+                    );
+                }
                 Applied {
                     observed: Observed::default(),
                     error: Some(e),

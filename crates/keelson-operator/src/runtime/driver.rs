@@ -407,6 +407,12 @@ async fn run<K: Kind>(parent: &K::Parent, kind: &K) -> Result<Action> {
     let Applied { observed, error } = kind
         .apply(parent, &owner, &fetched, children, &mut changes)
         .await;
+    if error.as_ref().is_some_and(Error::namespace_terminating) {
+        // No retry and no status: the namespace's deletion removes the parent as well.
+        tracing::debug!("the namespace is being deleted: no child is created");
+        shared.succeeded(&key(parent));
+        return Ok(Action::await_change());
+    }
 
     if let Some(st) = kind.status(parent, &fetched, &observed, error.as_ref(), &now) {
         let hold = error
