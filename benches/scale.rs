@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
@@ -396,18 +396,25 @@ impl Figures {
     }
 }
 
-fn delete_namespace(ns: &str) {
-    // The bench's pods run on simulated nodes: one deletecollection with grace period 0 removes them
-    // at once. Deleted gracefully, each would wait for kwok to confirm it, which at 20,000 pods
-    // keeps the namespace for tens of minutes.
-    let _ = kubectl(
-        &[
-            "delete",
-            "--raw",
-            &format!("/api/v1/namespaces/{ns}/pods?gracePeriodSeconds=0"),
-        ],
-        None,
-    );
+async fn delete_namespace(client: &Client, ns: &str) {
+    // The bench's pods run on simulated nodes: each is deleted with grace period 0, many at once.
+    // Deleted gracefully by the namespace controller, each would wait for kwok to confirm it, which
+    // at 20,000 pods keeps the namespace for tens of minutes.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    if let Ok(list) = pods.list_metadata(&ListParams::default()).await {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        futures::stream::iter(list.items.into_iter().filter_map(|p| p.metadata.name))
+            .map(|name| {
+                let (pods, dp) = (pods.clone(), dp.clone());
+                async move { pods.delete(&name, &dp).await.map(drop) }
+            })
+            .buffer_unordered(32)
+            .for_each(|_| async {})
+            .await;
+    }
     let _ = kubectl(
         &[
             "delete",
@@ -426,13 +433,13 @@ fn delete_namespace(ns: &str) {
             eprintln!("[bench] namespace {ns} is still being deleted after {limit:?}; going on");
             return;
         }
-        std::thread::sleep(Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
 async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
     let ns = format!("bench-{}-{n}", target.name());
-    delete_namespace(&ns);
+    delete_namespace(client, &ns).await;
     kubectl_ok(&["create", "namespace", &ns], None);
     let op = Proc::start(target, &format!("{n}"));
     let times: Times = Arc::default();
@@ -562,7 +569,7 @@ async fn run_one(client: &Client, target: Target, n: usize) -> Figures {
     );
     f.resync_writes = f.resync_breakdown.values().sum::<f64>() + 0.0;
     op.stop();
-    delete_namespace(&ns);
+    delete_namespace(client, &ns).await;
     f
 }
 
@@ -619,18 +626,18 @@ async fn main() {
             )
             .unwrap_or_default()
     );
+    let client = client().await;
     // Namespaces left by an interrupted run would be reconciled by the operator under test.
     let left = kubectl_ok(&["get", "namespaces", "-o", "name"], None);
     for ns in left.lines().filter_map(|l| l.strip_prefix("namespace/")) {
         if ns.starts_with("bench-") {
-            delete_namespace(ns);
+            delete_namespace(&client, ns).await;
         }
     }
     let anchor_max: usize = std::env::var("BENCH_ANCHOR_MAX")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let client = client().await;
     let mut all = report::All::new();
     let tsv = root().join("target/bench/scale.tsv");
     for &n in &ns {

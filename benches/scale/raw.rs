@@ -73,7 +73,7 @@ async fn create(pods: &Api<Pod>, services: &Api<Service>, child: &Child) -> Resu
 
 pub async fn run(client: &Client, n: usize) -> Figures {
     let ns = format!("bench-raw-{n}");
-    delete_namespace(&ns);
+    delete_namespace(client, &ns).await;
     kubectl_ok(&["create", "namespace", &ns], None);
     let concurrency = std::env::var("BENCH_RAW_CONCURRENCY")
         .ok()
@@ -153,6 +153,6 @@ pub async fn run(client: &Client, n: usize) -> Figures {
         all.len(),
         sent.as_secs_f64() * 1000.0
     );
-    delete_namespace(&ns);
+    delete_namespace(client, &ns).await;
     f
 }
