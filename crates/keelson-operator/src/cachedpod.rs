@@ -1,12 +1,12 @@
 //! [`CachedPod`]: what a pod cache keeps of a pod, read straight from the watch.
 //!
 //! Pods of a TrainingJob are created once and never compared with what is wanted: the reconciler
-//! reads their metadata and the parts of their status that [`crate::podstatus`] reads. A
-//! `k8s_openapi` [`Pod`] is a fixed-size struct of about 2 KiB before any of its contents (every
-//! optional field of the spec and status is inline), so a cache of `Pod`s with the spec dropped
-//! still costs that much per pod. This type deserializes the watch's pods into the fields read and
-//! ignores the rest: the spec is never parsed. A cached pod is still about 3 KiB of heap (its
-//! labels, owner references and status conditions; `make bench-scale`, docs/benchmarks.md).
+//! reads their identity, three labels and the parts of their status that [`crate::podstatus`]
+//! reads. A `k8s_openapi` [`Pod`] is a fixed-size struct of about 2 KiB before any of its contents
+//! (every optional field of the spec and status is inline), so this type deserializes the watch's
+//! pods into the fields read and drops the rest as it decodes: the spec is never parsed, and the
+//! labels are not kept in a `BTreeMap` (whose first node is 544 bytes, however few labels it
+//! holds). At 20,000 pods, every 100 bytes kept per pod is 2 MiB of the operator's memory.
 
 use std::borrow::Cow;
 
@@ -15,13 +15,34 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::{Deserialize, Serialize};
 
-/// A pod as the pod cache keeps it: metadata and the status fields the reconcilers read.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+use crate::trainingjob::shape::{LABEL_GPUS, LABEL_SPEC_HASH};
+use keelson_api::meta::LABEL_OWNER_NAME;
+
+/// The labels read from a cached pod; the others are dropped.
+const LABELS_READ: [&str; 3] = [LABEL_OWNER_NAME, LABEL_SPEC_HASH, LABEL_GPUS];
+
+/// The pod conditions that are read (readiness, and whether and why a pod is not scheduled).
+const CONDITIONS_READ: [&str; 2] = ["Ready", "PodScheduled"];
+
+/// A pod as the pod cache keeps it: its identity (name, namespace, uid, resourceVersion and
+/// timestamps, without labels, annotations, owner references or managed fields), the labels read
+/// and the status fields read. It serializes as the [`Pod`] of [`CachedPod::to_pod`].
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "Decoded")]
 pub struct CachedPod {
-    #[serde(default)]
     pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The labels of [`LABELS_READ`] that the pod has.
+    labels: Box<[(Box<str>, Box<str>)]>,
     pub status: Option<CachedPodStatus>,
+}
+
+/// A pod as decoded from the API server: the metadata and the status fields read.
+#[derive(Deserialize)]
+struct Decoded {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<CachedPodStatus>,
 }
 
 /// The status fields read from a cached pod.
@@ -49,6 +70,41 @@ pub struct CachedContainerStatus {
     pub state: Option<ContainerState>,
 }
 
+impl From<Decoded> for CachedPod {
+    fn from(d: Decoded) -> Self {
+        let mut metadata = d.metadata;
+        let labels = metadata
+            .labels
+            .take()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| LABELS_READ.contains(&k.as_str()))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        let metadata = ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            uid: metadata.uid,
+            resource_version: metadata.resource_version,
+            generation: metadata.generation,
+            creation_timestamp: metadata.creation_timestamp,
+            deletion_timestamp: metadata.deletion_timestamp,
+            deletion_grace_period_seconds: metadata.deletion_grace_period_seconds,
+            ..ObjectMeta::default()
+        };
+        let mut status = d.status;
+        if let Some(conds) = status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            conds.retain(|c| CONDITIONS_READ.contains(&c.type_.as_str()));
+            conds.shrink_to_fit();
+        }
+        CachedPod {
+            metadata,
+            labels,
+            status,
+        }
+    }
+}
+
 impl Resource for CachedPod {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
@@ -73,13 +129,16 @@ impl Resource for CachedPod {
     }
 }
 
+impl Serialize for CachedPod {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_pod().serialize(s)
+    }
+}
+
 impl From<Pod> for CachedPod {
     fn from(p: Pod) -> Self {
-        CachedPod {
-            metadata: ObjectMeta {
-                managed_fields: None,
-                ..p.metadata
-            },
+        Decoded {
+            metadata: p.metadata,
             status: p.status.map(|s| CachedPodStatus {
                 phase: s.phase,
                 reason: s.reason,
@@ -95,14 +154,32 @@ impl From<Pod> for CachedPod {
                 }),
             }),
         }
+        .into()
     }
 }
 
 impl CachedPod {
+    /// The value of label `key`, if it is one of the labels kept.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k.as_ref() == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
     /// The pod with what the cache keeps (no spec), for code that reads pods.
     pub fn to_pod(&self) -> Pod {
+        let labels = (!self.labels.is_empty()).then(|| {
+            self.labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
         Pod {
-            metadata: self.metadata.clone(),
+            metadata: ObjectMeta {
+                labels,
+                ..self.metadata.clone()
+            },
             spec: None,
             status: self.status.as_ref().map(|s| PodStatus {
                 phase: s.phase.clone(),
@@ -128,6 +205,7 @@ impl CachedPod {
 mod tests {
     use super::*;
     use crate::podstatus::{self, fixtures};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     #[test]
     fn a_pod_read_from_json_keeps_what_podstatus_reads() {
@@ -143,7 +221,13 @@ mod tests {
             evicted("h"),
         ];
         for mut pod in pods {
-            pod.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+            pod.metadata.labels = Some(
+                [
+                    (LABEL_OWNER_NAME.to_string(), "job".to_string()),
+                    (LABEL_GPUS.to_string(), "1".to_string()),
+                ]
+                .into(),
+            );
             let mut json = serde_json::to_value(&pod).unwrap();
             // What the API server sends too, and the cache does not keep.
             json["spec"] = serde_json::json!({"containers": [{"name": "main", "image": "x"}]});
@@ -155,9 +239,71 @@ mod tests {
                 podstatus::problem(&cached.to_pod()),
                 podstatus::problem(&pod)
             );
-            // The same from the Pod itself (a create's response).
-            assert_eq!(CachedPod::from(pod), cached);
+            assert_eq!(cached.label(LABEL_OWNER_NAME), Some("job"));
+            // The same from the Pod itself (a create's response), and as JSON.
+            assert_eq!(CachedPod::from(pod.clone()), cached);
+            assert_eq!(
+                serde_json::to_value(&cached).unwrap(),
+                serde_json::to_value(&pod).unwrap()
+            );
         }
+    }
+
+    #[test]
+    fn what_is_never_read_is_dropped_as_the_pod_is_decoded() {
+        let mut pod = fixtures::running("w-0", true);
+        let labels = [
+            (LABEL_OWNER_NAME, "job"),
+            (LABEL_SPEC_HASH, "abc"),
+            ("app", "resnet"),
+            ("keelson.dev/rank", "0"),
+        ];
+        pod.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        pod.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            name: "job".into(),
+            ..OwnerReference::default()
+        }]);
+        pod.metadata.generate_name = Some("w-".into());
+        let status = pod.status.as_mut().unwrap();
+        let mut conds = status.conditions.clone().unwrap();
+        for t in ["Initialized", "ContainersReady", "PodScheduled"] {
+            conds.push(PodCondition {
+                type_: t.into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            });
+        }
+        status.conditions = Some(conds);
+        let json = serde_json::to_value(&pod).unwrap();
+        let cached: CachedPod = serde_json::from_value(json).unwrap();
+        let back = cached.to_pod();
+        assert_eq!(back.metadata.name.as_deref(), Some("w-0"));
+        assert_eq!(back.metadata.uid, pod.metadata.uid);
+        assert_eq!(
+            back.metadata.labels.unwrap().keys().collect::<Vec<_>>(),
+            [LABEL_OWNER_NAME, LABEL_SPEC_HASH]
+        );
+        assert!(back.metadata.annotations.is_none());
+        assert!(back.metadata.owner_references.is_none());
+        assert!(back.metadata.generate_name.is_none());
+        let types: Vec<String> = back
+            .status
+            .unwrap()
+            .conditions
+            .unwrap()
+            .into_iter()
+            .map(|c| c.type_)
+            .collect();
+        assert_eq!(types, ["Ready", "PodScheduled"]);
+        assert!(podstatus::is_ready(&cached.to_pod()));
+        assert_eq!(cached.label(LABEL_SPEC_HASH), Some("abc"));
+        assert_eq!(cached.label("app"), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::status::Observed;
 use super::traffic::Traffic;
 use crate::error::{Error, Result};
 use crate::runtime::apply::{self, Object, Outcome};
-use crate::runtime::controller::{cached, children_of, ChildStore};
+use crate::runtime::controller::{cached, children_of, Child, ChildStore};
 use crate::runtime::driver::{Change, Changes};
 use crate::secret::Once;
 use keelson_api::meta::{is_controlled_by, Owner};
@@ -239,7 +239,7 @@ fn spec_split(md: &ModelDeployment) -> String {
 }
 
 /// Deletes the cached children of `owner` that the build no longer produces.
-async fn sweep<K: Object>(
+async fn sweep<K: Child>(
     ctx: &Ctx,
     md: &ModelDeployment,
     owner: &Owner,

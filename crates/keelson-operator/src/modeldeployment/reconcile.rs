@@ -48,7 +48,7 @@ use super::status::{invalid, status, Observed, TRAFFIC_DEGRADED};
 use super::traffic::{router_key_name, ROUTER_KEY_BYTES};
 use crate::error::{BuildError, Error};
 use crate::runtime::controller::{
-    cached, child_cache, child_cache_trimmed, owner_of, parent_controller, Shared, Synced, RESYNC,
+    cached, child_cache, child_cache_trimmed, parent_controller, Shared, Synced, RESYNC,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use crate::secret::{self, Once};
@@ -85,14 +85,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = shared.client.clone();
-    let (deployments, deploy_events) = child_cache::<Deployment>(&client, "ModelDeployment");
-    let (services, svc_events) = child_cache::<Service>(&client, "ModelDeployment");
-    let (config_maps, cm_events) = child_cache::<ConfigMap>(&client, "ModelDeployment");
+    let (deployments, deploy_events) = child_cache::<Deployment, ModelDeployment>(&client);
+    let (services, svc_events) = child_cache::<Service, ModelDeployment>(&client);
+    let (config_maps, cm_events) = child_cache::<ConfigMap, ModelDeployment>(&client);
     let (autoscalers, hpa_events) =
-        child_cache::<HorizontalPodAutoscaler>(&client, "ModelDeployment");
+        child_cache::<HorizontalPodAutoscaler, ModelDeployment>(&client);
     // The key itself is never read back: the cache keeps no data.
     let (secrets, secret_events) =
-        child_cache_trimmed::<Secret>(&client, "ModelDeployment", |s: &mut Secret| {
+        child_cache_trimmed::<Secret, ModelDeployment>(&client, |s: &mut Secret| {
             s.data = None;
             s.string_data = None;
         });
@@ -128,11 +128,11 @@ pub async fn run(
         windows: Windows::default(),
     });
     let controller = parent_controller(Api::<ModelDeployment>::all(client), concurrency)
-        .watches_stream(deploy_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .watches_stream(svc_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .watches_stream(cm_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .watches_stream(hpa_events, |c| owner_of::<ModelDeployment, _>(&c))
-        .watches_stream(secret_events, |c| owner_of::<ModelDeployment, _>(&c));
+        .reconcile_on(deploy_events)
+        .reconcile_on(svc_events)
+        .reconcile_on(cm_events)
+        .reconcile_on(hpa_events)
+        .reconcile_on(secret_events);
     driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 

@@ -33,7 +33,7 @@ use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, applied_hash, stamp, Outcome};
 use crate::runtime::controller::RESYNC;
 use crate::runtime::controller::{
-    cached, child_cache, owner_of, parent_controller, ChildStore, Shared, Synced,
+    cached, child_cache, parent_controller, ChildStore, Shared, Synced,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use crate::secret::{self, Once};
@@ -97,11 +97,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = shared.client.clone();
-    let (pods, pod_events) = child_cache::<Pod>(&client, "Notebook");
-    let (services, svc_events) = child_cache::<Service>(&client, "Notebook");
-    let (secrets, secret_events) = child_cache::<Secret>(&client, "Notebook");
-    let (pvcs, pvc_events) = child_cache::<PersistentVolumeClaim>(&client, "Notebook");
-    let (netpols, netpol_events) = child_cache::<NetworkPolicy>(&client, "Notebook");
+    let (pods, pod_events) = child_cache::<Pod, Notebook>(&client);
+    let (services, svc_events) = child_cache::<Service, Notebook>(&client);
+    let (secrets, secret_events) = child_cache::<Secret, Notebook>(&client);
+    let (pvcs, pvc_events) = child_cache::<PersistentVolumeClaim, Notebook>(&client);
+    let (netpols, netpol_events) = child_cache::<NetworkPolicy, Notebook>(&client);
     let synced = {
         let (p, s, t, v, n) = (
             pods.clone(),
@@ -133,11 +133,11 @@ pub async fn run(
         opts,
     });
     let controller = parent_controller(Api::<Notebook>::all(client), concurrency)
-        .watches_stream(pod_events, |c| owner_of::<Notebook, _>(&c))
-        .watches_stream(svc_events, |c| owner_of::<Notebook, _>(&c))
-        .watches_stream(secret_events, |c| owner_of::<Notebook, _>(&c))
-        .watches_stream(pvc_events, |c| owner_of::<Notebook, _>(&c))
-        .watches_stream(netpol_events, |c| owner_of::<Notebook, _>(&c));
+        .reconcile_on(pod_events)
+        .reconcile_on(svc_events)
+        .reconcile_on(secret_events)
+        .reconcile_on(pvc_events)
+        .reconcile_on(netpol_events);
     driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 

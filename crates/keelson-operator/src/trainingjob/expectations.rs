@@ -51,6 +51,16 @@ struct Memory {
     held: Option<(TrainingJobStatus, Instant)>,
 }
 
+impl Memory {
+    /// Whether it remembers nothing (its entry can go: a settled job costs no memory here).
+    fn is_empty(&self) -> bool {
+        self.deleted.is_empty()
+            && self.created.is_empty()
+            && self.written.is_none()
+            && self.held.is_none()
+    }
+}
+
 /// Whether two statuses are the same but for the conditions' `lastTransitionTime`.
 pub fn same_status(a: &TrainingJobStatus, b: &TrainingJobStatus) -> bool {
     let bare = |s: &TrainingJobStatus| TrainingJobStatus {
@@ -60,10 +70,11 @@ pub fn same_status(a: &TrainingJobStatus, b: &TrainingJobStatus) -> bool {
     bare(a) == bare(b) && keelson_api::conditions::same(&a.conditions, &b.conditions)
 }
 
-/// The per-job [`Memory`], pruned against the job cache.
+/// The per-job [`Memory`], pruned against the job cache. A memory is boxed (it holds two statuses
+/// inline, and the table's slots are as large as its values), and dropped once it holds nothing.
 pub struct Expectations {
     jobs: Store<TrainingJob>,
-    map: Mutex<HashMap<ObjectRef<TrainingJob>, Memory>>,
+    map: Mutex<HashMap<ObjectRef<TrainingJob>, Box<Memory>>>,
     recalls: std::sync::atomic::AtomicUsize,
 }
 
@@ -76,7 +87,7 @@ impl Expectations {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<ObjectRef<TrainingJob>, Memory>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<ObjectRef<TrainingJob>, Box<Memory>>) -> T) -> T {
         f(&mut crate::runtime::lock(&self.map))
     }
 
@@ -135,7 +146,11 @@ impl Expectations {
                 m.written = None;
             }
             let prev = m.written.clone().unwrap_or(from_cache);
-            (prev, m.deleted.clone(), created)
+            let out = (prev, m.deleted.clone(), created);
+            if m.is_empty() {
+                mem.remove(&here);
+            }
+            out
         })
     }
 
@@ -144,7 +159,7 @@ impl Expectations {
         self.with(|mem| {
             let m = mem.entry(ObjectRef::from_obj(job)).or_default();
             if m.uid != uid {
-                *m = Memory {
+                **m = Memory {
                     uid,
                     ..Memory::default()
                 };

@@ -49,8 +49,7 @@ use crate::cachedpod::CachedPod;
 use crate::error::{BuildError, Error, Result, CHILD_REFUSED};
 use crate::runtime::apply::{self, Outcome};
 use crate::runtime::controller::{
-    cached, child_cache, child_cache_trimmed, children_of, owner_of, parent_controller, ChildStore,
-    Shared, Synced, RESYNC,
+    cached, child_cache, children_of, parent_controller, ChildStore, Shared, Synced, RESYNC,
 };
 use crate::runtime::driver::{self, Applied, Change, Changes, Kind, Next, Note};
 use keelson_api::conditions::{self, READY};
@@ -95,13 +94,11 @@ pub async fn run_with_api(
 ) {
     let client = shared.client.clone();
     // Pods are created once and never compared with what is wanted: the cache keeps what is read
-    // of them (`CachedPod`: no spec), and no annotations.
-    let (pods, pod_events) = child_cache_trimmed(&client, "TrainingJob", |p: &mut CachedPod| {
-        p.metadata.annotations = None;
-    });
-    let (services, svc_events) = child_cache::<Service>(&client, "TrainingJob");
+    // of them (`CachedPod`, decoded without the spec and what else is never read).
+    let (pods, pod_events) = child_cache::<CachedPod, TrainingJob>(&client);
+    let (services, svc_events) = child_cache::<Service, TrainingJob>(&client);
     let (workloads, wl_events) = if kueue::served(&client).await {
-        let (store, events) = child_cache::<Workload>(&client, "TrainingJob");
+        let (store, events) = child_cache::<Workload, TrainingJob>(&client);
         (Some(store), events.boxed())
     } else {
         (None, futures::stream::pending().boxed())
@@ -129,9 +126,9 @@ pub async fn run_with_api(
         expectations: Expectations::new(controller.store()),
     });
     let controller = controller
-        .watches_stream(pod_events, |c| owner_of::<TrainingJob, _>(&c))
-        .watches_stream(svc_events, |c| owner_of::<TrainingJob, _>(&c))
-        .watches_stream(wl_events, |c| owner_of::<TrainingJob, _>(&c));
+        .reconcile_on(pod_events)
+        .reconcile_on(svc_events)
+        .reconcile_on(wl_events);
     driver::run_controller(controller, ctx, shared, shutdown).await;
 }
 
