@@ -23,7 +23,7 @@
 # Machine-readable figures go to target/bench/router.tsv (read by `make bench-plot`).
 #
 # Knobs (environment): DURATION (s per measurement, 3), ROUNDS (9), WARMUP (s, 1), CONNS (wrk connections, 32),
-# BODY_CONNS (wrk connections of the 1 MiB row, 8), PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (18080),
+# BODY_CONNS (wrk connections of the 1 MiB row, 8), PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (28080; the local cluster's Kueue listens on 18081),
 # SKIP_BUILD (1: use the existing release binary), KEELSON (the binary to measure; default
 # target/release/keelson), CALLGRIND (0: skip the instruction count), CALLGRIND_DURATION (s of load
 # under callgrind, 5).
@@ -36,7 +36,7 @@ WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-32}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-PORT_BASE=${PORT_BASE:-18080}
+PORT_BASE=${PORT_BASE:-28080}
 P_CHAMPION=$((PORT_BASE + 1))
 P_CHALLENGER=$((PORT_BASE + 2))
 P_ROUTER=$((PORT_BASE + 3))
