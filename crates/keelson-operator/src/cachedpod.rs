@@ -24,9 +24,9 @@ const LABELS_READ: [&str; 3] = [LABEL_OWNER_NAME, LABEL_SPEC_HASH, LABEL_GPUS];
 /// The pod conditions that are read (readiness, and whether and why a pod is not scheduled).
 const CONDITIONS_READ: [&str; 2] = ["Ready", "PodScheduled"];
 
-/// A pod as the pod cache keeps it: its identity (name, namespace, uid, resourceVersion and
-/// timestamps, without labels, annotations, owner references or managed fields), the labels read
-/// and the status fields read. It serializes as the [`Pod`] of [`CachedPod::to_pod`].
+/// A pod as the pod cache keeps it: its identity (name, namespace, uid, resourceVersion,
+/// timestamps and the controller's owner reference, without labels, annotations, other owner
+/// references or managed fields), the labels read and the status fields read. It serializes as the [`Pod`] of [`CachedPod::to_pod`].
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "Decoded")]
 pub struct CachedPod {
@@ -81,7 +81,15 @@ impl From<Decoded> for CachedPod {
             .filter(|(k, _)| LABELS_READ.contains(&k.as_str()))
             .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
             .collect();
+        // The controller's reference says whose pod it is (another owner's pod is not counted).
+        let controller = metadata
+            .owner_references
+            .take()
+            .into_iter()
+            .flatten()
+            .find(|r| r.controller == Some(true));
         let metadata = ObjectMeta {
+            owner_references: controller.map(|r| vec![r]),
             name: metadata.name,
             namespace: metadata.namespace,
             uid: metadata.uid,
@@ -265,10 +273,17 @@ mod tests {
                 .collect(),
         );
         pod.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
-        pod.metadata.owner_references = Some(vec![OwnerReference {
+        let controller = OwnerReference {
             name: "job".into(),
+            uid: "job-uid".into(),
+            controller: Some(true),
             ..OwnerReference::default()
-        }]);
+        };
+        let other = OwnerReference {
+            name: "other".into(),
+            ..OwnerReference::default()
+        };
+        pod.metadata.owner_references = Some(vec![other, controller.clone()]);
         pod.metadata.generate_name = Some("w-".into());
         let status = pod.status.as_mut().unwrap();
         let mut conds = status.conditions.clone().unwrap();
@@ -286,11 +301,20 @@ mod tests {
         assert_eq!(back.metadata.name.as_deref(), Some("w-0"));
         assert_eq!(back.metadata.uid, pod.metadata.uid);
         assert_eq!(
-            back.metadata.labels.unwrap().keys().collect::<Vec<_>>(),
+            back.metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
             [LABEL_OWNER_NAME, LABEL_SPEC_HASH]
         );
         assert!(back.metadata.annotations.is_none());
-        assert!(back.metadata.owner_references.is_none());
+        assert_eq!(back.metadata.owner_references, Some(vec![controller]));
+        assert!(keelson_api::meta::is_controlled_by(
+            &back.metadata,
+            "job-uid"
+        ));
         assert!(back.metadata.generate_name.is_none());
         let types: Vec<String> = back
             .status
