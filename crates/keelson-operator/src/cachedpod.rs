@@ -26,7 +26,8 @@ const CONDITIONS_READ: [&str; 2] = ["Ready", "PodScheduled"];
 
 /// A pod as the pod cache keeps it: its identity (name, namespace, uid, resourceVersion,
 /// timestamps and the controller's owner reference, without labels, annotations, other owner
-/// references or managed fields), the labels read and the status fields read. It serializes as the [`Pod`] of [`CachedPod::to_pod`].
+/// references or managed fields), the labels read and the status fields read. It serializes as
+/// the [`Pod`] of [`CachedPod::to_pod`].
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "Decoded")]
 pub struct CachedPod {

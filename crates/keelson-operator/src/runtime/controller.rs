@@ -351,7 +351,6 @@ pub fn child_cache_trimmed<C: Child, P: Resource<DynamicType = ()> + 'static>(
             let Some(owner) = owner_of::<P, C>(&child) else {
                 continue;
             };
-            drop(child);
             if tx.send(owner).is_err() {
                 break; // the controller stopped
             }
