@@ -18,7 +18,8 @@
 # medians.
 #
 # A last table counts the instructions each proxy runs in user space per request, under valgrind's
-# callgrind: a count that does not depend on the VM's speed (the kernel's part is not counted).
+# callgrind: a count that does not depend on the VM's speed (the kernel's part is not counted), and
+# another the system calls each makes per request, counted by perf.
 #
 # Machine-readable figures go to target/bench/router.tsv (read by `make bench-plot`).
 #
@@ -26,7 +27,8 @@
 # BODY_CONNS (wrk connections of the 1 MiB row, 8), PROXY_CPU (0), LOAD_CPU (1), PORT_BASE (28080; the local cluster's Kueue listens on 18081),
 # SKIP_BUILD (1: use the existing release binary), KEELSON (the binary to measure; default
 # target/release/keelson), CALLGRIND (0: skip the instruction count), CALLGRIND_DURATION (s of load
-# under callgrind, 5).
+# under callgrind, 5), SYSCALLS (0: skip the system-call count), SYSCALL_DURATION (s of load under
+# perf, 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -485,6 +487,56 @@ if [[ $CALLGRIND != 0 ]]; then
         printf "instructions\t%s\tper_request\t%d\n", t, ir[t] >> tsv
       }
     }' <<<"$counts"
+fi
+
+# System calls per request: most of a proxied request's CPU time is the kernel's, which callgrind does
+# not see. perf counts each proxy's system calls (tracepoints raw_syscalls:sys_enter and a few
+# syscalls:sys_enter_*) during SYSCALL_DURATION s of the GET load; the counts do not depend on the
+# VM's speed. Skipped when perf is missing or may not open tracepoints.
+SYSCALLS=${SYSCALLS:-1}
+SYSCALL_DURATION=${SYSCALL_DURATION:-3}
+SYSCALL_KINDS=(read recvfrom readv write writev sendto sendmsg epoll_wait epoll_pwait epoll_ctl)
+if [[ $SYSCALLS != 0 ]] && ! { command -v perf && perf stat -e raw_syscalls:sys_enter -- true; } >/dev/null 2>&1; then
+  log "perf cannot count system calls here (Debian: linux-perf, and tracepoints readable): no system-call table"
+  SYSCALLS=0
+fi
+if [[ $SYSCALLS != 0 ]]; then
+  sys_count() { # name port pid: "name requests total read recvfrom ..." for SYSCALL_DURATION s of GET load
+    local url="http://127.0.0.1:$2/predict" events=(-e raw_syscalls:sys_enter) k out n
+    for k in "${SYSCALL_KINDS[@]}"; do events+=(-e "syscalls:sys_enter_$k"); done
+    timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null
+    perf stat -x, -o "$work/perf-$1.csv" "${events[@]}" -p "$3" -- sleep $((SYSCALL_DURATION + 1)) &
+    local perf_pid=$!
+    sleep 0.5
+    out=$(timeout $((SYSCALL_DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SYSCALL_DURATION}s" -s "$work/report.lua" "$url")
+    wait "$perf_pid" || true
+    n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
+    awk -F, -v name="$1" -v n="${n:-0}" -v kinds="${SYSCALL_KINDS[*]}" '
+      $3 == "raw_syscalls:sys_enter" { c["total"] = $1 }
+      $3 ~ /^syscalls:sys_enter_/ { k = $3; sub(/^syscalls:sys_enter_/, "", k); c[k] = $1 }
+      END { printf "%s %d %d", name, n, c["total"]; m = split(kinds, ks, " "); for (i = 1; i <= m; i++) printf " %d", c[ks[i]]; printf "\n" }' \
+      "$work/perf-$1.csv"
+  }
+  log "counting system calls per request with perf (${SYSCALL_DURATION}s of GET load per proxy)"
+  sys=$(for t in "${PROXIES[@]}"; do sys_count "$t" "${port[$t]}" "${pid[$t]}"; done)
+  echo
+  echo "System calls per proxied GET (perf tracepoints, ${SYSCALL_DURATION}s of wrk -t1 -c$CONNS through each proxy; the"
+  echo "same for any speed of the machine; reads are read, recvfrom and readv; writes are write, writev,"
+  echo "sendto and sendmsg; epoll is epoll_wait, epoll_pwait and epoll_ctl):"
+  echo
+  awk -v tsv="$TSV" '{ n[$1] = $2; tot[$1] = $3; rd[$1] = $4 + $5 + $6; wr[$1] = $7 + $8 + $9 + $10; ep[$1] = $11 + $12 + $13 }
+    function per(v, t) { return (n[t] > 0) ? v / n[t] : 0 }
+    END {
+      printf "| %-8s | %17s | %9s | %10s | %9s | %12s | %8s |\n", "proxy", "syscalls/request", "reads", "writes", "epoll", "keelson/this", "requests"
+      printf "|----------|------------------:|----------:|-----------:|----------:|-------------:|---------:|\n"
+      split("keelson nginx haproxy", order, " ")
+      for (i = 1; i <= 3; i++) {
+        t = order[i]
+        r = (tot[t] > 0) ? tot["keelson"] / tot[t] * n[t] / n["keelson"] : 0
+        printf "| %-8s | %17.2f | %9.2f | %10.2f | %9.2f | %11.2fx | %8d |\n", t, per(tot[t], t), per(rd[t], t), per(wr[t], t), per(ep[t], t), r, n[t]
+        printf "syscalls\t%s\tper_request\t%.3f\n", t, per(tot[t], t) >> tsv
+      }
+    }' <<<"$sys"
 fi
 echo
 echo "figures written to $TSV"
