@@ -17,9 +17,10 @@ use crate::runtime::retry::{Retried, RetryLayer};
 
 /// Reconciles at once per kind, unless `--concurrency` says otherwise. A TrainingJob's reconcile is a
 /// chain of dependent writes (the Service, the pods in slow-start batches, the status), so few
-/// reconciles at once leave the API server idle between them: in a burst of 1,000 jobs on the local
-/// cluster, 32 brought the time to all children from 2.3 to 1.3 times the API server's own limit
-/// (docs/benchmarks.md). The API server's Priority and Fairness paces what goes beyond its share.
+/// reconciles at once leave the API server idle between them. In bursts of jobs on the local cluster,
+/// 32 instead of 8 brought the time to all children from 2.3 times the API server's own limit to 1.1
+/// times for 100 jobs, and to 1.3–2.2 times for 1,000 (docs/benchmarks.md). The API server's Priority
+/// and Fairness paces what goes beyond its share.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 /// Options of `keelson run`.
