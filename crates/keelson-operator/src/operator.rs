@@ -19,8 +19,8 @@ use crate::runtime::retry::{Retried, RetryLayer};
 /// chain of dependent writes (the Service, the pods in slow-start batches, the status), so few
 /// reconciles at once leave the API server idle between them. In bursts of jobs on the local cluster,
 /// 32 instead of 8 brought the time to all children from 2.3 times the API server's own limit to 1.1
-/// times for 100 jobs, and to 1.3–2.2 times for 1,000 (docs/benchmarks.md). The API server's Priority
-/// and Fairness paces what goes beyond its share.
+/// times for 100 jobs, to 1.3–2.2 times for 1,000, and from 3.0 to 1.4 times for 5,000
+/// (docs/benchmarks.md). The API server's Priority and Fairness paces what goes beyond its share.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 /// Options of `keelson run`.
