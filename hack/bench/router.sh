@@ -431,18 +431,27 @@ echo
 summarise h2c calls <<<"$results"
 echo "keelson h2c split observed: $(split_shares "$P_H2_ADMIN")"
 
+# The GET load through the proxy at port for seconds. get_load prints the number of requests it made,
+# which the callgrind and perf counts below divide by; warm_get only warms up.
+get_load() { # port seconds
+  timeout $(($2 + 60)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$2s" -s "$work/report.lua" "http://127.0.0.1:$1/predict" |
+    awk '/^RESULT/ { print $7; found = 1 } END { if (!found) print 0 }'
+}
+warm_get() { # port seconds
+  timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$2s" "http://127.0.0.1:$1/predict" >/dev/null
+}
+
 # Instructions per request in user space, under callgrind: each proxy alone, started under valgrind
 # on ports of its own, warmed up, its counters zeroed, then CALLGRIND_DURATION s of the same load.
 if [[ $CALLGRIND != 0 ]]; then
   count() { # name port pid: user-space instructions per request of the valgrind-run process pid
-    local url="http://127.0.0.1:$2/predict" out n before
-    timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
+    local n before
+    warm_get "$2" 2
     callgrind_control -z "$3" >/dev/null 2>&1
-    out=$(timeout $((CALLGRIND_DURATION + 60)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${CALLGRIND_DURATION}s" -s "$work/report.lua" "$url")
+    n=$(get_load "$2" "$CALLGRIND_DURATION")
     before=$(ls "$work/cg.$1".* 2>/dev/null | wc -l)
     callgrind_control -d "$3" >/dev/null 2>&1
     for _ in $(seq 100); do (($(ls "$work/cg.$1".* 2>/dev/null | wc -l) > before)) && break; sleep 0.1; done
-    n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
     ((${n:-0} > 0)) || { log "$1: no request went through under callgrind"; echo "$1 0 0"; return; }
     awk -v n="$n" -v name="$1" '/^(summary|totals):/ { printf "%s %d %d\n", name, $2 / n, n; exit }' \
       "$(ls -t "$work/cg.$1".* | head -1)"
@@ -502,16 +511,15 @@ if [[ $SYSCALLS != 0 ]] && ! { command -v perf && perf stat -e raw_syscalls:sys_
 fi
 if [[ $SYSCALLS != 0 ]]; then
   sys_count() { # name port pid: "name requests total read recvfrom ..." for SYSCALL_DURATION s of GET load
-    local url="http://127.0.0.1:$2/predict" events=(-e raw_syscalls:sys_enter) k out n
+    local events=(-e raw_syscalls:sys_enter) k n
     for k in "${SYSCALL_KINDS[@]}"; do events+=(-e "syscalls:sys_enter_$k"); done
-    timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null
+    warm_get "$2" 1
     perf stat -x, -o "$work/perf-$1.csv" "${events[@]}" -p "$3" -- sleep $((SYSCALL_DURATION + 1)) &
     local perf_pid=$!
     sleep 0.5
-    out=$(timeout $((SYSCALL_DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SYSCALL_DURATION}s" -s "$work/report.lua" "$url")
+    n=$(get_load "$2" "$SYSCALL_DURATION")
     wait "$perf_pid" || true
-    n=$(grep '^RESULT' <<<"$out" | cut -d' ' -f7)
-    awk -F, -v name="$1" -v n="${n:-0}" -v kinds="${SYSCALL_KINDS[*]}" '
+    awk -F, -v name="$1" -v n="$n" -v kinds="${SYSCALL_KINDS[*]}" '
       $3 == "raw_syscalls:sys_enter" { c["total"] = $1 }
       $3 ~ /^syscalls:sys_enter_/ { k = $3; sub(/^syscalls:sys_enter_/, "", k); c[k] = $1 }
       END { printf "%s %d %d", name, n, c["total"]; m = split(kinds, ks, " "); for (i = 1; i <= m; i++) printf " %d", c[ks[i]]; printf "\n" }' \
@@ -532,7 +540,7 @@ if [[ $SYSCALLS != 0 ]]; then
       split("keelson nginx haproxy", order, " ")
       for (i = 1; i <= 3; i++) {
         t = order[i]
-        r = (tot[t] > 0) ? tot["keelson"] / tot[t] * n[t] / n["keelson"] : 0
+        r = (per(tot[t], t) > 0) ? per(tot["keelson"], "keelson") / per(tot[t], t) : 0
         printf "| %-8s | %17.2f | %9.2f | %10.2f | %9.2f | %11.2fx | %8d |\n", t, per(tot[t], t), per(rd[t], t), per(wr[t], t), per(ep[t], t), r, n[t]
         printf "syscalls\t%s\tper_request\t%.3f\n", t, per(tot[t], t) >> tsv
       }
